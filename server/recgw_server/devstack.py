@@ -1,0 +1,250 @@
+"""A local stack for development and tests: an OpenBao dev server and moto_server with IAM on.
+
+Used by `recgw dev` (and so `make run`) and by the test suite, so both exercise the same set-up.
+Secrets (the root token, access keys) travel through environment variables and Python
+objects, never through a command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import boto3
+import hvac
+import requests
+
+from recgw_server.domain import Secret
+
+SEED_POLICY_SID = "16933222-fba4-4de3-bf3e-427759b73a9d"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _binary(name: str) -> str:
+    beside_python = Path(sys.executable).parent / name
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} not found; install the devstack extra: pip install '.[devstack]'")
+    return found
+
+
+def wait_until(check: Any, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll `check()` until it returns truthy, or raise after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception as exc:  # the service is not up yet
+            last_error = exc
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not ready after {timeout}s (last error: {type(last_error).__name__})")
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    log_file: IO[bytes]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log_file.close()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> ManagedProcess:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    log_file = log_path.open("wb")
+    process = subprocess.Popen(
+        args,
+        env={**os.environ, **env},
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    return ManagedProcess(name, process, log_path, log_file)
+
+
+@dataclass
+class OpenBao:
+    """An OpenBao dev server (in memory, unsealed, KV v2 mounted at `secret/`)."""
+
+    address: str
+    root_token: Secret
+    managed: ManagedProcess
+
+    def root_client(self) -> hvac.Client:
+        return hvac.Client(url=self.address, token=self.root_token.reveal())
+
+    def stop(self) -> None:
+        self.managed.stop()
+
+
+def start_openbao(log_dir: Path, port: int | None = None) -> OpenBao:
+    port = port or free_port()
+    root_token = Secret("devroot" + secrets.token_hex(16))
+    managed = _spawn(
+        "openbao",
+        [_binary("bao"), "server", "-dev", f"-dev-listen-address=127.0.0.1:{port}"],
+        # the root token goes through the environment, never the command line
+        {"BAO_DEV_ROOT_TOKEN_ID": root_token.reveal(), "VAULT_DEV_ROOT_TOKEN_ID": ""},
+        log_dir,
+    )
+    address = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if managed.process.poll() is not None:
+            raise RuntimeError(f"bao exited; see {managed.log_path}")
+        response = requests.get(f"{address}/v1/sys/health", timeout=1)
+        return response.status_code == 200
+
+    try:
+        wait_until(ready, 30, "OpenBao")
+        # KV v2 is mounted by dev mode; wait until it answers.
+        client = hvac.Client(url=address, token=root_token.reveal())
+        wait_until(
+            lambda: client.secrets.kv.v2.read_configuration(mount_point="secret"), 30, "KV v2"
+        )
+    except BaseException:
+        managed.stop()
+        raise
+    return OpenBao(address, root_token, managed)
+
+
+@dataclass(frozen=True)
+class AwsKeys:
+    access_key_id: str
+    secret_access_key: Secret
+
+
+@dataclass
+class MotoS3:
+    """moto_server with IAM enforcement on, and an admin IAM user to set it up."""
+
+    endpoint_url: str
+    admin: AwsKeys
+    managed: ManagedProcess
+    region: str = "us-east-1"
+
+    def client(self, service: str, keys: AwsKeys | None = None) -> Any:
+        keys = keys or self.admin
+        return boto3.client(
+            service,  # type: ignore[call-overload]
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=keys.access_key_id,
+            aws_secret_access_key=keys.secret_access_key.reveal(),
+        )
+
+    def create_bucket(self, bucket: str) -> None:
+        self.client("s3").create_bucket(Bucket=bucket)
+
+    def create_user(self, user_name: str, policy: dict[str, Any]) -> AwsKeys:
+        """Create an IAM user with exactly this inline policy and return its access key."""
+        iam = self.client("iam")
+        iam.create_user(UserName=user_name)
+        iam.put_user_policy(
+            UserName=user_name, PolicyName=f"{user_name}-policy", PolicyDocument=json.dumps(policy)
+        )
+        key = iam.create_access_key(UserName=user_name)["AccessKey"]
+        return AwsKeys(key["AccessKeyId"], Secret(key["SecretAccessKey"]))
+
+    def stop(self) -> None:
+        self.managed.stop()
+
+
+def seed_policy(bucket: str, resource_suffix: str = "*") -> dict[str, Any]:
+    """The customer's IAM policy from the setup guide: s3:PutObject only."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": SEED_POLICY_SID,
+                "Effect": "Allow",
+                "Action": "s3:PutObject",
+                "Resource": f"arn:aws:s3:::{bucket}/{resource_suffix}",
+            }
+        ],
+    }
+
+
+def start_moto(log_dir: Path, port: int | None = None) -> MotoS3:
+    port = port or free_port()
+    managed = _spawn(
+        "moto",
+        [_binary("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        # IAM enforcement from the very first request
+        {"INITIAL_NO_AUTH_ACTION_COUNT": "0", "MOTO_ALLOW_NONEXISTENT_REGION": "true"},
+        log_dir,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if managed.process.poll() is not None:
+            raise RuntimeError(f"moto_server exited; see {managed.log_path}")
+        return requests.get(f"{endpoint}/moto-api/data.json", timeout=1).status_code == 200
+
+    try:
+        wait_until(ready, 60, "moto_server")
+        admin = _bootstrap_moto_admin(endpoint)
+    except BaseException:
+        managed.stop()
+        raise
+    return MotoS3(endpoint, admin, managed)
+
+
+def _bootstrap_moto_admin(endpoint: str) -> AwsKeys:
+    """Create the one admin user with auth briefly off, then switch IAM enforcement on for good."""
+    requests.post(f"{endpoint}/moto-api/reset-auth", data=b"inf", timeout=5).raise_for_status()
+    try:
+        iam = boto3.client(
+            "iam",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="bootstrap",
+            aws_secret_access_key="bootstrap",
+        )
+        iam.create_user(UserName="recgw-dev-admin")
+        iam.put_user_policy(
+            UserName="recgw-dev-admin",
+            PolicyName="admin",
+            PolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+                }
+            ),
+        )
+        key = iam.create_access_key(UserName="recgw-dev-admin")["AccessKey"]
+    finally:
+        requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=5).raise_for_status()
+    return AwsKeys(key["AccessKeyId"], Secret(key["SecretAccessKey"]))

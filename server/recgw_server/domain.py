@@ -1,0 +1,215 @@
+"""Domain types shared by the pipeline, the adapters and the gRPC layer.
+
+Nothing here knows about gRPC, boto3 or hvac.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+
+TENANT_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+DEFAULT_PREFIX = "uploads/"
+MAX_KEY_BYTES = 1024
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_ACCESS_POINT_ARN = re.compile(
+    r"arn:aws[a-z-]*:s3(-object-lambda)?:[a-z0-9-]+:\d{12}:accesspoint/[a-z0-9][a-z0-9-]{1,48}[a-z0-9]"
+)
+_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-\d{1,2}|[a-z0-9-]{1,32}")
+
+
+class ErrorKind(enum.Enum):
+    """What went wrong, independent of any transport; the gRPC layer maps it to a code."""
+
+    INVALID_ARGUMENT = "invalid_argument"
+    OUT_OF_RANGE = "out_of_range"
+    NOT_FOUND = "not_found"
+    ALREADY_EXISTS = "already_exists"
+    FAILED_PRECONDITION = "failed_precondition"
+    PERMISSION_DENIED = "permission_denied"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    ABORTED = "aborted"
+    DATA_LOSS = "data_loss"
+    UNAVAILABLE = "unavailable"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"
+
+
+class RecgwError(Exception):
+    """An error with a message meant for the caller. Never put a secret in it."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+def invalid(message: str) -> RecgwError:
+    return RecgwError(ErrorKind.INVALID_ARGUMENT, message)
+
+
+class Secret:
+    """Holds a secret value; its str() and repr() never show it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("secrets are not pickled")
+
+
+def validate_tenant_id(tenant_id: str) -> str:
+    if not TENANT_ID_PATTERN.fullmatch(tenant_id):
+        raise invalid(
+            "tenant_id must match [a-z0-9][a-z0-9_-]{0,62} "
+            "(lowercase letters, digits, '_' and '-', at most 63 characters)"
+        )
+    return tenant_id
+
+
+def mask_access_key_id(access_key_id: str) -> str:
+    """Show only the last 4 characters, as a UI may."""
+    return "****" + access_key_id[-4:] if len(access_key_id) > 4 else "****"
+
+
+class EncryptionMode(enum.Enum):
+    NONE = "none"
+    S3 = "AES256"
+    KMS = "aws:kms"
+
+
+@dataclass(frozen=True)
+class StorageTarget:
+    """Where and how a tenant's objects are written. Holds no secret."""
+
+    region: str
+    bucket: str
+    prefix: str = DEFAULT_PREFIX
+    endpoint_url: str = ""
+    force_path_style: bool = False
+    encryption: EncryptionMode = EncryptionMode.NONE
+    kms_key_id: str = ""
+    allow_overwrite: bool = False
+    equal_part_sizes: bool = False
+
+    def validated(self) -> StorageTarget:
+        """Check every field; return a copy with defaults filled in."""
+        if not self.region or not _REGION.fullmatch(self.region):
+            raise invalid("region is required, for example 'us-west-1'")
+        if not (_BUCKET_NAME.fullmatch(self.bucket) or _ACCESS_POINT_ARN.fullmatch(self.bucket)):
+            raise invalid(
+                "bucket must be a bucket name (3-63 characters of a-z, 0-9, '.' and '-'), "
+                "an access point alias, or an access point ARN"
+            )
+        prefix = self.prefix or DEFAULT_PREFIX
+        if prefix.startswith("/") or not prefix.endswith("/") or len(prefix.encode()) > 512:
+            raise invalid("prefix must not start with '/', must end with '/', at most 512 bytes")
+        check_key_segments(prefix, what="prefix")
+        if self.endpoint_url and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", self.endpoint_url):
+            raise invalid("endpoint_url must be an http(s) URL such as https://s3.example.com")
+        if len(self.endpoint_url) > 512:
+            raise invalid("endpoint_url must be at most 512 characters")
+        if self.encryption is not EncryptionMode.KMS and self.kms_key_id:
+            raise invalid("kms_key_id is only allowed with SSE-KMS encryption")
+        if len(self.kms_key_id) > 512:
+            raise invalid("kms_key_id must be at most 512 characters")
+        return StorageTarget(
+            region=self.region,
+            bucket=self.bucket,
+            prefix=prefix,
+            endpoint_url=self.endpoint_url,
+            force_path_style=self.force_path_style,
+            encryption=self.encryption,
+            kms_key_id=self.kms_key_id,
+            allow_overwrite=self.allow_overwrite,
+            equal_part_sizes=self.equal_part_sizes,
+        )
+
+
+@dataclass(frozen=True)
+class TenantCredentials:
+    """The S3 credentials of one tenant, as read from Vault by the upload path."""
+
+    tenant_id: str
+    access_key_id: str
+    secret_access_key: Secret
+    target: StorageTarget
+    version: int = 0
+
+
+@dataclass(frozen=True)
+class CredentialsInfo:
+    """The non-secret view of stored credentials."""
+
+    tenant_id: str
+    version: int
+    updated_at: datetime | None
+    access_key_id_hint: str
+    target: StorageTarget
+
+
+def check_key_segments(name: str, what: str = "object_name") -> None:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise invalid(f"{what} must not contain control characters")
+    if "\\" in name:
+        raise invalid(f"{what} must not contain '\\'; use '/' to separate segments")
+    segments = name.split("/")
+    if any(s in (".", "..") for s in segments):
+        raise invalid(f"{what} must not contain '.' or '..' segments")
+
+
+def build_object_key(prefix: str, object_name: str) -> str:
+    """Join the tenant prefix and a caller's object name, refusing anything that could escape it."""
+    if not object_name:
+        raise invalid("object_name is required, for example '2026/11/28/call-42.webm'")
+    if object_name.startswith("/"):
+        raise invalid("object_name must be relative to the tenant prefix: remove the leading '/'")
+    if "//" in object_name or object_name.endswith("/"):
+        raise invalid("object_name must not contain empty segments ('//') or end with '/'")
+    check_key_segments(object_name)
+    key = prefix + object_name
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise invalid(
+            f"object_name is too long: prefix and name together are "
+            f"{len(key.encode('utf-8'))} bytes, the limit is {MAX_KEY_BYTES}"
+        )
+    return key
+
+
+@dataclass
+class ObjectChecksums:
+    crc32c: int | None = None
+    sha256: bytes | None = None
+
+
+@dataclass
+class UploadResult:
+    upload_id: str
+    bucket: str
+    key: str
+    size: int
+    etag: str
+    version_id: str
+    part_count: int
+    checksums: ObjectChecksums = field(default_factory=ObjectChecksums)
