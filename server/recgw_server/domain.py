@@ -40,10 +40,11 @@ class ErrorKind(enum.Enum):
 class RecgwError(Exception):
     """An error with a message meant for the caller. Never put a secret in it."""
 
-    def __init__(self, kind: ErrorKind, message: str) -> None:
+    def __init__(self, kind: ErrorKind, message: str, store_code: str = "") -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.store_code = store_code  # the object store's own error code, e.g. "AccessDenied"
 
 
 def invalid(message: str) -> RecgwError:

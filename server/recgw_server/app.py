@@ -1,0 +1,186 @@
+"""Wiring: builds the gateway from settings and runs the gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
+
+from recgw_server.auth import AuthInterceptor, TokenVerifier
+from recgw_server.budget import MemoryBudget
+from recgw_server.config import Settings, VaultAuthSetting
+from recgw_server.credentials import CredentialsAdmin, CredentialsSource
+from recgw_server.domain import Secret
+from recgw_server.grpc_api import CredentialsService, UploadService
+from recgw_server.metrics import GatewayMetrics
+from recgw_server.parts import MiB
+from recgw_server.pipeline import PipelineSettings, UploadManager
+from recgw_server.s3 import S3ObjectStore, S3Settings
+from recgw_server.storage import ObjectStore
+from recgw_server.vault import (
+    CachedCredentialsSource,
+    VaultAuth,
+    VaultConnection,
+    VaultCredentialsAdmin,
+    VaultCredentialsSource,
+)
+
+log = logging.getLogger(__name__)
+
+# Room for the other fields of an UploadRequest beside its data.
+_MESSAGE_OVERHEAD = 64 * 1024
+
+
+def _vault_auth(setting: VaultAuthSetting) -> VaultAuth:
+    return VaultAuth(
+        method=setting.method,
+        token=Secret(setting.token.get_secret_value()) if setting.token else None,
+        role_id=setting.role_id,
+        secret_id=Secret(setting.secret_id.get_secret_value()) if setting.secret_id else None,
+        mount_point=setting.mount_point,
+    )
+
+
+@dataclass
+class Adapters:
+    """The gateway's outside world; tests may pass their own."""
+
+    admin: CredentialsAdmin
+    source: CredentialsSource
+    store: ObjectStore
+
+
+def build_adapters(settings: Settings) -> Adapters:
+    vault = settings.vault
+    writer = VaultConnection(vault.address, _vault_auth(vault.writer), vault.timeout_seconds)
+    reader = VaultConnection(vault.address, _vault_auth(vault.reader), vault.timeout_seconds)
+    source = CachedCredentialsSource(
+        VaultCredentialsSource(reader, vault.kv_mount, vault.base_path), vault.cache_ttl_seconds
+    )
+    store = S3ObjectStore(
+        S3Settings(
+            max_attempts=settings.s3.max_attempts,
+            connect_timeout=settings.s3.connect_timeout_seconds,
+            read_timeout=settings.s3.read_timeout_seconds,
+            io_threads=settings.s3.io_threads,
+        )
+    )
+    return Adapters(VaultCredentialsAdmin(writer, vault.kv_mount, vault.base_path), source, store)
+
+
+class Gateway:
+    """One recgw gateway: gRPC server, upload pipeline, adapters and metrics."""
+
+    def __init__(self, settings: Settings, adapters: Adapters | None = None) -> None:
+        self.settings = settings
+        self.adapters = adapters or build_adapters(settings)
+        self.metrics = GatewayMetrics()
+        self.budget = MemoryBudget(settings.uploads.memory_budget_mib * MiB)
+        self.metrics.memory_budget_bytes.set(self.budget.capacity)
+        self.metrics.memory_in_use_bytes.set_function(lambda: self.budget.in_use)
+        self.metrics.memory_waiters.set_function(lambda: self.budget.waiting)
+        self.manager = UploadManager(
+            self.adapters.source,
+            self.adapters.store,
+            self.budget,
+            self.metrics,
+            PipelineSettings(
+                part_size=settings.uploads.part_size_mib * MiB,
+                max_inflight_parts=settings.uploads.max_inflight_parts,
+            ),
+        )
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._metrics_server: Any = None
+
+    async def start(self) -> int:
+        """Start serving; returns the bound port (useful with port 0)."""
+        max_message = self.settings.uploads.max_message_mib * MiB + _MESSAGE_OVERHEAD
+        verifier = TokenVerifier(t.entry() for t in self.settings.tokens)
+        server = grpc.aio.server(
+            interceptors=[
+                AuthInterceptor(verifier, lambda code: self.metrics.rpc_errors.labels(code).inc())
+            ],
+            options=[
+                ("grpc.max_receive_message_length", max_message),
+                ("grpc.max_send_message_length", 4 * MiB),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        upload_pb2_grpc.add_UploadServiceServicer_to_server(
+            UploadService(self.manager, self.metrics), server
+        )
+        store = self.adapters.store
+        credentials_pb2_grpc.add_CredentialsServiceServicer_to_server(
+            CredentialsService(
+                self.adapters.admin,
+                self.adapters.source,
+                self.manager,
+                self.metrics,
+                forget_clients=getattr(store, "forget", None),
+            ),
+            server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if self.settings.reflection:
+            from grpc_reflection.v1alpha import reflection
+
+            names = (
+                upload_pb2.DESCRIPTOR.services_by_name["UploadService"].full_name,
+                credentials_pb2.DESCRIPTOR.services_by_name["CredentialsService"].full_name,
+                reflection.SERVICE_NAME,
+            )
+            reflection.enable_server_reflection(names, server)
+        self.port = server.add_insecure_port(self.settings.listen)
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {self.settings.listen}")
+        await server.start()
+        self._server = server
+        for service in ("", "recgw.v1.UploadService", "recgw.v1.CredentialsService"):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.settings.metrics_listen:
+            from prometheus_client import start_http_server
+
+            host, _, port = self.settings.metrics_listen.rpartition(":")
+            self._metrics_server, _ = start_http_server(
+                int(port), addr=host or "127.0.0.1", registry=self.metrics.registry
+            )
+        log.info("recgw listening on %s (port %d)", self.settings.listen, self.port)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking new streams, let running ones finish within the grace period."""
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            grace = self.settings.shutdown_grace_seconds if grace is None else grace
+            await self._server.stop(grace)
+        await self.manager.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        close = getattr(self.adapters.store, "close", None)
+        if close is not None:
+            close()
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve(settings: Settings) -> None:
+    """Run a gateway until SIGTERM or SIGINT, then shut down gracefully."""
+    gateway = Gateway(settings)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await gateway.stop()

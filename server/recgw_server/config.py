@@ -1,0 +1,136 @@
+"""Gateway configuration: a TOML file, overridden by RECGW_* environment variables.
+
+Nested settings use `__` in environment variables, for example
+`RECGW_VAULT__READER__SECRET_ID` or `RECGW_UPLOADS__PART_SIZE_MIB=16`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from recgw_server.auth import Role, TokenEntry
+
+
+class TokenSetting(BaseModel):
+    """A bearer token, configured by the SHA-256 hex digest of its value (never the value)."""
+
+    name: str
+    role: Role
+    sha256: str
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str) -> str:
+        value = value.strip().lower()
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise ValueError("sha256 must be 64 hex digits: the SHA-256 of the token")
+        return value
+
+    def entry(self) -> TokenEntry:
+        return TokenEntry(self.name, self.role, self.sha256)
+
+
+class VaultAuthSetting(BaseModel):
+    """How one Vault identity logs in: a token (development) or AppRole (production)."""
+
+    method: Literal["token", "approle"] = "approle"
+    token: SecretStr | None = None
+    role_id: str = ""
+    secret_id: SecretStr | None = None
+    mount_point: str = "approle"
+
+    @model_validator(mode="after")
+    def _complete(self) -> VaultAuthSetting:
+        if self.method == "token" and not self.token:
+            raise ValueError("method 'token' needs a token")
+        if self.method == "approle" and not (self.role_id and self.secret_id):
+            raise ValueError("method 'approle' needs role_id and secret_id")
+        return self
+
+
+class VaultSetting(BaseModel):
+    address: str = "http://127.0.0.1:8200"
+    kv_mount: str = "secret"
+    base_path: str = "recgw/tenants"
+    timeout_seconds: float = 5.0
+    cache_ttl_seconds: float = 60.0
+    # Identity for SetCredentials/Describe/Delete: may write, never read the secret.
+    writer: VaultAuthSetting
+    # Identity for the upload path: may read the secret.
+    reader: VaultAuthSetting
+
+
+class UploadsSetting(BaseModel):
+    part_size_mib: int = Field(8, ge=5, le=5120)
+    max_inflight_parts: int = Field(4, ge=1, le=64)
+    memory_budget_mib: int = Field(512, ge=5)
+    max_message_mib: int = Field(4, ge=1, le=64)
+
+
+class S3Setting(BaseModel):
+    max_attempts: int = Field(5, ge=1, le=20)
+    connect_timeout_seconds: float = 5.0
+    read_timeout_seconds: float = 60.0
+    io_threads: int = Field(32, ge=1, le=512)
+
+
+class Settings(BaseSettings):
+    """Everything `recgw serve` needs."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RECGW_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    listen: str = "127.0.0.1:50051"
+    metrics_listen: str = ""  # host:port for Prometheus; empty turns it off
+    reflection: bool = False
+    shutdown_grace_seconds: float = 30.0
+    log_level: str = "INFO"
+    tokens: list[TokenSetting] = Field(default_factory=list)
+    vault: VaultSetting
+    uploads: UploadsSetting = Field(default_factory=lambda: UploadsSetting())
+    s3: S3Setting = Field(default_factory=lambda: S3Setting())
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments, then RECGW_* variables, then the TOML file.
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names fields, never their values."""
+
+
+def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:
+    """Read the TOML file (if any), then apply RECGW_* environment overrides."""
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(
+            env_prefix="RECGW_", env_nested_delimiter="__", extra="forbid", toml_file=config_file
+        )
+
+    try:
+        return FileSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        # pydantic's own text repeats the input values, which may hold secrets.
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'config'}: {error['msg']}"
+            for error in exc.errors(include_input=False)
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None

@@ -1,0 +1,378 @@
+"""The thin gRPC layer: turns messages into pipeline calls and errors into status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import timestamp_pb2
+from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
+
+from recgw_server.credentials import CredentialsAdmin, CredentialsSource
+from recgw_server.domain import (
+    CredentialsInfo,
+    EncryptionMode,
+    ErrorKind,
+    ObjectChecksums,
+    RecgwError,
+    Secret,
+    StorageTarget,
+    UploadResult,
+    invalid,
+    mask_access_key_id,
+    validate_tenant_id,
+)
+from recgw_server.metrics import GatewayMetrics
+from recgw_server.pipeline import StartRequest, Upload, UploadManager, UploadState, UploadStatus
+
+log = logging.getLogger(__name__)
+
+UPLOAD_ID_HEADER = "x-recgw-upload-id"
+
+STATUS_CODES = {
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.ABORTED: grpc.StatusCode.ABORTED,
+    ErrorKind.DATA_LOSS: grpc.StatusCode.DATA_LOSS,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+_STATES = {
+    UploadState.OPEN: upload_pb2.UPLOAD_STATE_OPEN,
+    UploadState.FINISHING: upload_pb2.UPLOAD_STATE_FINISHING,
+    UploadState.COMPLETE: upload_pb2.UPLOAD_STATE_COMPLETE,
+    UploadState.ABORTED: upload_pb2.UPLOAD_STATE_ABORTED,
+    UploadState.EXPIRED: upload_pb2.UPLOAD_STATE_EXPIRED,
+}
+_ENCRYPTION_TO_PROTO = {
+    EncryptionMode.NONE: credentials_pb2.SERVER_SIDE_ENCRYPTION_MODE_UNSPECIFIED,
+    EncryptionMode.S3: credentials_pb2.SERVER_SIDE_ENCRYPTION_MODE_S3,
+    EncryptionMode.KMS: credentials_pb2.SERVER_SIDE_ENCRYPTION_MODE_KMS,
+}
+_ENCRYPTION_FROM_PROTO = {v: k for k, v in _ENCRYPTION_TO_PROTO.items()}
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+async def _abort(context: Context, metrics: GatewayMetrics, error: RecgwError) -> NoReturn:
+    code = STATUS_CODES[error.kind]
+    metrics.rpc_errors.labels(code.name).inc()
+    await context.abort(code, error.message)
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+def _timestamp(seconds: float | datetime | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    if isinstance(seconds, datetime):
+        stamp.FromDatetime(seconds.astimezone(UTC))
+    else:
+        stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def _checksums_to_proto(checksums: ObjectChecksums) -> upload_pb2.ObjectChecksums:
+    message = upload_pb2.ObjectChecksums(sha256=checksums.sha256 or b"")
+    if checksums.crc32c is not None:
+        message.crc32c = checksums.crc32c
+    return message
+
+
+def _result_to_proto(result: UploadResult) -> upload_pb2.UploadResponse:
+    return upload_pb2.UploadResponse(
+        upload_id=result.upload_id,
+        bucket=result.bucket,
+        key=result.key,
+        size=result.size,
+        etag=result.etag,
+        version_id=result.version_id,
+        part_count=result.part_count,
+        checksums=_checksums_to_proto(result.checksums),
+    )
+
+
+def _status_to_proto(status: UploadStatus) -> upload_pb2.GetUploadStatusResponse:
+    return upload_pb2.GetUploadStatusResponse(
+        upload_id=status.upload_id,
+        state=_STATES[status.state],
+        committed_size=status.committed_size,
+        received_size=status.received_size,
+        tenant_id=status.tenant_id,
+        key=status.key,
+        result=_result_to_proto(status.result) if status.result else None,
+        error_message=status.error_message,
+        create_time=_timestamp(status.created_at),
+        update_time=_timestamp(status.updated_at),
+    )
+
+
+def _start_request(start: upload_pb2.UploadStart) -> StartRequest:
+    return StartRequest(
+        tenant_id=start.tenant_id,
+        object_name=start.object_name,
+        content_type=start.content_type,
+        metadata=dict(start.metadata),
+        expected_size=start.expected_size if start.HasField("expected_size") else None,
+        upload_id=start.upload_id,
+    )
+
+
+def _expected_checksums(message: upload_pb2.UploadRequest) -> ObjectChecksums | None:
+    if not message.HasField("object_checksums"):
+        return None
+    sums = message.object_checksums
+    if sums.sha256 and len(sums.sha256) != 32:
+        raise invalid("object_checksums.sha256 must be the 32-byte SHA-256 digest")
+    return ObjectChecksums(
+        crc32c=sums.crc32c if sums.HasField("crc32c") else None, sha256=sums.sha256 or None
+    )
+
+
+class UploadService(upload_pb2_grpc.UploadServiceServicer):
+    """recgw.v1.UploadService over an UploadManager."""
+
+    def __init__(self, manager: UploadManager, metrics: GatewayMetrics) -> None:
+        self._manager = manager
+        self._metrics = metrics
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    async def Upload(
+        self, request_iterator: AsyncIterator[upload_pb2.UploadRequest], context: Context
+    ) -> upload_pb2.UploadResponse:
+        upload: Upload | None = None
+        try:
+            first = await anext(request_iterator, None)
+            if first is None:
+                raise invalid("the stream ended without a start message; send 'start' first")
+            if not first.HasField("start"):
+                raise invalid(
+                    "the first message must carry 'start' (tenant_id, object_name, ...); "
+                    "data came before start"
+                )
+            upload = await self._manager.start(_start_request(first.start))
+            await context.send_initial_metadata(((UPLOAD_ID_HEADER, upload.upload_id),))
+            result = await self._receive(upload, first, request_iterator)
+            return _result_to_proto(result)
+        except RecgwError as error:
+            if upload is not None:
+                await upload.fail(error)
+            await _abort(context, self._metrics, error)
+        except asyncio.CancelledError:
+            if upload is not None:
+                # The stream is gone; clean up in the background so the abort really runs.
+                reason = RecgwError(ErrorKind.CANCELLED, "the client cancelled the stream")
+                task = asyncio.ensure_future(upload.fail(reason))
+                self._cleanups.add(task)
+                task.add_done_callback(self._cleanups.discard)
+            raise
+        except Exception as exc:
+            # Includes transport failures while reading (for example a message over the size
+            # limit): the upload must end without an object.
+            if upload is not None:
+                await upload.fail(
+                    RecgwError(ErrorKind.ABORTED, f"the stream failed ({type(exc).__name__})")
+                )
+            raise
+
+    async def _receive(
+        self,
+        upload: Upload,
+        message: upload_pb2.UploadRequest,
+        request_iterator: AsyncIterator[upload_pb2.UploadRequest],
+    ) -> UploadResult:
+        first = True
+        while True:
+            if not first and message.HasField("start"):
+                raise invalid("only the first message may carry 'start'; this stream sent two")
+            first = False
+            crc = message.data_crc32c if message.HasField("data_crc32c") else None
+            await upload.guarded(upload.write(message.write_offset, message.data, crc))
+            if message.finish_write:
+                expected = _expected_checksums(message)
+                if await upload.guarded(anext(request_iterator, None)) is not None:
+                    raise invalid("a message followed finish_write; finish_write must come last")
+                return await upload.finish(expected)
+            following = await upload.guarded(anext(request_iterator, None))
+            if following is None:
+                raise RecgwError(
+                    ErrorKind.ABORTED,
+                    "the stream ended without finish_write; the upload was abandoned and no "
+                    "object was created",
+                )
+            message = following
+
+    async def GetUploadStatus(
+        self, request: upload_pb2.GetUploadStatusRequest, context: Context
+    ) -> upload_pb2.GetUploadStatusResponse:
+        try:
+            return _status_to_proto(self._manager.status(request.upload_id))
+        except RecgwError as error:
+            await _abort(context, self._metrics, error)
+
+    async def AbortUpload(
+        self, request: upload_pb2.AbortUploadRequest, context: Context
+    ) -> upload_pb2.AbortUploadResponse:
+        try:
+            report = await self._manager.abort(request.upload_id)
+        except RecgwError as error:
+            await _abort(context, self._metrics, error)
+        return upload_pb2.AbortUploadResponse(
+            state=_STATES[report.state],
+            storage_aborted=report.storage_aborted,
+            detail=report.detail,
+        )
+
+
+def _target_from_proto(target: credentials_pb2.StorageTarget) -> StorageTarget:
+    encryption = _ENCRYPTION_FROM_PROTO.get(target.encryption.mode)
+    if encryption is None:
+        raise invalid("encryption.mode is not a known ServerSideEncryptionMode")
+    return StorageTarget(
+        region=target.region,
+        bucket=target.bucket,
+        prefix=target.prefix,
+        endpoint_url=target.endpoint_url,
+        force_path_style=target.force_path_style,
+        encryption=encryption,
+        kms_key_id=target.encryption.kms_key_id,
+        allow_overwrite=target.allow_overwrite,
+        equal_part_sizes=target.equal_part_sizes,
+    ).validated()
+
+
+def _target_to_proto(target: StorageTarget) -> credentials_pb2.StorageTarget:
+    return credentials_pb2.StorageTarget(
+        region=target.region,
+        bucket=target.bucket,
+        prefix=target.prefix,
+        endpoint_url=target.endpoint_url,
+        force_path_style=target.force_path_style,
+        encryption=credentials_pb2.ServerSideEncryption(
+            mode=_ENCRYPTION_TO_PROTO[target.encryption], kms_key_id=target.kms_key_id
+        ),
+        allow_overwrite=target.allow_overwrite,
+        equal_part_sizes=target.equal_part_sizes,
+    )
+
+
+def _view(info: CredentialsInfo) -> credentials_pb2.CredentialsView:
+    return credentials_pb2.CredentialsView(
+        tenant_id=info.tenant_id,
+        version=info.version,
+        update_time=_timestamp(info.updated_at),
+        access_key_id_hint=info.access_key_id_hint,
+        target=_target_to_proto(info.target),
+    )
+
+
+def _validate_keys(access_key_id: str, secret_access_key: str) -> None:
+    if not (16 <= len(access_key_id) <= 128) or not access_key_id.isascii():
+        raise invalid("access_key_id must be 16 to 128 ASCII characters, e.g. AKIA...")
+    if not access_key_id.isalnum():
+        raise invalid("access_key_id must contain only letters and digits")
+    if not secret_access_key:
+        raise invalid("secret_access_key is required")
+    if len(secret_access_key) > 256 or not secret_access_key.isascii():
+        raise invalid("secret_access_key must be at most 256 ASCII characters")
+    if any(c.isspace() for c in secret_access_key):
+        raise invalid("secret_access_key must not contain whitespace; check for a pasted newline")
+
+
+class CredentialsService(credentials_pb2_grpc.CredentialsServiceServicer):
+    """recgw.v1.CredentialsService: write, describe, delete and verify; never read back."""
+
+    def __init__(
+        self,
+        admin: CredentialsAdmin,
+        source: CredentialsSource,
+        manager: UploadManager,
+        metrics: GatewayMetrics,
+        forget_clients: Any = None,
+    ) -> None:
+        self._admin = admin
+        self._source = source
+        self._manager = manager
+        self._metrics = metrics
+        self._forget_clients = forget_clients
+
+    def _changed(self, tenant_id: str, operation: str) -> None:
+        self._source.invalidate(tenant_id)
+        if self._forget_clients is not None:
+            self._forget_clients(tenant_id)
+        self._metrics.credential_writes.labels(operation).inc()
+
+    async def SetCredentials(
+        self, request: credentials_pb2.SetCredentialsRequest, context: Context
+    ) -> credentials_pb2.SetCredentialsResponse:
+        try:
+            tenant_id = validate_tenant_id(request.tenant_id)
+            _validate_keys(request.access_key_id, request.secret_access_key)
+            target = _target_from_proto(request.target)
+            info = await self._admin.set(
+                tenant_id, request.access_key_id, Secret(request.secret_access_key), target
+            )
+        except RecgwError as error:
+            await _abort(context, self._metrics, error)
+        finally:
+            self._changed(request.tenant_id, "set")
+        log.info(
+            "credentials of tenant %s set: version=%d key=%s",
+            tenant_id,
+            info.version,
+            mask_access_key_id(request.access_key_id),
+        )
+        return credentials_pb2.SetCredentialsResponse(credentials=_view(info))
+
+    async def DescribeCredentials(
+        self, request: credentials_pb2.DescribeCredentialsRequest, context: Context
+    ) -> credentials_pb2.DescribeCredentialsResponse:
+        try:
+            info = await self._admin.describe(validate_tenant_id(request.tenant_id))
+            if info is None:
+                raise RecgwError(
+                    ErrorKind.NOT_FOUND, f"tenant '{request.tenant_id}' has no credentials"
+                )
+        except RecgwError as error:
+            await _abort(context, self._metrics, error)
+        return credentials_pb2.DescribeCredentialsResponse(credentials=_view(info))
+
+    async def DeleteCredentials(
+        self, request: credentials_pb2.DeleteCredentialsRequest, context: Context
+    ) -> credentials_pb2.DeleteCredentialsResponse:
+        try:
+            existed = await self._admin.delete(validate_tenant_id(request.tenant_id))
+            if not existed:
+                raise RecgwError(
+                    ErrorKind.NOT_FOUND, f"tenant '{request.tenant_id}' has no credentials"
+                )
+        except RecgwError as error:
+            await _abort(context, self._metrics, error)
+        finally:
+            self._changed(request.tenant_id, "delete")
+        log.info("credentials of tenant %s deleted", request.tenant_id)
+        return credentials_pb2.DeleteCredentialsResponse()
+
+    async def VerifyCredentials(
+        self, request: credentials_pb2.VerifyCredentialsRequest, context: Context
+    ) -> credentials_pb2.VerifyCredentialsResponse:
+        try:
+            report = await self._manager.verify_write(request.tenant_id)
+        except RecgwError as error:
+            await _abort(context, self._metrics, error)
+        return credentials_pb2.VerifyCredentialsResponse(
+            ok=report.ok,
+            key=report.key,
+            error_code=report.error_code,
+            error_message=report.error_message,
+        )

@@ -1,0 +1,57 @@
+"""Prometheus metrics of one gateway. Labels never carry tenant data or secrets."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class GatewayMetrics:
+    """All metrics of one gateway instance, in a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.uploads_started = Counter(
+            "recgw_uploads_started", "Uploads whose start message was accepted", registry=r
+        )
+        self.uploads_finished = Counter(
+            "recgw_uploads_finished", "Uploads that ended, by outcome", ["outcome"], registry=r
+        )
+        self.active_uploads = Gauge("recgw_active_uploads", "Uploads in progress", registry=r)
+        self.bytes_received = Counter(
+            "recgw_bytes_received", "Object bytes received from clients", registry=r
+        )
+        self.bytes_committed = Counter(
+            "recgw_bytes_committed", "Object bytes written to S3", registry=r
+        )
+        self.parts_uploaded = Counter(
+            "recgw_parts_uploaded", "Multipart parts written to S3", registry=r
+        )
+        self.part_seconds = Histogram(
+            "recgw_part_upload_seconds",
+            "Time to write one part (or single object) to S3",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.multipart_aborts = Counter(
+            "recgw_multipart_aborts",
+            "AbortMultipartUpload attempts by outcome (denied is expected under a "
+            "PutObject-only policy; the bucket's lifecycle rule then cleans up)",
+            ["outcome"],
+            registry=r,
+        )
+        self.memory_budget_bytes = Gauge(
+            "recgw_memory_budget_bytes", "Size of the upload memory budget", registry=r
+        )
+        self.memory_in_use_bytes = Gauge(
+            "recgw_memory_in_use_bytes", "Upload buffer memory reserved now", registry=r
+        )
+        self.memory_waiters = Gauge(
+            "recgw_memory_waiters", "Streams waiting for buffer memory", registry=r
+        )
+        self.rpc_errors = Counter(
+            "recgw_rpc_errors", "RPCs that ended with an error, by gRPC code", ["code"], registry=r
+        )
+        self.credential_writes = Counter(
+            "recgw_credential_writes", "Credential changes by operation", ["operation"], registry=r
+        )

@@ -1,0 +1,315 @@
+"""S3 adapter: ObjectStore/ObjectWriter over boto3, run in worker threads."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from recgw_server.domain import EncryptionMode, ErrorKind, RecgwError, TenantCredentials
+from recgw_server.storage import AbortOutcome, ObjectSpec, WrittenObject, WrittenPart
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_REJECTED_CREDENTIALS = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "InvalidClientTokenId",
+    "AuthorizationHeaderMalformed",
+}
+_UNAVAILABLE = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "503",
+    "500",
+}
+_CONFLICT = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
+_CORRUPT = {"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch", "InvalidChecksum"}
+
+
+def crc32c_header(value: int) -> str:
+    """S3's encoding of a CRC32C: base64 of the 4 big-endian bytes."""
+    return base64.b64encode(value.to_bytes(4, "big")).decode()
+
+
+def translate_error(exc: Exception, operation: str, bucket: str, key: str) -> RecgwError:
+    """Turn a botocore error into a caller-facing error; S3's own message text is not copied."""
+    error = _translate(exc, operation, bucket, key)
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error.store_code = str(exc.response.get("Error", {}).get("Code", ""))
+    else:
+        error.store_code = type(exc).__name__
+    return error
+
+
+def _translate(exc: Exception, operation: str, bucket: str, key: str) -> RecgwError:
+    where = f"bucket '{bucket}', key '{key}'"
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", "")) or str(
+            exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+        )
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in ("AccessDenied", "AllAccessDisabled", "AccountProblem"):
+            return RecgwError(
+                ErrorKind.PERMISSION_DENIED,
+                f"S3 denied {operation} on {where} ({code}); the tenant's IAM policy must allow "
+                "s3:PutObject on this key: check the prefix and the bucket policy",
+            )
+        if code in _REJECTED_CREDENTIALS:
+            return RecgwError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"credentials were rejected by S3 ({code}); overwrite them with SetCredentials",
+            )
+        if code == "NoSuchBucket":
+            return RecgwError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"bucket '{bucket}' does not exist (NoSuchBucket); fix the bucket with "
+                "SetCredentials",
+            )
+        if code in _CONFLICT:
+            return RecgwError(
+                ErrorKind.ALREADY_EXISTS,
+                f"an object already exists at {where}; choose another object_name "
+                "(overwriting is off for this tenant)",
+            )
+        if code in _CORRUPT:
+            return RecgwError(
+                ErrorKind.DATA_LOSS, f"S3 refused corrupted data for {where} ({code})"
+            )
+        if code == "NoSuchUpload":
+            return RecgwError(
+                ErrorKind.ABORTED,
+                f"the multipart upload for {where} no longer exists in S3 (NoSuchUpload)",
+            )
+        if code.startswith("KMS") or code in ("InvalidArgument", "InvalidEncryptionAlgorithmError"):
+            return RecgwError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"S3 refused {operation} on {where} ({code}); check the tenant's encryption "
+                "and bucket settings with DescribeCredentials",
+            )
+        if code in _UNAVAILABLE or status >= 500:
+            return RecgwError(
+                ErrorKind.UNAVAILABLE,
+                f"S3 is unavailable or throttling ({code}) for {operation} on {where} after "
+                "retries; retry later",
+            )
+        return RecgwError(
+            ErrorKind.FAILED_PRECONDITION, f"S3 refused {operation} on {where} ({code})"
+        )
+    if isinstance(
+        exc,
+        botocore.exceptions.EndpointConnectionError
+        | botocore.exceptions.ConnectTimeoutError
+        | botocore.exceptions.ReadTimeoutError
+        | botocore.exceptions.ConnectionClosedError
+        | botocore.exceptions.HTTPClientError,
+    ):
+        return RecgwError(
+            ErrorKind.UNAVAILABLE,
+            f"cannot reach the S3 endpoint for {operation} on {where} "
+            f"({type(exc).__name__}); retry later",
+        )
+    return RecgwError(
+        ErrorKind.INTERNAL, f"unexpected error in {operation} on {where} ({type(exc).__name__})"
+    )
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    max_attempts: int = 5
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    io_threads: int = 32
+    client_cache_size: int = 256
+
+
+class S3Writer:
+    """ObjectWriter for one tenant; every boto3 call runs in the shared I/O thread pool."""
+
+    def __init__(self, client: Any, credentials: TenantCredentials, executor: ThreadPoolExecutor):
+        self._client = client
+        self._target = credentials.target
+        self._executor = executor
+
+    @property
+    def bucket(self) -> str:
+        return self._target.bucket
+
+    async def _run(self, operation: str, key: str, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn)
+        except RecgwError:
+            raise
+        except Exception as exc:
+            raise translate_error(exc, operation, self.bucket, key) from None
+
+    def _write_args(self, spec: ObjectSpec) -> dict[str, Any]:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": spec.key}
+        if spec.content_type:
+            args["ContentType"] = spec.content_type
+        if spec.metadata:
+            args["Metadata"] = dict(spec.metadata)
+        encryption = self._target.encryption
+        if encryption is not EncryptionMode.NONE:
+            args["ServerSideEncryption"] = encryption.value
+            if encryption is EncryptionMode.KMS and self._target.kms_key_id:
+                args["SSEKMSKeyId"] = self._target.kms_key_id
+        return args
+
+    async def put_object(self, spec: ObjectSpec, body: bytes, crc32c: int) -> WrittenObject:
+        args = self._write_args(spec)
+        args.update(Body=body, ChecksumCRC32C=crc32c_header(crc32c))
+        if spec.if_none_match:
+            args["IfNoneMatch"] = "*"
+        response = await self._run(
+            "PutObject", spec.key, functools.partial(self._client.put_object, **args)
+        )
+        return WrittenObject(response.get("ETag", ""), response.get("VersionId", ""))
+
+    async def create_multipart_upload(self, spec: ObjectSpec) -> str:
+        args = self._write_args(spec)
+        args["ChecksumAlgorithm"] = "CRC32C"
+        response = await self._run(
+            "CreateMultipartUpload",
+            spec.key,
+            functools.partial(self._client.create_multipart_upload, **args),
+        )
+        return str(response["UploadId"])
+
+    async def upload_part(
+        self, key: str, store_upload_id: str, part_number: int, body: bytes, crc32c: int
+    ) -> WrittenPart:
+        call = functools.partial(
+            self._client.upload_part,
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=store_upload_id,
+            PartNumber=part_number,
+            Body=body,
+            ChecksumCRC32C=crc32c_header(crc32c),
+        )
+        response = await self._run("UploadPart", key, call)
+        return WrittenPart(part_number, response["ETag"], len(body), crc32c)
+
+    async def complete_multipart_upload(
+        self, spec: ObjectSpec, store_upload_id: str, parts: Sequence[WrittenPart]
+    ) -> WrittenObject:
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": spec.key,
+            "UploadId": store_upload_id,
+            "MultipartUpload": {
+                "Parts": [
+                    {
+                        "PartNumber": p.part_number,
+                        "ETag": p.etag,
+                        "ChecksumCRC32C": crc32c_header(p.crc32c),
+                    }
+                    for p in parts
+                ]
+            },
+        }
+        if spec.if_none_match:
+            args["IfNoneMatch"] = "*"
+        response = await self._run(
+            "CompleteMultipartUpload",
+            spec.key,
+            functools.partial(self._client.complete_multipart_upload, **args),
+        )
+        return WrittenObject(response.get("ETag", ""), response.get("VersionId", ""))
+
+    async def abort_multipart_upload(self, key: str, store_upload_id: str) -> AbortOutcome:
+        call = functools.partial(
+            self._client.abort_multipart_upload,
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=store_upload_id,
+        )
+        try:
+            await self._run("AbortMultipartUpload", key, call)
+        except RecgwError as error:
+            if error.kind is ErrorKind.PERMISSION_DENIED:
+                return AbortOutcome.DENIED
+            if error.kind is ErrorKind.ABORTED:  # NoSuchUpload: nothing left to abort
+                return AbortOutcome.ABORTED
+            log.warning("AbortMultipartUpload failed for key=%s: %s", key, error.message)
+            return AbortOutcome.FAILED
+        return AbortOutcome.ABORTED
+
+
+class S3ObjectStore:
+    """ObjectStore over boto3; caches one client per tenant credentials version."""
+
+    def __init__(self, settings: S3Settings | None = None) -> None:
+        self._settings = settings or S3Settings()
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._settings.io_threads, thread_name_prefix="recgw-s3"
+        )
+        self._clients: OrderedDict[tuple[str, int, str], Any] = OrderedDict()
+
+    async def writer_for(self, credentials: TenantCredentials) -> S3Writer:
+        # The access key id is part of the cache key so that a store which does not bump versions
+        # (or a cache race) can never reuse a client built from other credentials.
+        cache_key = (credentials.tenant_id, credentials.version, credentials.access_key_id)
+        client = self._clients.get(cache_key)
+        if client is None:
+            loop = asyncio.get_running_loop()
+            client = await loop.run_in_executor(
+                self._executor, functools.partial(self._make_client, credentials)
+            )
+            self._clients[cache_key] = client
+            while len(self._clients) > self._settings.client_cache_size:
+                self._clients.popitem(last=False)
+        else:
+            self._clients.move_to_end(cache_key)
+        return S3Writer(client, credentials, self._executor)
+
+    def forget(self, tenant_id: str) -> None:
+        """Drop cached clients of a tenant (after its credentials changed)."""
+        for cache_key in [k for k in self._clients if k[0] == tenant_id]:
+            del self._clients[cache_key]
+
+    def _make_client(self, credentials: TenantCredentials) -> Any:
+        target = credentials.target
+        config = botocore.config.Config(
+            region_name=target.region,
+            retries={"mode": "standard", "max_attempts": self._settings.max_attempts},
+            connect_timeout=self._settings.connect_timeout,
+            read_timeout=self._settings.read_timeout,
+            max_pool_connections=self._settings.io_threads,
+            s3={"addressing_style": "path" if target.force_path_style else "auto"},
+            # We send our own CRC32C with every write; no second checksum is needed.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        session = boto3.session.Session()
+        return session.client(
+            "s3",
+            aws_access_key_id=credentials.access_key_id,
+            aws_secret_access_key=credentials.secret_access_key.reveal(),
+            endpoint_url=target.endpoint_url or None,
+            config=config,
+        )
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
