@@ -1,13 +1,34 @@
-"""Session-wide real services: one OpenBao dev server and one moto_server with IAM on."""
+"""Session-wide real services: OpenBao dev server, moto_server with IAM on, and a gateway."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from recgw_server.devstack import MotoS3, OpenBao, start_moto, start_openbao
+from recgw_server.devstack import (
+    MotoS3,
+    OpenBao,
+    VaultIdentities,
+    bootstrap_vault,
+    seed_policy,
+    start_moto,
+    start_openbao,
+)
+from tests.harness import (
+    ADMIN_TOKEN,
+    UPLOADER_TOKEN,
+    CapturedLogs,
+    GatewayThread,
+    Tenant,
+    make_settings,
+    set_credentials,
+)
+
+SHARED_BUCKET = "recgw-test-bucket"
 
 
 @pytest.fixture(scope="session")
@@ -25,5 +46,81 @@ def openbao(service_logs: Path) -> Iterator[OpenBao]:
 @pytest.fixture(scope="session")
 def moto(service_logs: Path) -> Iterator[MotoS3]:
     s3 = start_moto(service_logs)
+    s3.create_bucket(SHARED_BUCKET)
     yield s3
     s3.stop()
+
+
+@pytest.fixture(scope="session")
+def identities(openbao: OpenBao) -> VaultIdentities:
+    return bootstrap_vault(openbao)
+
+
+@pytest.fixture(scope="session")
+def captured_logs() -> Iterator[CapturedLogs]:
+    import logging
+
+    handler = CapturedLogs()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    previous = root.level
+    root.setLevel(logging.DEBUG)
+    yield handler
+    root.removeHandler(handler)
+    root.setLevel(previous)
+
+
+@pytest.fixture(scope="session")
+def gateway(
+    openbao: OpenBao, identities: VaultIdentities, captured_logs: CapturedLogs
+) -> Iterator[GatewayThread]:
+    thread = GatewayThread(make_settings(openbao, identities))
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture
+def make_gateway(
+    openbao: OpenBao, identities: VaultIdentities, captured_logs: CapturedLogs
+) -> Iterator[Callable[..., GatewayThread]]:
+    """A factory for gateways with their own settings; all are stopped after the test."""
+    started: list[GatewayThread] = []
+
+    def make(**overrides: Any) -> GatewayThread:
+        thread = GatewayThread(make_settings(openbao, identities, **overrides))
+        started.append(thread)
+        return thread
+
+    yield make
+    for thread in started:
+        thread.stop()
+
+
+@pytest.fixture
+def new_tenant(moto: MotoS3) -> Callable[..., Tenant]:
+    """A tenant with its own IAM user holding exactly the given policy (default: the seed's)."""
+
+    def make(
+        policy: dict[str, Any] | None = None,
+        bucket: str = SHARED_BUCKET,
+        prefix: str = "uploads/",
+        gateway: GatewayThread | None = None,
+        **target: Any,
+    ) -> Tenant:
+        suffix = uuid.uuid4().hex[:10]
+        keys = moto.create_user(f"tenant-{suffix}", policy or seed_policy(bucket))
+        tenant = Tenant(f"t-{suffix}", bucket, keys, prefix)
+        if gateway is not None:
+            set_credentials(gateway, tenant, endpoint_url=moto.endpoint_url, **target)
+        return tenant
+
+    return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def canaries_never_logged(captured_logs: CapturedLogs) -> Iterator[None]:
+    """After the whole session: no bearer token appears in any captured log line."""
+    yield
+    text = captured_logs.text()
+    for canary in (UPLOADER_TOKEN, ADMIN_TOKEN):
+        assert canary not in text

@@ -1,0 +1,219 @@
+"""A real gateway in a background thread, talking real gRPC over loopback to real OpenBao and moto."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import Coroutine, Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
+
+from recgw_server.app import Adapters, Gateway
+from recgw_server.auth import hash_token
+from recgw_server.config import Settings
+from recgw_server.devstack import AwsKeys, MotoS3, OpenBao, VaultIdentities
+
+T = TypeVar("T")
+MiB = 1024 * 1024
+UPLOADER_TOKEN = "uploader-CANARY-TOKEN-" + uuid.uuid4().hex
+ADMIN_TOKEN = "admin-CANARY-TOKEN-" + uuid.uuid4().hex
+
+
+class CapturedLogs(logging.Handler):
+    """Keeps every formatted log record (with exception text) for secret scans."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def auth_secret_to_setting(identity: Any) -> dict[str, Any]:
+    setting: dict[str, Any] = {"method": identity.method, "mount_point": identity.mount_point}
+    if identity.method == "token":
+        setting["token"] = identity.token.reveal()
+    else:
+        setting["role_id"] = identity.role_id
+        setting["secret_id"] = identity.secret_id.reveal()
+    return setting
+
+
+def make_settings(
+    bao: OpenBao, identities: VaultIdentities, **overrides: Any
+) -> Settings:
+    """Gateway settings for tests: port 0, the test tokens, small defaults."""
+    uploads = {"part_size_mib": 5, "max_inflight_parts": 2, "memory_budget_mib": 128}
+    uploads.update(overrides.pop("uploads", {}))
+    values: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "shutdown_grace_seconds": 1.0,
+        "tokens": [
+            {"name": "test-uploader", "role": "uploader", "sha256": hash_token(UPLOADER_TOKEN)},
+            {"name": "test-admin", "role": "admin", "sha256": hash_token(ADMIN_TOKEN)},
+        ],
+        "vault": {
+            "address": bao.address,
+            "cache_ttl_seconds": 30.0,
+            "writer": auth_secret_to_setting(identities.writer),
+            "reader": auth_secret_to_setting(identities.reader),
+        },
+        "uploads": uploads,
+        "s3": {"max_attempts": 2, "connect_timeout_seconds": 2, "read_timeout_seconds": 30},
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+class GatewayThread:
+    """Runs a Gateway on its own event loop in a daemon thread."""
+
+    def __init__(self, settings: Settings, adapters: Adapters | None = None) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.gateway = self.run(self._build(settings, adapters))
+        self.port = self.run(self.gateway.start())
+        self.address = f"127.0.0.1:{self.port}"
+        self.channel = grpc.insecure_channel(
+            self.address,
+            options=[("grpc.max_send_message_length", 64 * MiB)],
+        )
+        self.uploads = upload_pb2_grpc.UploadServiceStub(self.channel)
+        self.credentials = credentials_pb2_grpc.CredentialsServiceStub(self.channel)
+
+    @staticmethod
+    async def _build(settings: Settings, adapters: Adapters | None) -> Gateway:
+        return Gateway(settings, adapters)
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        return future.result(timeout)
+
+    def call_soon(self, fn: Any) -> None:
+        self.loop.call_soon_threadsafe(fn)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.run(self.gateway.stop(grace=1.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+UPLOADER = bearer(UPLOADER_TOKEN)
+ADMIN = bearer(ADMIN_TOKEN)
+
+
+@dataclass
+class Tenant:
+    tenant_id: str
+    bucket: str
+    keys: AwsKeys
+    prefix: str = "uploads/"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def set_credentials(
+    gateway: GatewayThread,
+    tenant: Tenant,
+    *,
+    region: str = "us-east-1",
+    endpoint_url: str,
+    **target: Any,
+) -> credentials_pb2.SetCredentialsResponse:
+    request = credentials_pb2.SetCredentialsRequest(
+        tenant_id=tenant.tenant_id,
+        access_key_id=tenant.keys.access_key_id,
+        secret_access_key=tenant.keys.secret_access_key.reveal(),
+        target=credentials_pb2.StorageTarget(
+            region=region,
+            bucket=tenant.bucket,
+            prefix=tenant.prefix,
+            endpoint_url=endpoint_url,
+            force_path_style=True,
+            **target,
+        ),
+    )
+    response: credentials_pb2.SetCredentialsResponse = gateway.credentials.SetCredentials(
+        request, metadata=ADMIN
+    )
+    return response
+
+
+def upload_messages(
+    tenant_id: str,
+    object_name: str,
+    data: bytes,
+    *,
+    chunk: int = 1 * MiB,
+    expected_size: int | None = None,
+    checksums: upload_pb2.ObjectChecksums | None = None,
+    upload_id: str = "",
+    finish: bool = True,
+    content_type: str = "application/octet-stream",
+    metadata: dict[str, str] | None = None,
+) -> Iterator[upload_pb2.UploadRequest]:
+    """The messages of a well-formed upload stream."""
+    start = upload_pb2.UploadStart(
+        tenant_id=tenant_id,
+        object_name=object_name,
+        content_type=content_type,
+        metadata=metadata or {},
+        upload_id=upload_id,
+    )
+    if expected_size is not None:
+        start.expected_size = expected_size
+    offset = 0
+    pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)] or [b""]
+    for index, piece in enumerate(pieces):
+        last = index == len(pieces) - 1
+        message = upload_pb2.UploadRequest(write_offset=offset, data=piece)
+        if index == 0:
+            message.start.CopyFrom(start)
+        if last and finish:
+            message.finish_write = True
+            if checksums is not None:
+                message.object_checksums.CopyFrom(checksums)
+        offset += len(piece)
+        yield message
+
+
+def upload(
+    gateway: GatewayThread, messages: Iterable[upload_pb2.UploadRequest], timeout: float = 120
+) -> upload_pb2.UploadResponse:
+    response: upload_pb2.UploadResponse = gateway.uploads.Upload(
+        iter(messages), metadata=UPLOADER, timeout=timeout
+    )
+    return response
+
+
+def object_exists(moto: MotoS3, bucket: str, key: str) -> bool:
+    import botocore.exceptions
+
+    try:
+        moto.client("s3").head_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError as exc:
+        if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
+    return True
+
+
+def read_object(moto: MotoS3, bucket: str, key: str) -> bytes:
+    body: bytes = moto.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+    return body
