@@ -51,7 +51,7 @@ def auth_secret_to_setting(identity: Any) -> dict[str, Any]:
 
 
 def make_settings(
-    bao: OpenBao, identities: VaultIdentities, **overrides: Any
+    bao: OpenBao, identities: VaultIdentities, vault_address: str = "", **overrides: Any
 ) -> Settings:
     """Gateway settings for tests: port 0, the test tokens, small defaults."""
     uploads = {"part_size_mib": 5, "max_inflight_parts": 2, "memory_budget_mib": 128}
@@ -64,7 +64,7 @@ def make_settings(
             {"name": "test-admin", "role": "admin", "sha256": hash_token(ADMIN_TOKEN)},
         ],
         "vault": {
-            "address": bao.address,
+            "address": vault_address or bao.address,
             "cache_ttl_seconds": 30.0,
             "writer": auth_secret_to_setting(identities.writer),
             "reader": auth_secret_to_setting(identities.reader),
