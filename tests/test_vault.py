@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import socket
 import threading
 import traceback
 import uuid
@@ -83,6 +84,7 @@ class LeakCheck:
         return caught.value
 
     def assert_clean(self, text: str, where: str) -> None:
+        __tracebackhide__ = True  # pytest would print `text`, and so the secret, in the report
         leaked = [i for i, s in enumerate(self.secrets) if s in text]
         # the secret itself is not printed, only which one leaked
         assert not leaked, f"secret #{leaked} leaked into {where}"
@@ -93,7 +95,11 @@ def leaks(caplog: pytest.LogCaptureFixture) -> Iterator[LeakCheck]:
     caplog.set_level(logging.DEBUG)
     check = LeakCheck()
     yield check
-    check.assert_clean(caplog.text, "the log")
+    # in teardown caplog.text holds only the teardown's records
+    formatter = logging.Formatter()
+    for when in ("setup", "call"):
+        for record in caplog.get_records(when):
+            check.assert_clean(formatter.format(record), "the log")
     for error in check.errors:
         check.assert_clean(str(error), "an exception text")
         check.assert_clean(repr(error), "an exception repr")
@@ -598,6 +604,22 @@ def test_unreachable_vault_is_unavailable(identities: VaultIdentities, leaks: Le
         ErrorKind.UNAVAILABLE,
         lambda: run(admin.set("tenant-1", "AKIAUNREACH", leaks.canary(), TARGET)),
     )
+
+
+def test_vault_not_answering_in_time_is_unavailable(
+    identities: VaultIdentities, leaks: LeakCheck
+) -> None:
+    assert identities.reader.secret_id is not None
+    leaks.hide(identities.reader.secret_id.reveal())
+    with socket.socket() as silent:  # accepts connections (backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        conn = VaultConnection(address, identities.reader, timeout=0.3)
+        error = leaks.raises(
+            ErrorKind.UNAVAILABLE, lambda: run(VaultCredentialsSource(conn).get("tenant-1"))
+        )
+    assert "in time" in error.message
 
 
 def test_sealed_vault_is_unavailable(tmp_path: Path, leaks: LeakCheck) -> None:

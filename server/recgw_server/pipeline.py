@@ -311,8 +311,12 @@ class Upload:
     def _check_writable(self) -> None:
         if self._background_error is not None:
             raise self._background_error
-        if self.abort_requested.is_set() or self.state is UploadState.ABORTED:
+        if self.abort_requested.is_set():
             raise self._aborted_error()
+        if self._fail_task is not None:
+            raise RecgwError(
+                ErrorKind.ABORTED, f"upload {self.upload_id} has ended: {self.error_message}"
+            )
         if self.state is not UploadState.OPEN:
             raise RecgwError(
                 ErrorKind.FAILED_PRECONDITION,
@@ -456,7 +460,6 @@ class Upload:
         )
 
     async def _fail(self, error: RecgwError) -> None:
-        self.state = UploadState.ABORTED
         self.error_message = error.message
         self.updated_at = time.time()
         self._chunks.clear()
@@ -478,6 +481,7 @@ class Upload:
                 )
         else:
             self.abort_outcome = AbortOutcome.ABORTED  # nothing was ever started in S3
+        self.state = UploadState.ABORTED
         self._manager.metrics.uploads_finished.labels("aborted").inc()
         log.info("upload %s aborted: %s", self.upload_id, error.message)
         self._manager.retire(self)

@@ -1,0 +1,291 @@
+"""Cancel, abort, status, back-pressure, conditional writes and encryption, end to end."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from recgw.v1 import credentials_pb2, upload_pb2
+
+from recgw_server.devstack import MotoS3, wait_until
+from tests.harness import (
+    UPLOADER,
+    MiB,
+    GatewayThread,
+    Tenant,
+    object_exists,
+    read_object,
+    upload,
+    upload_messages,
+)
+
+
+class HeldStream:
+    """An upload stream that sends some data, then waits until released or cancelled."""
+
+    def __init__(
+        self, gateway: GatewayThread, tenant: Tenant, name: str, data: bytes, chunk: int = MiB
+    ) -> None:
+        self.upload_id = str(uuid.uuid4())
+        self.release = threading.Event()
+        self.rest = b""
+        self._messages = list(
+            upload_messages(
+                tenant.tenant_id, name, data, chunk=chunk, upload_id=self.upload_id, finish=False
+            )
+        )
+        self._sent = len(data)
+        self.future: Any = gateway.uploads.Upload.future(
+            self._generate(), metadata=UPLOADER, timeout=120
+        )
+
+    def _generate(self) -> Iterator[upload_pb2.UploadRequest]:
+        yield from self._messages
+        self.release.wait(120)
+        yield upload_pb2.UploadRequest(write_offset=self._sent, data=self.rest, finish_write=True)
+
+    def finish(self) -> upload_pb2.UploadResponse:
+        self.release.set()
+        response: upload_pb2.UploadResponse = self.future.result(timeout=120)
+        return response
+
+
+def status(gateway: GatewayThread, upload_id: str) -> upload_pb2.GetUploadStatusResponse:
+    response: upload_pb2.GetUploadStatusResponse = gateway.uploads.GetUploadStatus(
+        upload_pb2.GetUploadStatusRequest(upload_id=upload_id), metadata=UPLOADER, timeout=10
+    )
+    return response
+
+
+def wait_for_status(
+    gateway: GatewayThread, upload_id: str, check: Callable[[Any], bool], what: str
+) -> upload_pb2.GetUploadStatusResponse:
+    def ready() -> bool:
+        try:
+            return check(status(gateway, upload_id))
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise
+
+    wait_until(ready, 30, what)
+    return status(gateway, upload_id)
+
+
+def abort_metric(gateway: GatewayThread, outcome: str) -> float:
+    value = gateway.gateway.metrics.registry.get_sample_value(
+        "recgw_multipart_aborts_total", {"outcome": outcome}
+    )
+    return value or 0.0
+
+
+def open_multipart_uploads(moto: MotoS3, bucket: str, key: str) -> int:
+    listing = moto.client("s3").list_multipart_uploads(Bucket=bucket, Prefix=key)
+    return len([u for u in listing.get("Uploads", []) if u["Key"] == key])
+
+
+@pytest.fixture
+def tenant(gateway: GatewayThread, new_tenant: Callable[..., Tenant]) -> Tenant:
+    return new_tenant(gateway=gateway)
+
+
+def test_client_cancel_mid_stream_leaves_no_object(
+    gateway: GatewayThread, moto: MotoS3, tenant: Tenant
+) -> None:
+    denied_before = abort_metric(gateway, "denied")
+    held = HeldStream(gateway, tenant, "cancelled.bin", os.urandom(6 * MiB))
+    wait_for_status(gateway, held.upload_id, lambda s: s.committed_size >= 5 * MiB, "a part")
+    held.future.cancel()
+    final = wait_for_status(
+        gateway,
+        held.upload_id,
+        lambda s: s.state == upload_pb2.UPLOAD_STATE_ABORTED,
+        "the cancelled upload to be aborted",
+    )
+    assert "cancelled" in final.error_message
+    assert not object_exists(moto, tenant.bucket, "uploads/cancelled.bin")
+    # The seed's policy has no s3:AbortMultipartUpload: the parts are left to the lifecycle rule.
+    assert abort_metric(gateway, "denied") == denied_before + 1
+    assert open_multipart_uploads(moto, tenant.bucket, "uploads/cancelled.bin") == 1
+    held.release.set()
+
+
+def test_abort_upload_under_seed_policy(
+    gateway: GatewayThread, moto: MotoS3, tenant: Tenant
+) -> None:
+    held = HeldStream(gateway, tenant, "aborted.bin", os.urandom(6 * MiB))
+    wait_for_status(gateway, held.upload_id, lambda s: s.committed_size >= 5 * MiB, "a part")
+    report = gateway.uploads.AbortUpload(
+        upload_pb2.AbortUploadRequest(upload_id=held.upload_id), metadata=UPLOADER
+    )
+    assert report.state == upload_pb2.UPLOAD_STATE_ABORTED
+    assert not report.storage_aborted
+    assert "lifecycle rule" in report.detail
+    with pytest.raises(grpc.RpcError) as caught:
+        held.future.result(timeout=30)
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    assert not object_exists(moto, tenant.bucket, "uploads/aborted.bin")
+    held.release.set()
+
+
+def test_abort_upload_with_abort_permission(
+    gateway: GatewayThread, moto: MotoS3, new_tenant: Callable[..., Tenant]
+) -> None:
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
+                "Resource": "arn:aws:s3:::recgw-test-bucket/uploads/*",
+            }
+        ],
+    }
+    tenant = new_tenant(policy=policy, gateway=gateway)
+    held = HeldStream(gateway, tenant, "abortable.bin", os.urandom(6 * MiB))
+    wait_for_status(gateway, held.upload_id, lambda s: s.committed_size >= 5 * MiB, "a part")
+    report = gateway.uploads.AbortUpload(
+        upload_pb2.AbortUploadRequest(upload_id=held.upload_id), metadata=UPLOADER
+    )
+    assert report.storage_aborted
+    assert open_multipart_uploads(moto, tenant.bucket, "uploads/abortable.bin") == 0
+    assert not object_exists(moto, tenant.bucket, "uploads/abortable.bin")
+    held.release.set()
+
+
+def test_status_of_open_and_complete_uploads(gateway: GatewayThread, tenant: Tenant) -> None:
+    held = HeldStream(gateway, tenant, "status.bin", b"x" * 1000, chunk=500)
+    open_status = wait_for_status(
+        gateway, held.upload_id, lambda s: s.received_size == 1000, "bytes received"
+    )
+    assert open_status.state == upload_pb2.UPLOAD_STATE_OPEN
+    assert open_status.committed_size == 0  # nothing is durable in S3 yet
+    assert open_status.key == "uploads/status.bin"
+    assert open_status.tenant_id == tenant.tenant_id
+    held.rest = b"yz"
+    response = held.finish()
+    done = status(gateway, held.upload_id)
+    assert done.state == upload_pb2.UPLOAD_STATE_COMPLETE
+    assert done.committed_size == 1002
+    assert done.result == response
+    abort = gateway.uploads.AbortUpload(
+        upload_pb2.AbortUploadRequest(upload_id=held.upload_id), metadata=UPLOADER
+    )
+    assert abort.state == upload_pb2.UPLOAD_STATE_COMPLETE
+
+
+def test_upload_id_header_arrives_before_the_end(gateway: GatewayThread, tenant: Tenant) -> None:
+    held = HeldStream(gateway, tenant, "header.bin", b"x" * 10)
+    metadata = dict(held.future.initial_metadata())
+    assert metadata["x-recgw-upload-id"] == held.upload_id
+    held.finish()
+
+
+def test_generated_upload_id(gateway: GatewayThread, tenant: Tenant) -> None:
+    response = upload(gateway, upload_messages(tenant.tenant_id, "gen-id.bin", b"abc"))
+    assert uuid.UUID(response.upload_id)
+    assert status(gateway, response.upload_id).state == upload_pb2.UPLOAD_STATE_COMPLETE
+
+
+def test_memory_budget_makes_streams_wait_not_fail(
+    make_gateway: Callable[..., GatewayThread],
+    moto: MotoS3,
+    new_tenant: Callable[..., Tenant],
+) -> None:
+    small = make_gateway(uploads={"memory_budget_mib": 5, "max_inflight_parts": 1})
+    tenant = new_tenant(gateway=small)
+    budget = small.gateway.budget
+    first = HeldStream(small, tenant, "budget-1.bin", b"1" * MiB)
+    wait_until(lambda: budget.in_use == 5 * MiB, 30, "the first stream to reserve the budget")
+    second = HeldStream(small, tenant, "budget-2.bin", b"2" * MiB)
+    wait_until(lambda: budget.waiting == 1, 30, "the second stream to wait for memory")
+    assert status(small, second.upload_id).received_size == 0  # it has stopped reading
+    second.release.set()
+    first.rest = b"!"
+    assert first.finish().size == MiB + 1
+    assert second.finish().size == MiB
+    assert budget.high_water <= budget.capacity
+    assert budget.in_use == 0
+    assert read_object(moto, tenant.bucket, "uploads/budget-2.bin") == b"2" * MiB
+
+
+def test_part_larger_than_budget_is_resource_exhausted(
+    make_gateway: Callable[..., GatewayThread], new_tenant: Callable[..., Tenant]
+) -> None:
+    small = make_gateway(uploads={"memory_budget_mib": 5, "part_size_mib": 8})
+    tenant = new_tenant(gateway=small)
+    with pytest.raises(grpc.RpcError) as caught:
+        upload(small, upload_messages(tenant.tenant_id, "too-big.bin", b"abc"))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "memory budget" in caught.value.details()
+
+
+@pytest.mark.parametrize("size", [100, 7 * MiB])
+def test_existing_object_is_never_overwritten(
+    gateway: GatewayThread, moto: MotoS3, tenant: Tenant, size: int
+) -> None:
+    name = f"clash-{size}.bin"
+    original = os.urandom(size)
+    upload(gateway, upload_messages(tenant.tenant_id, name, original))
+    with pytest.raises(grpc.RpcError) as caught:
+        upload(gateway, upload_messages(tenant.tenant_id, name, os.urandom(size)))
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "choose another object_name" in caught.value.details()
+    assert read_object(moto, tenant.bucket, f"uploads/{name}") == original
+
+
+def test_allow_overwrite_tenant_setting(
+    gateway: GatewayThread, moto: MotoS3, new_tenant: Callable[..., Tenant]
+) -> None:
+    tenant = new_tenant(gateway=gateway, allow_overwrite=True)
+    upload(gateway, upload_messages(tenant.tenant_id, "over.bin", b"first"))
+    upload(gateway, upload_messages(tenant.tenant_id, "over.bin", b"second"))
+    assert read_object(moto, tenant.bucket, "uploads/over.bin") == b"second"
+
+
+def test_sse_s3_is_applied_to_every_write(
+    gateway: GatewayThread, moto: MotoS3, new_tenant: Callable[..., Tenant]
+) -> None:
+    encryption = credentials_pb2.ServerSideEncryption(
+        mode=credentials_pb2.SERVER_SIDE_ENCRYPTION_MODE_S3
+    )
+    tenant = new_tenant(gateway=gateway, encryption=encryption)
+    small = upload(gateway, upload_messages(tenant.tenant_id, "sse-small.bin", b"abc"))
+    large = upload(gateway, upload_messages(tenant.tenant_id, "sse-mp.bin", os.urandom(6 * MiB)))
+    s3 = moto.client("s3")
+    for key in (small.key, large.key):
+        assert s3.head_object(Bucket=tenant.bucket, Key=key)["ServerSideEncryption"] == "AES256"
+
+
+def test_sse_kms_is_applied(
+    gateway: GatewayThread, moto: MotoS3, new_tenant: Callable[..., Tenant]
+) -> None:
+    key_id = "arn:aws:kms:us-east-1:123456789012:key/" + str(uuid.uuid4())
+    encryption = credentials_pb2.ServerSideEncryption(
+        mode=credentials_pb2.SERVER_SIDE_ENCRYPTION_MODE_KMS, kms_key_id=key_id
+    )
+    tenant = new_tenant(gateway=gateway, encryption=encryption)
+    response = upload(gateway, upload_messages(tenant.tenant_id, "kms.bin", b"abc"))
+    head = moto.client("s3").head_object(Bucket=tenant.bucket, Key=response.key)
+    assert head["ServerSideEncryption"] == "aws:kms"
+    assert head["SSEKMSKeyId"] == key_id
+
+
+def test_concurrent_uploads_are_independent(
+    gateway: GatewayThread, moto: MotoS3, tenant: Tenant
+) -> None:
+    payloads = {f"par-{i}.bin": os.urandom(3 * MiB + i) for i in range(4)}
+    futures = {
+        name: gateway.uploads.Upload.future(
+            upload_messages(tenant.tenant_id, name, data), metadata=UPLOADER, timeout=120
+        )
+        for name, data in payloads.items()
+    }
+    for name, future in futures.items():
+        assert future.result().size == len(payloads[name])
+        assert read_object(moto, tenant.bucket, f"uploads/{name}") == payloads[name]
