@@ -7,6 +7,7 @@ objects, never through a command line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -24,6 +25,7 @@ import hvac
 import requests
 
 from recgw_server.domain import Secret
+from recgw_server.vault import VaultAuth
 
 SEED_POLICY_SID = "16933222-fba4-4de3-bf3e-427759b73a9d"
 
@@ -40,7 +42,9 @@ def _binary(name: str) -> str:
         return str(beside_python)
     found = shutil.which(name)
     if not found:
-        raise RuntimeError(f"{name} not found; install the devstack extra: pip install '.[devstack]'")
+        raise RuntimeError(
+            f"{name} not found; install the devstack extra: pip install '.[devstack]'"
+        )
     return found
 
 
@@ -55,7 +59,9 @@ def wait_until(check: Any, timeout: float, what: str, interval: float = 0.05) ->
         except Exception as exc:  # the service is not up yet
             last_error = exc
         time.sleep(interval)
-    raise TimeoutError(f"{what} not ready after {timeout}s (last error: {type(last_error).__name__})")
+    raise TimeoutError(
+        f"{what} not ready after {timeout}s (last error: {type(last_error).__name__})"
+    )
 
 
 @dataclass
@@ -248,3 +254,78 @@ def _bootstrap_moto_admin(endpoint: str) -> AwsKeys:
     finally:
         requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=5).raise_for_status()
     return AwsKeys(key["AccessKeyId"], Secret(key["SecretAccessKey"]))
+
+
+def writer_policy(mount: str, base_path: str) -> str:
+    """HCL for the writer: write secrets and manage their metadata, never read a secret."""
+    base = base_path.strip("/")
+    return f"""\
+path "{mount}/data/{base}/*" {{
+  capabilities = ["create", "update"]
+}}
+
+path "{mount}/metadata/{base}/*" {{
+  capabilities = ["create", "update", "read", "delete"]
+}}
+
+path "{mount}/destroy/{base}/*" {{
+  capabilities = ["update"]
+}}
+"""
+
+
+def reader_policy(mount: str, base_path: str) -> str:
+    """HCL for the reader (the upload path): read the current secrets, nothing else."""
+    base = base_path.strip("/")
+    return f"""\
+path "{mount}/data/{base}/*" {{
+  capabilities = ["read"]
+}}
+"""
+
+
+@dataclass(frozen=True)
+class VaultIdentities:
+    writer: VaultAuth
+    reader: VaultAuth
+
+
+def bootstrap_vault(
+    bao: OpenBao,
+    mount: str = "secret",
+    base_path: str = "recgw/tenants",
+    token_ttl: str = "1h",  # noqa: S107 (a duration, not a password)
+    *,
+    role_suffix: str = "",
+    token_max_ttl: str = "24h",  # noqa: S107
+) -> VaultIdentities:
+    """With the root token: policies, AppRole and the roles recgw-writer/recgw-reader{suffix}.
+
+    Idempotent; every call returns a freshly generated secret_id for each role.
+    """
+    client = bao.root_client()
+    auth_methods = client.sys.list_auth_methods()
+    if "approle/" not in auth_methods.get("data", auth_methods):
+        # InvalidRequest: enabled meanwhile by another caller
+        with contextlib.suppress(hvac.exceptions.InvalidRequest):
+            client.sys.enable_auth_method("approle")
+    identities = {}
+    for kind, policy in (
+        ("writer", writer_policy(mount, base_path)),
+        ("reader", reader_policy(mount, base_path)),
+    ):
+        name = f"recgw-{kind}{role_suffix}"
+        client.sys.create_or_update_policy(name=name, policy=policy)
+        client.auth.approle.create_or_update_approle(
+            role_name=name,
+            token_policies=[name],
+            token_ttl=token_ttl,
+            token_max_ttl=token_max_ttl,
+            token_type="service",
+        )
+        role_id = client.auth.approle.read_role_id(role_name=name)["data"]["role_id"]
+        secret_id = client.auth.approle.generate_secret_id(role_name=name)["data"]["secret_id"]
+        identities[kind] = VaultAuth(
+            method="approle", role_id=role_id, secret_id=Secret(secret_id), name=name
+        )
+    return VaultIdentities(writer=identities["writer"], reader=identities["reader"])
