@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import uuid
 from collections.abc import Coroutine, Iterable, Iterator
@@ -23,6 +24,22 @@ T = TypeVar("T")
 MiB = 1024 * 1024
 UPLOADER_TOKEN = "uploader-CANARY-TOKEN-" + uuid.uuid4().hex
 ADMIN_TOKEN = "admin-CANARY-TOKEN-" + uuid.uuid4().hex
+# Every secret value a test hands to the system; none may ever show up in logs or responses.
+CANARIES: set[str] = {UPLOADER_TOKEN, ADMIN_TOKEN}
+# OpenBao/Vault token formats: service tokens (s./hvs.), batch tokens (b./hvb.).
+VAULT_TOKEN_PATTERN = re.compile(r"\b(hv[sb]|[sb])\.[A-Za-z0-9_-]{20,}")
+
+
+def register_canary(value: str) -> str:
+    CANARIES.add(value)
+    return value
+
+
+def assert_no_secrets(text: str) -> None:
+    for canary in CANARIES:
+        assert canary not in text, "a secret value leaked"
+    match = VAULT_TOKEN_PATTERN.search(text)
+    assert match is None, "something that looks like a Vault token leaked"
 
 
 class CapturedLogs(logging.Handler):
@@ -136,6 +153,7 @@ def set_credentials(
     endpoint_url: str,
     **target: Any,
 ) -> credentials_pb2.SetCredentialsResponse:
+    register_canary(tenant.keys.secret_access_key.reveal())
     request = credentials_pb2.SetCredentialsRequest(
         tenant_id=tenant.tenant_id,
         access_key_id=tenant.keys.access_key_id,
