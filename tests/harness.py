@@ -1,4 +1,4 @@
-"""A real gateway in a background thread, talking real gRPC over loopback to real OpenBao and moto."""
+"""A real gateway in a background thread: real gRPC over loopback, real OpenBao and moto."""
 
 from __future__ import annotations
 
@@ -128,8 +128,16 @@ class GatewayThread:
         self._thread.join(10)
 
 
-def bearer(token: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {token}")]
+Metadata = tuple[tuple[str, str], ...]
+
+
+def bearer(token: str) -> Metadata:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def details(error: grpc.RpcError) -> str:
+    """The status message of a failed call."""
+    return str(error.details() or "")
 
 
 UPLOADER = bearer(UPLOADER_TOKEN)

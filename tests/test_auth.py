@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recgw.v1 import credentials_pb2, upload_pb2
 
 from recgw_server.auth import Role, TokenEntry, TokenVerifier, hash_token
-from tests.harness import ADMIN, UPLOADER, GatewayThread, bearer, upload_messages
+from tests.harness import ADMIN, UPLOADER, GatewayThread, Metadata, bearer, details, upload_messages
 
 
 def status_request() -> upload_pb2.GetUploadStatusRequest:
@@ -20,20 +20,20 @@ def status_request() -> upload_pb2.GetUploadStatusRequest:
 @pytest.mark.parametrize(
     "metadata",
     [
-        [],
+        (),
         bearer("not-a-configured-token"),
-        [("authorization", "Basic dXNlcjpwYXNz")],
-        [("authorization", "Bearer ")],
+        (("authorization", "Basic dXNlcjpwYXNz"),),
+        (("authorization", "Bearer "),),
     ],
     ids=["none", "unknown", "basic", "empty"],
 )
 def test_missing_or_unknown_token_is_unauthenticated(
-    gateway: GatewayThread, metadata: list[tuple[str, str]]
+    gateway: GatewayThread, metadata: Metadata
 ) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         gateway.uploads.GetUploadStatus(status_request(), metadata=metadata)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "Bearer" in caught.value.details()
+    assert "Bearer" in details(caught.value)
     with pytest.raises(grpc.RpcError) as caught:
         gateway.uploads.Upload(upload_messages("t", "a", b"x"), metadata=metadata)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -48,13 +48,13 @@ def test_wrong_role_is_permission_denied(gateway: GatewayThread) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         gateway.uploads.Upload(upload_messages("t", "a", b"x"), metadata=ADMIN)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "needs role 'uploader'" in caught.value.details()
+    assert "needs role 'uploader'" in details(caught.value)
     with pytest.raises(grpc.RpcError) as caught:
         gateway.credentials.SetCredentials(
             credentials_pb2.SetCredentialsRequest(tenant_id="t"), metadata=UPLOADER
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "needs role 'admin'" in caught.value.details()
+    assert "needs role 'admin'" in details(caught.value)
 
 
 def test_health_needs_no_token(gateway: GatewayThread) -> None:

@@ -1,4 +1,4 @@
-"""Bad input and failures: a precise status code, a helpful message, no object, a healthy gateway."""
+"""Bad input and failures: a precise status, a helpful message, no object, a healthy gateway."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from recgw_server.devstack import AwsKeys, MotoS3, free_port, seed_policy
 from recgw_server.domain import Secret
 from tests.harness import (
     UPLOADER,
-    MiB,
     GatewayThread,
+    MiB,
     Tenant,
+    details,
     object_exists,
     set_credentials,
     upload,
@@ -56,14 +57,14 @@ def tenant(gateway: GatewayThread, new_tenant: Callable[..., Tenant]) -> Tenant:
 def test_empty_stream(gateway: GatewayThread) -> None:
     error = expect_error(gateway, iter([]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "start" in error.details()
+    assert "start" in details(error)
     assert_healthy(gateway)
 
 
 def test_data_before_start(gateway: GatewayThread, tenant: Tenant) -> None:
     error = expect_error(gateway, [upload_pb2.UploadRequest(write_offset=0, data=b"abc")])
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "data came before start" in error.details()
+    assert "data came before start" in details(error)
 
 
 def test_two_start_messages(gateway: GatewayThread, moto: MotoS3, tenant: Tenant) -> None:
@@ -74,7 +75,7 @@ def test_two_start_messages(gateway: GatewayThread, moto: MotoS3, tenant: Tenant
     second.finish_write = True
     error = expect_error(gateway, [first, second])
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "only the first message may carry 'start'" in error.details()
+    assert "only the first message may carry 'start'" in details(error)
     assert not object_exists(moto, tenant.bucket, "uploads/two-starts.bin")
 
 
@@ -82,13 +83,13 @@ def test_two_start_messages(gateway: GatewayThread, moto: MotoS3, tenant: Tenant
 def test_malformed_tenant_id(gateway: GatewayThread, tenant_id: str) -> None:
     error = expect_error(gateway, upload_messages(tenant_id, "a.bin", b"abc"))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "tenant_id must match" in error.details()
+    assert "tenant_id must match" in details(error)
 
 
 def test_tenant_without_credentials(gateway: GatewayThread) -> None:
     error = expect_error(gateway, upload_messages("nobody-" + uuid.uuid4().hex[:8], "a", b"x"))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "SetCredentials" in error.details()
+    assert "SetCredentials" in details(error)
 
 
 @pytest.mark.parametrize(
@@ -109,7 +110,7 @@ def test_invalid_object_names(
 ) -> None:
     error = expect_error(gateway, upload_messages(tenant.tenant_id, name, b"abc"))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert hint in error.details()
+    assert hint in details(error)
     assert_healthy(gateway)
 
 
@@ -118,7 +119,7 @@ def test_wrong_write_offset(gateway: GatewayThread, moto: MotoS3, tenant: Tenant
     messages[1].write_offset = 123
     error = expect_error(gateway, messages)
     assert error.code() == grpc.StatusCode.OUT_OF_RANGE
-    assert "send the bytes from offset 400" in error.details()
+    assert "send the bytes from offset 400" in details(error)
     assert not object_exists(moto, tenant.bucket, "uploads/offset.bin")
 
 
@@ -127,7 +128,7 @@ def test_data_after_finish_write(gateway: GatewayThread, moto: MotoS3, tenant: T
     messages.append(upload_pb2.UploadRequest(write_offset=100, data=b"more"))
     error = expect_error(gateway, messages)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "followed finish_write" in error.details()
+    assert "followed finish_write" in details(error)
     assert not object_exists(moto, tenant.bucket, "uploads/after.bin")
 
 
@@ -136,7 +137,7 @@ def test_more_bytes_than_declared(gateway: GatewayThread, moto: MotoS3, tenant: 
         gateway, upload_messages(tenant.tenant_id, "over.bin", b"a" * 100, expected_size=50)
     )
     assert error.code() == grpc.StatusCode.OUT_OF_RANGE
-    assert "expected_size 50" in error.details()
+    assert "expected_size 50" in details(error)
     assert not object_exists(moto, tenant.bucket, "uploads/over.bin")
 
 
@@ -145,7 +146,7 @@ def test_short_upload_at_finish(gateway: GatewayThread, moto: MotoS3, tenant: Te
         gateway, upload_messages(tenant.tenant_id, "short.bin", b"a" * 100, expected_size=150)
     )
     assert error.code() == grpc.StatusCode.OUT_OF_RANGE
-    assert "remaining 50 bytes" in error.details()
+    assert "remaining 50 bytes" in details(error)
     assert not object_exists(moto, tenant.bucket, "uploads/short.bin")
 
 
@@ -189,7 +190,7 @@ def test_object_checksum_mismatch(
         gateway, upload_messages(tenant.tenant_id, f"crc-{size}.bin", data, checksums=wrong)
     )
     assert error.code() == grpc.StatusCode.DATA_LOSS
-    assert "CRC32C mismatch" in error.details()
+    assert "CRC32C mismatch" in details(error)
     assert not object_exists(moto, tenant.bucket, f"uploads/crc-{size}.bin")
 
 
@@ -207,7 +208,7 @@ def test_chunk_checksum_mismatch(gateway: GatewayThread, moto: MotoS3, tenant: T
     messages[1].data_crc32c = 1
     error = expect_error(gateway, messages)
     assert error.code() == grpc.StatusCode.DATA_LOSS
-    assert "offset 500" in error.details()
+    assert "offset 500" in details(error)
     assert not object_exists(moto, tenant.bucket, "uploads/chunk-crc.bin")
 
 
@@ -219,7 +220,7 @@ def test_stream_without_finish_leaves_no_object(
         gateway, upload_messages(tenant.tenant_id, "unfinished.bin", data, finish=False)
     )
     assert error.code() == grpc.StatusCode.ABORTED
-    assert "without finish_write" in error.details()
+    assert "without finish_write" in details(error)
     assert not object_exists(moto, tenant.bucket, "uploads/unfinished.bin")
 
 
@@ -231,8 +232,8 @@ def test_prefix_outside_policy_is_permission_denied(
     )
     error = expect_error(gateway, upload_messages(tenant.tenant_id, "x.bin", b"abc"))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "recgw-test-bucket" in error.details()
-    assert "elsewhere/x.bin" in error.details()
+    assert "recgw-test-bucket" in details(error)
+    assert "elsewhere/x.bin" in details(error)
     # ...while the same policy lets a tenant under uploads/ write
     allowed = new_tenant(policy=seed_policy("recgw-test-bucket", "uploads/*"), gateway=gateway)
     assert upload(gateway, upload_messages(allowed.tenant_id, "x.bin", b"abc")).size == 3
@@ -244,9 +245,7 @@ def test_access_denied_on_multipart(
     tenant = new_tenant(
         policy=seed_policy("recgw-test-bucket", "uploads/*"), prefix="elsewhere/", gateway=gateway
     )
-    error = expect_error(
-        gateway, upload_messages(tenant.tenant_id, "mp.bin", os.urandom(11 * MiB))
-    )
+    error = expect_error(gateway, upload_messages(tenant.tenant_id, "mp.bin", os.urandom(11 * MiB)))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert_healthy(gateway)
 
@@ -259,9 +258,9 @@ def test_wrong_secret(
     set_credentials(gateway, tenant, endpoint_url=moto.endpoint_url)
     error = expect_error(gateway, upload_messages(tenant.tenant_id, "wrong.bin", b"abc"))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "credentials were rejected by S3" in error.details()
-    assert "overwrite them with SetCredentials" in error.details()
-    assert "SignatureDoesNotMatch" in error.details()
+    assert "credentials were rejected by S3" in details(error)
+    assert "overwrite them with SetCredentials" in details(error)
+    assert "SignatureDoesNotMatch" in details(error)
     assert not object_exists(moto, tenant.bucket, "uploads/wrong.bin")
 
 
@@ -273,7 +272,7 @@ def test_unknown_access_key(
     set_credentials(gateway, tenant, endpoint_url=moto.endpoint_url)
     error = expect_error(gateway, upload_messages(tenant.tenant_id, "unknown.bin", b"abc"))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "InvalidAccessKeyId" in error.details()
+    assert "InvalidAccessKeyId" in details(error)
 
 
 def test_no_such_bucket(
@@ -283,7 +282,7 @@ def test_no_such_bucket(
     set_credentials(gateway, tenant, endpoint_url=moto.endpoint_url)
     error = expect_error(gateway, upload_messages(tenant.tenant_id, "nb.bin", b"abc"))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "NoSuchBucket" in error.details()
+    assert "NoSuchBucket" in details(error)
 
 
 class _SlowDownHandler(http.server.BaseHTTPRequestHandler):
@@ -323,7 +322,7 @@ def test_throttling_after_retries_is_unavailable(
         set_credentials(gateway, tenant, endpoint_url=endpoint)
         error = expect_error(gateway, upload_messages(tenant.tenant_id, "slow.bin", b"abc"))
         assert error.code() == grpc.StatusCode.UNAVAILABLE
-        assert "SlowDown" in error.details()
+        assert "SlowDown" in details(error)
         assert _SlowDownHandler.requests_seen >= 2  # the test gateway retries once
     finally:
         server.shutdown()
@@ -337,7 +336,7 @@ def test_unreachable_s3_is_unavailable(
     set_credentials(gateway, tenant, endpoint_url=f"http://127.0.0.1:{free_port()}")
     error = expect_error(gateway, upload_messages(tenant.tenant_id, "down.bin", b"abc"))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert "cannot reach the S3 endpoint" in error.details()
+    assert "cannot reach the S3 endpoint" in details(error)
 
 
 def test_vault_down_is_unavailable(
@@ -349,7 +348,7 @@ def test_vault_down_is_unavailable(
     down = make_gateway(vault_address=f"http://127.0.0.1:{free_port()}")
     error = expect_error(down, upload_messages(tenant.tenant_id, "vault-down.bin", b"abc"))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert "Vault" in error.details()
+    assert "Vault" in details(error)
     assert_healthy(down)
 
 
@@ -366,7 +365,7 @@ def test_malformed_upload_id(gateway: GatewayThread, tenant: Tenant) -> None:
         gateway, upload_messages(tenant.tenant_id, "id.bin", b"abc", upload_id="not-a-uuid")
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "upload_id must be a UUID" in error.details()
+    assert "upload_id must be a UUID" in details(error)
 
 
 def test_bad_metadata_key(gateway: GatewayThread, tenant: Tenant) -> None:
@@ -374,4 +373,4 @@ def test_bad_metadata_key(gateway: GatewayThread, tenant: Tenant) -> None:
         gateway, upload_messages(tenant.tenant_id, "m.bin", b"abc", metadata={"Bad Key": "v"})
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "metadata key" in error.details()
+    assert "metadata key" in details(error)

@@ -16,6 +16,7 @@ from tests.harness import (
     UPLOADER,
     GatewayThread,
     Tenant,
+    details,
     object_exists,
     read_object,
     set_credentials,
@@ -184,9 +185,9 @@ def test_set_rejects_bad_input(gateway: GatewayThread, change: dict[str, str], h
     with pytest.raises(grpc.RpcError) as caught:
         gateway.credentials.SetCredentials(request, metadata=ADMIN)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert hint in caught.value.details()
+    assert hint in details(caught.value)
     if fields["secret_access_key"]:
-        assert fields["secret_access_key"] not in caught.value.details()
+        assert fields["secret_access_key"] not in details(caught.value)
 
 
 def test_access_point_arn_is_accepted_as_bucket(

@@ -15,9 +15,10 @@ from recgw.v1 import credentials_pb2, upload_pb2
 from recgw_server.devstack import MotoS3, wait_until
 from tests.harness import (
     UPLOADER,
-    MiB,
     GatewayThread,
+    MiB,
     Tenant,
+    details,
     object_exists,
     read_object,
     upload,
@@ -222,7 +223,7 @@ def test_part_larger_than_budget_is_resource_exhausted(
     with pytest.raises(grpc.RpcError) as caught:
         upload(small, upload_messages(tenant.tenant_id, "too-big.bin", b"abc"))
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "memory budget" in caught.value.details()
+    assert "memory budget" in details(caught.value)
 
 
 @pytest.mark.parametrize("size", [100, 7 * MiB])
@@ -235,7 +236,7 @@ def test_existing_object_is_never_overwritten(
     with pytest.raises(grpc.RpcError) as caught:
         upload(gateway, upload_messages(tenant.tenant_id, name, os.urandom(size)))
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert "choose another object_name" in caught.value.details()
+    assert "choose another object_name" in details(caught.value)
     assert read_object(moto, tenant.bucket, f"uploads/{name}") == original
 
 

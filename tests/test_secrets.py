@@ -17,6 +17,7 @@ from tests.harness import (
     GatewayThread,
     Tenant,
     assert_no_secrets,
+    details,
     register_canary,
     set_credentials,
     upload,
@@ -56,7 +57,7 @@ def test_canary_secret_never_leaks(
         try:
             upload(gateway, upload_messages(tenant.tenant_id, name, b"abc"))
         except grpc.RpcError as error:
-            seen.append(f"{error.code()} {error.details()} {error.debug_error_string()}")
+            seen.append(f"{error.code()} {details(error)} {error!r}")
     # an unreachable S3 endpoint and an unreachable Vault
     set_credentials(gateway, tenant, endpoint_url=f"http://127.0.0.1:{free_port()}")
     down = make_gateway(vault_address=f"http://127.0.0.1:{free_port()}")
@@ -64,7 +65,7 @@ def test_canary_secret_never_leaks(
         try:
             upload(target, upload_messages(tenant.tenant_id, "c.bin", b"abc"))
         except grpc.RpcError as error:
-            seen.append(f"{error.code()} {error.details()} {error.debug_error_string()}")
+            seen.append(f"{error.code()} {details(error)} {error!r}")
     seen.append(repr(gateway.gateway.settings))
     seen.append(generate_latest(gateway.gateway.metrics.registry).decode())
     assert len(seen) >= 6

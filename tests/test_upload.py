@@ -11,8 +11,8 @@ from recgw.v1 import upload_pb2
 
 from recgw_server.devstack import MotoS3
 from tests.harness import (
-    MiB,
     GatewayThread,
+    MiB,
     Tenant,
     read_object,
     upload,
@@ -27,8 +27,14 @@ def test_small_upload_is_a_single_put_object(
     data = os.urandom(300_000)
     response = upload(
         gateway,
-        upload_messages(tenant.tenant_id, "calls/small.webm", data, chunk=64 * 1024,
-                        content_type="video/webm", metadata={"call-id": "42"}),
+        upload_messages(
+            tenant.tenant_id,
+            "calls/small.webm",
+            data,
+            chunk=64 * 1024,
+            content_type="video/webm",
+            metadata={"call-id": "42"},
+        ),
     )
     assert response.key == "uploads/calls/small.webm"
     assert response.bucket == tenant.bucket

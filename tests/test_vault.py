@@ -18,6 +18,7 @@ from typing import Any
 import hvac
 import hvac.exceptions
 import pytest
+
 from recgw_server.devstack import (
     OpenBao,
     VaultIdentities,

@@ -1,9 +1,652 @@
-"""Client-side commands of `recgw`: upload and creds."""
+"""Client-side commands of `recgw`: upload, status, abort and creds.
+
+The bearer token comes only from the environment (RECGW_TOKEN) or a file
+(--token-file), and a secret access key only from stdin, the environment or a
+hidden prompt: argv is visible to every user of the machine (ps, /proc).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import enum
+import json
+import mimetypes
+import os
+import re
+import stat
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import grpc
 import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+import recgw_client
+from recgw_client import (
+    AbortResult,
+    CredentialsAdmin,
+    CredentialsView,
+    RecgwError,
+    ServerSideEncryption,
+    UploadClient,
+    UploadResult,
+    UploadStatus,
+)
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+TOKEN_ENV = "RECGW_TOKEN"
+SECRET_ENV = "RECGW_SECRET_ACCESS_KEY"
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+T = TypeVar("T")
+
+AddressOption = Annotated[
+    str,
+    typer.Option("--address", envvar="RECGW_ADDRESS", help="Gateway address, host:port."),
+]
+TokenFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--token-file",
+        help=f"File holding the bearer token. Default: the {TOKEN_ENV} environment variable.",
+        dir_okay=False,
+    ),
+]
+TlsOption = Annotated[
+    bool,
+    typer.Option("--tls", envvar="RECGW_TLS", help="Use TLS with the system's root certificates."),
+]
+CaFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca-file",
+        envvar="RECGW_CA_FILE",
+        help="PEM root certificates for TLS (implies --tls).",
+        dir_okay=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+TenantOption = Annotated[str, typer.Option("--tenant", help="Tenant id.")]
+
+
+class SseMode(enum.StrEnum):
+    """Server-side encryption choices of `creds set`."""
+
+    AES256 = "AES256"
+    KMS = "aws:kms"
+
+
+_SSE: dict[SseMode, ServerSideEncryption] = {SseMode.AES256: "AES256", SseMode.KMS: "aws:kms"}
+
+
+@dataclass(frozen=True)
+class _Connection:
+    address: str
+    token: str
+    credentials: grpc.ChannelCredentials | None
+
+    def __repr__(self) -> str:
+        return f"_Connection(address={self.address!r})"
+
+
+def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _connection(
+    address: str, token_file: Path | None, tls: bool, ca_file: Path | None
+) -> _Connection:
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            _fail(f"cannot read the token file {token_file}: {err}", EXIT_USAGE)
+        if not token:
+            _fail(f"the token file {token_file} is empty", EXIT_USAGE)
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+        if not token:
+            _fail(f"no bearer token: set {TOKEN_ENV} or pass --token-file PATH", EXIT_USAGE)
+    credentials = None
+    if tls or ca_file is not None:
+        try:
+            roots = ca_file.read_bytes() if ca_file is not None else None
+        except OSError as err:
+            _fail(f"cannot read the CA file {ca_file}: {err}", EXIT_USAGE)
+        credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+    return _Connection(address=address, token=token, credentials=credentials)
+
+
+def _run(coroutine: Coroutine[Any, Any, T], *, json_output: bool = False) -> T:
+    """Run one client call; gateway errors exit non-zero with the status code and message."""
+    try:
+        return asyncio.run(coroutine)
+    except RecgwError as err:
+        if json_output:
+            error: dict[str, object] = {"code": err.code.name, "message": err.message}
+            if err.upload_id:
+                error["upload_id"] = err.upload_id
+            typer.echo(json.dumps({"error": error}))
+        suffix = f" (upload id {err.upload_id})" if err.upload_id else ""
+        _fail(f"{err}{suffix}")
+    except ValueError as err:
+        _fail(str(err), EXIT_USAGE)
+    except OSError as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _fail("interrupted", EXIT_INTERRUPTED)
+
+
+_SIZE = re.compile(r"(\d+)\s*([kmg]?)(?:i?b)?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _parse_size(text: str, option: str) -> int:
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise typer.BadParameter(
+            f"{text!r} is not a size such as 1048576, 256KiB or 1MiB", param_hint=option
+        )
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def _parse_metadata(items: list[str]) -> dict[str, str]:
+    metadata: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--meta")
+        if key in metadata:
+            raise typer.BadParameter(f"{key!r} is given twice", param_hint="--meta")
+        metadata[key] = value
+    return metadata
+
+
+def _print_fields(fields: list[tuple[str, object]], title: str | None = None) -> None:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in fields:
+        table.add_row(key, Text("" if value is None else str(value)))
+    console = Console()
+    if title:
+        console.print(Text(title))
+    console.print(table)
+
+
+def _print_json(data: object) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def _result_fields(result: UploadResult) -> dict[str, object]:
+    return {
+        "upload_id": result.upload_id,
+        "bucket": result.bucket,
+        "key": result.key,
+        "size": result.size,
+        "etag": result.etag,
+        "version_id": result.version_id,
+        "part_count": result.part_count,
+        "crc32c": result.checksums.crc32c_hex,
+        "sha256": result.checksums.sha256_hex,
+    }
+
+
+def _time(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+class _SentColumn(ProgressColumn):
+    """Bytes sent, for a stream of unknown size."""
+
+    def render(self, task: Task) -> Text:
+        return Text(_human_bytes(int(task.completed)), style="progress.download")
+
+
+def _human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{count:,} bytes" if unit == "bytes" else f"{value:,.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _progress(total_known: bool, quiet: bool) -> Progress:
+    console = Console(stderr=True, quiet=quiet)
+    if total_known:
+        columns: list[str | ProgressColumn] = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+        ]
+    else:
+        columns = [
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            _SentColumn(),
+            TransferSpeedColumn(),
+            TimeElapsedColumn(),
+        ]
+    return Progress(*columns, console=console)
+
+
+def _known_size(file: str, size: int | None) -> int | None:
+    if size is not None or file == "-":
+        return size
+    try:
+        info = os.stat(file)
+    except OSError:
+        return None  # the upload reports it
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
+async def _upload(
+    connection: _Connection,
+    file: str,
+    *,
+    progress: Progress,
+    announce: Callable[[str], None],
+    **options: Any,
+) -> UploadResult:
+    source = sys.stdin.buffer if file == "-" else file
+    task = progress.add_task("uploading", total=options.get("expected_size"))
+
+    def on_progress(sent: int, total: int | None) -> None:
+        progress.update(task, completed=sent, total=total)
+
+    async with UploadClient(
+        connection.address, connection.token, channel_credentials=connection.credentials
+    ) as client:
+        with progress:
+            return await client.upload(
+                source, progress=on_progress, on_upload_id=announce, **options
+            )
+
+
+async def _call(connection: _Connection, method: Callable[[UploadClient], Awaitable[T]]) -> T:
+    async with UploadClient(
+        connection.address, connection.token, channel_credentials=connection.credentials
+    ) as client:
+        return await method(client)
+
+
+async def _admin(connection: _Connection, method: Callable[[CredentialsAdmin], Awaitable[T]]) -> T:
+    async with CredentialsAdmin(
+        connection.address, connection.token, channel_credentials=connection.credentials
+    ) as admin:
+        return await method(admin)
+
+
+def _view_fields(view: CredentialsView) -> dict[str, object]:
+    target = view.target
+    return {
+        "tenant_id": view.tenant_id,
+        "version": view.version,
+        "update_time": _time(view.update_time),
+        "access_key_id_hint": view.access_key_id_hint,
+        "region": target.region,
+        "bucket": target.bucket,
+        "prefix": target.prefix,
+        "endpoint_url": target.endpoint_url,
+        "force_path_style": target.force_path_style,
+        "sse": target.sse,
+        "kms_key_id": target.kms_key_id,
+        "allow_overwrite": target.allow_overwrite,
+        "equal_part_sizes": target.equal_part_sizes,
+    }
+
+
+def _print_view(view: CredentialsView, json_output: bool) -> None:
+    fields = _view_fields(view)
+    if json_output:
+        _print_json(fields)
+    else:
+        _print_fields([(k.replace("_", " "), "" if v is None else v) for k, v in fields.items()])
+
+
+def _stdin_is_tty() -> bool:
+    try:
+        return sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _read_secret(secret_stdin: bool) -> str:
+    if secret_stdin:
+        secret = sys.stdin.readline().rstrip("\r\n")
+    elif SECRET_ENV in os.environ:
+        secret = os.environ[SECRET_ENV]
+    elif _stdin_is_tty():
+        secret = str(typer.prompt("Secret access key", hide_input=True))
+    else:
+        _fail(
+            f"no secret access key: pass --secret-stdin, set {SECRET_ENV}, "
+            "or run in a terminal to be prompted",
+            EXIT_USAGE,
+        )
+    secret = secret.strip()
+    if not secret:
+        _fail("the secret access key is empty", EXIT_USAGE)
+    return secret
 
 
 def register(app: typer.Typer) -> None:
     """Add the client commands to the `recgw` app."""
+    app.command("upload")(upload_command)
+    app.command("status")(status_command)
+    app.command("abort")(abort_command)
+    creds = typer.Typer(
+        help="Store, describe, verify and delete a tenant's S3 credentials (role admin).",
+        no_args_is_help=True,
+    )
+    creds.command("set")(creds_set_command)
+    creds.command("describe")(creds_describe_command)
+    creds.command("delete")(creds_delete_command)
+    creds.command("verify")(creds_verify_command)
+    app.add_typer(creds, name="creds")
+
+
+def upload_command(
+    file: Annotated[
+        str,
+        typer.Argument(
+            metavar="FILE|-",
+            help="File to upload, or - to stream stdin (e.g. a recorder's output as it records).",
+        ),
+    ],
+    tenant: TenantOption,
+    name: Annotated[
+        str,
+        typer.Option(
+            "--name", help="Object name under the tenant's prefix, e.g. 2026/11/28/call-42.webm."
+        ),
+    ],
+    content_type: Annotated[
+        str | None,
+        typer.Option(
+            "--content-type",
+            help="MIME type. Default: guessed from --name, else application/octet-stream.",
+        ),
+    ] = None,
+    meta: Annotated[
+        list[str] | None,
+        typer.Option("--meta", metavar="KEY=VALUE", help="User metadata; repeat for more."),
+    ] = None,
+    size: Annotated[
+        str | None,
+        typer.Option("--size", help="Total size in bytes, if known (automatic for a file)."),
+    ] = None,
+    chunk_size: Annotated[
+        str, typer.Option("--chunk-size", help="Bytes per message, e.g. 256KiB (max 4MiB).")
+    ] = "1MiB",
+    upload_id: Annotated[
+        str | None, typer.Option("--upload-id", help="Client-chosen upload id (a UUID).")
+    ] = None,
+    checksums: Annotated[
+        bool,
+        typer.Option(
+            "--checksums/--no-checksums",
+            help="Send CRC32C and SHA-256 for the gateway to verify (costs CPU).",
+        ),
+    ] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    json_output: JsonOption = False,
+    address: AddressOption = DEFAULT_ADDRESS,
+    token_file: TokenFileOption = None,
+    tls: TlsOption = False,
+    ca_file: CaFileOption = None,
+) -> None:
+    """Stream a file or stdin into the tenant's bucket (role uploader)."""
+    expected_size = _parse_size(size, "--size") if size is not None else None
+    chunk = _parse_size(chunk_size, "--chunk-size")
+    if not 0 < chunk <= recgw_client.MAX_CHUNK_SIZE:
+        raise typer.BadParameter("must be between 1 byte and 4MiB", param_hint="--chunk-size")
+    metadata = _parse_metadata(meta or [])
+    if content_type is None:
+        content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    if file != "-" and not os.path.exists(file):
+        _fail(f"no such file: {file}", EXIT_USAGE)
+    connection = _connection(address, token_file, tls, ca_file)
+    total = _known_size(file, expected_size)
+    progress = _progress(total is not None, quiet)
+
+    def announce(new_id: str) -> None:
+        # Printed at once so that an interrupted upload can be looked up later.
+        progress.console.print(f"upload id: {new_id}", markup=False, highlight=False)
+
+    result = _run(
+        _upload(
+            connection,
+            file,
+            progress=progress,
+            announce=announce,
+            tenant_id=tenant,
+            object_name=name,
+            content_type=content_type,
+            metadata=metadata,
+            expected_size=expected_size,
+            upload_id=upload_id,
+            chunk_size=chunk,
+            compute_checksums=checksums,
+        ),
+        json_output=json_output,
+    )
+    if json_output:
+        _print_json(_result_fields(result))
+    else:
+        _print_fields(
+            [(k.replace("_", " "), v) for k, v in _result_fields(result).items()],
+            title=f"uploaded s3://{result.bucket}/{result.key}",
+        )
+
+
+def _status_fields(status: UploadStatus) -> dict[str, object]:
+    return {
+        "upload_id": status.upload_id,
+        "state": status.state.name,
+        "tenant_id": status.tenant_id,
+        "key": status.key,
+        "committed_size": status.committed_size,
+        "received_size": status.received_size,
+        "error_message": status.error_message,
+        "create_time": _time(status.create_time),
+        "update_time": _time(status.update_time),
+        "result": _result_fields(status.result) if status.result is not None else None,
+    }
+
+
+def status_command(
+    upload_id: Annotated[str, typer.Argument(help="The upload id.")],
+    json_output: JsonOption = False,
+    address: AddressOption = DEFAULT_ADDRESS,
+    token_file: TokenFileOption = None,
+    tls: TlsOption = False,
+    ca_file: CaFileOption = None,
+) -> None:
+    """Show the state and committed size of an upload (role uploader)."""
+    connection = _connection(address, token_file, tls, ca_file)
+    status = _run(
+        _call(connection, lambda c: c.get_upload_status(upload_id)), json_output=json_output
+    )
+    fields = _status_fields(status)
+    if json_output:
+        _print_json(fields)
+        return
+    result = fields.pop("result")
+    rows = [(k.replace("_", " "), v) for k, v in fields.items() if v not in (None, "")]
+    if isinstance(result, dict):
+        rows += [(k.replace("_", " "), v) for k, v in result.items() if k != "upload_id"]
+    _print_fields(rows)
+
+
+def abort_command(
+    upload_id: Annotated[str, typer.Argument(help="The upload id.")],
+    json_output: JsonOption = False,
+    address: AddressOption = DEFAULT_ADDRESS,
+    token_file: TokenFileOption = None,
+    tls: TlsOption = False,
+    ca_file: CaFileOption = None,
+) -> None:
+    """Cancel an upload; nothing of it becomes visible (role uploader)."""
+    connection = _connection(address, token_file, tls, ca_file)
+    aborted: AbortResult = _run(
+        _call(connection, lambda c: c.abort_upload(upload_id)), json_output=json_output
+    )
+    fields = {
+        "state": aborted.state.name,
+        "storage_aborted": aborted.storage_aborted,
+        "detail": aborted.detail,
+    }
+    if json_output:
+        _print_json(fields)
+    else:
+        _print_fields([(k.replace("_", " "), v) for k, v in fields.items()])
+
+
+def creds_set_command(
+    tenant: TenantOption,
+    access_key_id: Annotated[str, typer.Option("--access-key-id", help="AWS access key id.")],
+    region: Annotated[str, typer.Option("--region", help="AWS region, e.g. us-west-1.")],
+    bucket: Annotated[
+        str, typer.Option("--bucket", help="Bucket name, access point alias or access point ARN.")
+    ],
+    prefix: Annotated[
+        str, typer.Option("--prefix", help="Key prefix of every object; ends with /.")
+    ] = "uploads/",
+    endpoint_url: Annotated[
+        str, typer.Option("--endpoint-url", help="Endpoint of an S3-compatible store.")
+    ] = "",
+    path_style: Annotated[
+        bool, typer.Option("--path-style", help="Path-style addressing (S3-compatible stores).")
+    ] = False,
+    sse: Annotated[
+        SseMode | None, typer.Option("--sse", help="Server-side encryption; default: the bucket's.")
+    ] = None,
+    kms_key_id: Annotated[
+        str, typer.Option("--kms-key-id", help="KMS key id or ARN, with --sse aws:kms.")
+    ] = "",
+    allow_overwrite: Annotated[
+        bool,
+        typer.Option("--allow-overwrite", help="Allow overwriting objects (no If-None-Match)."),
+    ] = False,
+    equal_part_sizes: Annotated[
+        bool, typer.Option("--equal-part-sizes", help="Equal-size parts, for stores that need it.")
+    ] = False,
+    secret_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--secret-stdin",
+            help=f"Read the secret access key as one line from stdin. Otherwise it comes from "
+            f"{SECRET_ENV} or a hidden prompt; never from the command line.",
+        ),
+    ] = False,
+    json_output: JsonOption = False,
+    address: AddressOption = DEFAULT_ADDRESS,
+    token_file: TokenFileOption = None,
+    tls: TlsOption = False,
+    ca_file: CaFileOption = None,
+) -> None:
+    """Create or overwrite a tenant's S3 credentials."""
+    connection = _connection(address, token_file, tls, ca_file)
+    secret = _read_secret(secret_stdin)
+    view = _run(
+        _admin(
+            connection,
+            lambda a: a.set(
+                tenant,
+                access_key_id,
+                secret,
+                region,
+                bucket,
+                prefix=prefix,
+                endpoint_url=endpoint_url,
+                force_path_style=path_style,
+                sse=None if sse is None else _SSE[sse],
+                kms_key_id=kms_key_id,
+                allow_overwrite=allow_overwrite,
+                equal_part_sizes=equal_part_sizes,
+            ),
+        ),
+        json_output=json_output,
+    )
+    _print_view(view, json_output)
+
+
+def creds_describe_command(
+    tenant: TenantOption,
+    json_output: JsonOption = False,
+    address: AddressOption = DEFAULT_ADDRESS,
+    token_file: TokenFileOption = None,
+    tls: TlsOption = False,
+    ca_file: CaFileOption = None,
+) -> None:
+    """Show a tenant's stored credentials, without the secret."""
+    connection = _connection(address, token_file, tls, ca_file)
+    view = _run(_admin(connection, lambda a: a.describe(tenant)), json_output=json_output)
+    _print_view(view, json_output)
+
+
+def creds_delete_command(
+    tenant: TenantOption,
+    json_output: JsonOption = False,
+    address: AddressOption = DEFAULT_ADDRESS,
+    token_file: TokenFileOption = None,
+    tls: TlsOption = False,
+    ca_file: CaFileOption = None,
+) -> None:
+    """Delete a tenant's credentials, all versions."""
+    connection = _connection(address, token_file, tls, ca_file)
+    _run(_admin(connection, lambda a: a.delete(tenant)), json_output=json_output)
+    if json_output:
+        _print_json({"tenant_id": tenant, "deleted": True})
+    else:
+        typer.echo(f"deleted the credentials of {tenant}")
+
+
+def creds_verify_command(
+    tenant: TenantOption,
+    json_output: JsonOption = False,
+    address: AddressOption = DEFAULT_ADDRESS,
+    token_file: TokenFileOption = None,
+    tls: TlsOption = False,
+    ca_file: CaFileOption = None,
+) -> None:
+    """Write a tiny test object with the stored credentials; exit 1 if that fails."""
+    connection = _connection(address, token_file, tls, ca_file)
+    verified = _run(_admin(connection, lambda a: a.verify(tenant)), json_output=json_output)
+    fields = {
+        "ok": verified.ok,
+        "key": verified.key,
+        "error_code": verified.error_code,
+        "error_message": verified.error_message,
+    }
+    if json_output:
+        _print_json(fields)
+    else:
+        _print_fields([(k.replace("_", " "), v) for k, v in fields.items() if v != ""])
+    if not verified.ok:
+        raise typer.Exit(EXIT_FAILURE)

@@ -127,7 +127,9 @@ class StorageTarget:
         if prefix.startswith("/") or not prefix.endswith("/") or len(prefix.encode()) > 512:
             raise invalid("prefix must not start with '/', must end with '/', at most 512 bytes")
         check_key_segments(prefix, what="prefix")
-        if self.endpoint_url and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", self.endpoint_url):
+        if self.endpoint_url and not re.fullmatch(
+            r"https?://[^\s/?#]+(/[^\s?#]*)?", self.endpoint_url
+        ):
             raise invalid("endpoint_url must be an http(s) URL such as https://s3.example.com")
         if len(self.endpoint_url) > 512:
             raise invalid("endpoint_url must be at most 512 characters")

@@ -27,7 +27,8 @@ from recgw_server.domain import (
     validate_tenant_id,
 )
 from recgw_server.metrics import GatewayMetrics
-from recgw_server.pipeline import StartRequest, Upload, UploadManager, UploadState, UploadStatus
+from recgw_server.pipeline import StartRequest, UploadManager, UploadState, UploadStatus
+from recgw_server.pipeline import Upload as ActiveUpload
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
     async def Upload(
         self, request_iterator: AsyncIterator[upload_pb2.UploadRequest], context: Context
     ) -> upload_pb2.UploadResponse:
-        upload: Upload | None = None
+        upload: ActiveUpload | None = None
         try:
             first = await anext(request_iterator, None)
             if first is None:
@@ -187,7 +188,7 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
 
     async def _receive(
         self,
-        upload: Upload,
+        upload: ActiveUpload,
         message: upload_pb2.UploadRequest,
         request_iterator: AsyncIterator[upload_pb2.UploadRequest],
     ) -> UploadResult:

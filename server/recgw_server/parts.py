@@ -38,7 +38,9 @@ class PartPlan:
         """The largest object this plan can hold in MAX_PARTS parts."""
         if not self.growing:
             return min(self.base_size * MAX_PARTS, MAX_OBJECT_SIZE)
-        total = sum(self.size_of(1 + i * GROWTH_INTERVAL) for i in range(MAX_PARTS // GROWTH_INTERVAL))
+        total = sum(
+            self.size_of(1 + i * GROWTH_INTERVAL) for i in range(MAX_PARTS // GROWTH_INTERVAL)
+        )
         return min(total * GROWTH_INTERVAL, MAX_OBJECT_SIZE)
 
 

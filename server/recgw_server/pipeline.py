@@ -52,7 +52,7 @@ _CONTENT_TYPE = re.compile(r"[\x21-\x7e]+/[\x21-\x7e]+( *;[\x20-\x7e]*)?")
 
 
 def crc32c(data: bytes | memoryview, previous: int = 0) -> int:
-    return crt_checksums.crc32c(data, previous)  # type: ignore[arg-type]
+    return int(crt_checksums.crc32c(data, previous))
 
 
 class UploadState(enum.Enum):
