@@ -1,0 +1,282 @@
+"""The `recgw` command as a person uses it: real processes, real gateway, real stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import requests
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from recgw_server.auth import hash_token
+from recgw_server.devstack import MotoS3, OpenBao, VaultIdentities, free_port, wait_until
+from tests.harness import (
+    ADMIN_TOKEN,
+    UPLOADER_TOKEN,
+    GatewayThread,
+    MiB,
+    Tenant,
+    assert_no_secrets,
+    read_object,
+    register_canary,
+)
+
+RECGW = str(Path(sys.executable).parent / "recgw")
+
+
+def cli_env(gateway: GatewayThread, token: str) -> dict[str, str]:
+    return {**os.environ, "RECGW_ADDRESS": gateway.address, "RECGW_TOKEN": token}
+
+
+def test_stdin_stream_of_unknown_length(
+    gateway: GatewayThread, moto: MotoS3, new_tenant: Callable[..., Tenant]
+) -> None:
+    tenant = new_tenant(gateway=gateway)
+    data = os.urandom(11 * MiB + 7)
+    result = subprocess.run(
+        [RECGW, "upload", "-", "--tenant", tenant.tenant_id, "--name", "live/rec.webm", "--json"],
+        input=data,
+        env=cli_env(gateway, UPLOADER_TOKEN),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    printed = json.loads(result.stdout)
+    assert printed["key"] == "uploads/live/rec.webm"
+    assert printed["size"] == len(data)
+    assert printed["part_count"] == 3
+    assert read_object(moto, tenant.bucket, "uploads/live/rec.webm") == data
+    assert_no_secrets(result.stdout.decode() + result.stderr.decode())
+
+
+def test_upload_error_exits_non_zero_with_the_status(
+    gateway: GatewayThread, new_tenant: Callable[..., Tenant], tmp_path: Path
+) -> None:
+    tenant = new_tenant(gateway=gateway)
+    source = tmp_path / "f.bin"
+    source.write_bytes(b"abc")
+    result = subprocess.run(
+        [RECGW, "upload", str(source), "--tenant", tenant.tenant_id, "--name", "../escape"],
+        env=cli_env(gateway, UPLOADER_TOKEN),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "INVALID_ARGUMENT" in result.stderr.decode()
+
+
+def test_creds_set_reads_the_secret_from_stdin(
+    gateway: GatewayThread, moto: MotoS3, new_tenant: Callable[..., Tenant]
+) -> None:
+    tenant = new_tenant()
+    secret = tenant.keys.secret_access_key.reveal()
+    register_canary(secret)
+    args = [
+        RECGW, "creds", "set", "--tenant", tenant.tenant_id,
+        "--access-key-id", tenant.keys.access_key_id, "--region", "us-east-1",
+        "--bucket", tenant.bucket, "--endpoint-url", moto.endpoint_url, "--path-style",
+        "--secret-stdin", "--json",
+    ]  # fmt: skip
+    assert secret not in " ".join(args)
+    env = cli_env(gateway, ADMIN_TOKEN)
+    result = subprocess.run(
+        args, input=secret + "\n", env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["access_key_id_hint"].endswith(tenant.keys.access_key_id[-4:])
+    verify = subprocess.run(
+        [RECGW, "creds", "verify", "--tenant", tenant.tenant_id, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert verify.returncode == 0, verify.stderr
+    assert json.loads(verify.stdout)["ok"] is True
+    assert_no_secrets(result.stdout + result.stderr + verify.stdout + verify.stderr)
+
+
+def test_creds_set_reads_the_secret_from_the_environment(
+    gateway: GatewayThread, moto: MotoS3, new_tenant: Callable[..., Tenant]
+) -> None:
+    tenant = new_tenant()
+    env = {
+        **cli_env(gateway, ADMIN_TOKEN),
+        "RECGW_SECRET_ACCESS_KEY": tenant.keys.secret_access_key.reveal(),
+    }
+    result = subprocess.run(
+        [
+            RECGW,
+            "creds",
+            "set",
+            "--tenant",
+            tenant.tenant_id,
+            "--access-key-id",
+            tenant.keys.access_key_id,
+            "--region",
+            "us-east-1",
+            "--bucket",
+            tenant.bucket,
+            "--endpoint-url",
+            moto.endpoint_url,
+            "--path-style",
+        ],  # fmt: skip
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    described = subprocess.run(
+        [RECGW, "creds", "describe", "--tenant", tenant.tenant_id, "--json"],
+        env=cli_env(gateway, ADMIN_TOKEN),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert json.loads(described.stdout)["bucket"] == tenant.bucket
+
+
+@pytest.fixture
+def served_gateway(
+    tmp_path: Path, openbao: OpenBao, identities: VaultIdentities
+) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+    """`recgw serve` in its own process: TOML for settings, environment for secrets."""
+    port = free_port()
+    token = "serve-CANARY-" + uuid.uuid4().hex
+    register_canary(token)
+    config = tmp_path / "recgw.toml"
+    config.write_text(
+        f"""
+listen = "127.0.0.1:{port}"
+shutdown_grace_seconds = 5
+
+[[tokens]]
+name = "ops"
+role = "uploader"
+sha256 = "{hash_token(token)}"
+
+[vault]
+address = "{openbao.address}"
+
+[vault.writer]
+method = "approle"
+role_id = "{identities.writer.role_id}"
+
+[vault.reader]
+method = "approle"
+role_id = "{identities.reader.role_id}"
+"""
+    )
+    assert identities.writer.secret_id and identities.reader.secret_id
+    env = {
+        **os.environ,
+        "RECGW_VAULT__WRITER__SECRET_ID": identities.writer.secret_id.reveal(),
+        "RECGW_VAULT__READER__SECRET_ID": identities.reader.secret_id.reveal(),
+    }
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [RECGW, "serve", "--config", str(config)], env=env, stdout=out, stderr=out
+        )
+    try:
+        yield process, port, log
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_serve_runs_and_stops_gracefully(
+    served_gateway: tuple[subprocess.Popen[bytes], int, Path],
+) -> None:
+    process, port, log = served_gateway
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def serving() -> bool:
+            request = health_pb2.HealthCheckRequest(service="recgw.v1.UploadService")
+            status = health.Check(request, timeout=1).status
+            return bool(status == health_pb2.HealthCheckResponse.SERVING)
+
+        wait_until(serving, 30, "recgw serve")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    text = log.read_text()
+    assert "shutting down" in text
+    assert_no_secrets(text)
+
+
+def test_make_run_prints_a_command_that_uploads(tmp_path: Path) -> None:
+    """`recgw dev` (what `make run` runs): copy the printed command, find the file in the bucket."""
+    ports = [free_port() for _ in range(3)]
+    process = subprocess.Popen(
+        [
+            RECGW,
+            "dev",
+            "--port",
+            str(ports[0]),
+            "--s3-port",
+            str(ports[1]),
+            "--vault-port",
+            str(ports[2]),
+            "--metrics-port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "dev"),
+        ],  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines: list[str] = []
+        for line in process.stdout:
+            lines.append(line)
+            if "--name live/recording.bin" in line:
+                break
+        banner = "".join(lines)
+        command = re.search(
+            r"\n  (RECGW_ADDRESS=\S+ RECGW_TOKEN=\S+ \\\n\s+\S+ upload .*)\n", banner
+        )
+        assert command is not None, banner
+        source = tmp_path / "README.md"
+        source.write_text("hello from make run\n")
+        uploaded = subprocess.run(
+            command.group(1).replace("\\\n", " "),
+            shell=True,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert uploaded.returncode == 0, uploaded.stderr
+        listing = requests.get(f"http://127.0.0.1:{ports[1]}/moto-api/data.json", timeout=10)
+        assert "uploads/hello/README.md" in listing.text
+        token = re.search(r"uploader token (\S+)", banner)
+        assert token is not None
+        assert token.group(1) not in uploaded.stdout + uploaded.stderr
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    assert process.returncode == 0

@@ -1,0 +1,168 @@
+"""Unit tests of pure pieces: part plans, the memory budget, names, config."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from recgw_server.budget import MemoryBudget
+from recgw_server.config import ConfigError, load_settings
+from recgw_server.domain import ErrorKind, RecgwError, Secret, build_object_key
+from recgw_server.parts import (
+    MAX_OBJECT_SIZE,
+    MAX_PART_SIZE,
+    MAX_PARTS,
+    MIN_PART_SIZE,
+    GiB,
+    MiB,
+    TiB,
+    plan_parts,
+)
+
+
+def cumulative(plan_size: object, parts: int) -> int:
+    return sum(plan_size(n) for n in range(1, parts + 1))  # type: ignore[operator]
+
+
+def test_declared_size_fits_in_ten_thousand_parts() -> None:
+    for size in (0, 1, 100 * MiB, 80 * GiB, 1 * TiB, MAX_OBJECT_SIZE):
+        plan = plan_parts(8 * MiB, size, equal_sizes=False)
+        part = plan.size_of(1)
+        assert MIN_PART_SIZE <= part <= MAX_PART_SIZE
+        assert -(-size // part) <= MAX_PARTS
+        assert all(plan.size_of(n) == part for n in (2, 500, 9999))
+    assert plan_parts(8 * MiB, 100 * MiB, equal_sizes=False).size_of(1) == 8 * MiB
+
+
+def test_declared_size_over_five_tib_is_out_of_range() -> None:
+    with pytest.raises(RecgwError) as caught:
+        plan_parts(8 * MiB, MAX_OBJECT_SIZE + 1, equal_sizes=False)
+    assert caught.value.kind is ErrorKind.OUT_OF_RANGE
+
+
+def test_unknown_length_parts_grow_past_one_tib() -> None:
+    plan = plan_parts(8 * MiB, None, equal_sizes=False)
+    assert plan.size_of(1) == 8 * MiB  # a short recording keeps small parts
+    assert plan.size_of(1000) == 8 * MiB
+    assert plan.size_of(1001) == 16 * MiB
+    assert cumulative(plan.size_of, MAX_PARTS) >= 1 * TiB
+    assert all(plan.size_of(n) <= MAX_PART_SIZE for n in range(1, MAX_PARTS + 1, 97))
+    assert plan.capacity() >= 1 * TiB
+
+
+def test_equal_part_sizes_setting() -> None:
+    plan = plan_parts(16 * MiB, None, equal_sizes=True)
+    assert {plan.size_of(n) for n in (1, 1001, 9999)} == {16 * MiB}
+    assert plan.capacity() == 16 * MiB * MAX_PARTS
+
+
+def test_part_size_is_clamped_to_s3_limits() -> None:
+    assert plan_parts(1, None, equal_sizes=True).size_of(1) == MIN_PART_SIZE
+
+
+def test_budget_waits_in_order_and_never_exceeds_capacity() -> None:
+    async def scenario() -> list[str]:
+        budget = MemoryBudget(10)
+        order: list[str] = []
+        await budget.acquire(8)
+
+        async def take(name: str, size: int) -> None:
+            await budget.acquire(size)
+            order.append(name)
+
+        big = asyncio.ensure_future(take("big", 6))
+        small = asyncio.ensure_future(take("small", 1))
+        await asyncio.sleep(0)
+        assert budget.waiting == 2  # FIFO: small waits behind big although 1 byte would fit
+        budget.release(8)
+        await asyncio.gather(big, small)
+        assert budget.in_use == 7
+        assert budget.high_water <= budget.capacity
+        return order
+
+    assert asyncio.run(scenario()) == ["big", "small"]
+
+
+def test_budget_cancelled_waiter_gives_way() -> None:
+    async def scenario() -> None:
+        budget = MemoryBudget(10)
+        await budget.acquire(10)
+        waiter = asyncio.ensure_future(budget.acquire(5))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert budget.waiting == 0
+        budget.release(10)
+        assert budget.in_use == 0
+
+    asyncio.run(scenario())
+
+
+def test_budget_refuses_more_than_capacity() -> None:
+    with pytest.raises(RecgwError) as caught:
+        asyncio.run(MemoryBudget(10).acquire(11))
+    assert caught.value.kind is ErrorKind.RESOURCE_EXHAUSTED
+
+
+def test_object_keys() -> None:
+    assert build_object_key("uploads/", "a/b.webm") == "uploads/a/b.webm"
+    assert build_object_key("uploads/", "ünïcode name.webm") == "uploads/ünïcode name.webm"
+    for bad in ("", "/a", "a/../b", "..", "a\tb", "a//b", "a/", "a\\b"):
+        with pytest.raises(RecgwError):
+            build_object_key("uploads/", bad)
+    with pytest.raises(RecgwError):
+        build_object_key("uploads/", "é" * 509)  # 1018 bytes + 8 of prefix > 1024
+
+
+def test_secret_never_shows_itself() -> None:
+    secret = Secret("CANARY-UNIT")
+    assert "CANARY" not in repr(secret) and "CANARY" not in str(secret)
+    assert "CANARY" not in f"{secret}" and "CANARY" not in repr([secret])
+    assert secret.reveal() == "CANARY-UNIT"
+
+
+MINIMAL = """
+[vault]
+address = "http://127.0.0.1:8200"
+[vault.writer]
+method = "approle"
+role_id = "writer-role"
+[vault.reader]
+method = "token"
+"""
+
+
+def test_config_file_with_environment_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "recgw.toml"
+    config.write_text(MINIMAL + "\n[uploads]\npart_size_mib = 16\n")
+    monkeypatch.setenv("RECGW_VAULT__WRITER__SECRET_ID", "CANARY-SECRET-ID")
+    monkeypatch.setenv("RECGW_VAULT__READER__TOKEN", "CANARY-TOKEN")
+    monkeypatch.setenv("RECGW_UPLOADS__MEMORY_BUDGET_MIB", "64")
+    monkeypatch.setenv("RECGW_LISTEN", "127.0.0.1:6000")
+    settings = load_settings(config)
+    assert settings.listen == "127.0.0.1:6000"
+    assert settings.uploads.part_size_mib == 16
+    assert settings.uploads.memory_budget_mib == 64
+    assert settings.vault.writer.role_id == "writer-role"
+    assert settings.vault.writer.secret_id is not None
+    assert settings.vault.writer.secret_id.get_secret_value() == "CANARY-SECRET-ID"
+    assert "CANARY" not in repr(settings) and "CANARY" not in str(settings)
+
+
+def test_config_errors_name_fields_not_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "recgw.toml"
+    config.write_text(MINIMAL + "\n[uploads]\npart_size_mib = 2\n")
+    monkeypatch.setenv("RECGW_VAULT__READER__TOKEN", "CANARY-TOKEN")
+    monkeypatch.setenv("RECGW_VAULT__WRITER__ROLE_ID", "")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    message = str(caught.value)
+    assert "uploads.part_size_mib" in message
+    assert "vault.writer" in message
+    assert "CANARY" not in message
