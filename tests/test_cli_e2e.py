@@ -132,7 +132,7 @@ def test_creds_set_reads_the_secret_from_the_environment(
             "--endpoint-url",
             moto.endpoint_url,
             "--path-style",
-        ],  # fmt: skip
+        ],
         env=env,
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -239,7 +239,7 @@ def test_make_run_prints_a_command_that_uploads(tmp_path: Path) -> None:
             "0",
             "--data-dir",
             str(tmp_path / "dev"),
-        ],  # fmt: skip
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

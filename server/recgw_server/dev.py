@@ -142,7 +142,7 @@ recgw dev stack is up (Ctrl-C stops everything)
   OpenBao        {stack.bao.address}   (dev server, in memory)
   S3 (moto)      {stack.moto.endpoint_url}   (IAM enforced; bucket '{options.bucket}')
   S3 browser     {stack.moto.endpoint_url}/moto-api/
-{metrics}  tenant         '{options.tenant}' -> s3://{options.bucket}/uploads/ (PutObject-only IAM user)
+{metrics}  tenant         '{options.tenant}' -> s3://{options.bucket}/uploads/ (PutObject only)
   logs           {options.data_dir / "logs"}
 
 Upload a file (copy and paste into another terminal):
