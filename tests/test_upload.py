@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 
+import botocore.exceptions
+import pytest
+import requests
 from awscrt import checksums
-from recgw.v1 import upload_pb2
+from recgw.v1 import credentials_pb2, upload_pb2
 
-from recgw_server.devstack import MotoS3
+from recgw_server.devstack import MotoS3, free_port
 from tests.harness import (
+    ADMIN,
     GatewayThread,
     MiB,
     Tenant,
@@ -62,3 +67,53 @@ def test_multipart_upload_is_byte_exact(
     assert response.part_count == 3  # 5 MiB parts in the test gateway
     assert response.size == len(data)
     assert read_object(moto, tenant.bucket, response.key) == data
+
+
+SEED_POLICY_VERBATIM = """
+{
+    "Version": "2012-10-17",
+    "Statement": [
+        {
+            "Sid": "16933222-fba4-4de3-bf3e-427759b73a9d",
+            "Effect": "Allow",
+            "Action": "s3:PutObject",
+            "Resource": "arn:aws:s3:::<REPLACE_BUCKET_NAME>/*"
+        }
+    ]
+}
+"""
+
+
+def test_the_setup_guides_policy_is_all_it_takes(
+    gateway: GatewayThread, moto: MotoS3, new_tenant: Callable[..., Tenant]
+) -> None:
+    """The customer pastes the guide's policy as it is; single, multipart and verify all work."""
+    policy = json.loads(SEED_POLICY_VERBATIM.replace("<REPLACE_BUCKET_NAME>", "recgw-test-bucket"))
+    tenant = new_tenant(policy=policy, gateway=gateway)
+    small = upload(gateway, upload_messages(tenant.tenant_id, "seed/small.bin", b"x" * 10))
+    data = os.urandom(6 * MiB)
+    large = upload(gateway, upload_messages(tenant.tenant_id, "seed/large.bin", data))
+    assert (small.part_count, large.part_count) == (0, 2)
+    assert read_object(moto, tenant.bucket, large.key) == data
+    verify = gateway.credentials.VerifyCredentials(
+        credentials_pb2.VerifyCredentialsRequest(tenant_id=tenant.tenant_id), metadata=ADMIN
+    )
+    assert verify.ok
+    # and the tenant's keys really can do nothing else
+    s3 = moto.client("s3", tenant.keys)
+    with pytest.raises(botocore.exceptions.ClientError):
+        s3.get_object(Bucket=tenant.bucket, Key=large.key)
+
+
+def test_metrics_endpoint(
+    make_gateway: Callable[..., GatewayThread], new_tenant: Callable[..., Tenant]
+) -> None:
+    port = free_port()
+    observed = make_gateway(metrics_listen=f"127.0.0.1:{port}")
+    tenant = new_tenant(gateway=observed)
+    upload(observed, upload_messages(tenant.tenant_id, "metrics.bin", b"m" * 1000))
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    assert "recgw_bytes_received_total 1000.0" in text
+    assert 'recgw_uploads_finished_total{outcome="complete"} 1.0' in text
+    assert "recgw_memory_budget_bytes" in text
+    assert tenant.tenant_id not in text  # no tenant data in labels

@@ -149,12 +149,16 @@ class _Digest:
         self.crc32c = 0
         self.sha256 = hashlib.sha256()
 
-    def add(self, body: bytes) -> int:
-        """Fold `body` into the object checksums; return the body's own CRC32C."""
+    def join_and_add(self, chunks: list[bytes]) -> tuple[bytes, int]:
+        """Join a part's chunks and fold them into the object checksums.
+
+        Returns the part's bytes and its own CRC32C.
+        """
+        body = b"".join(chunks)
         part_crc = crc32c(body)
         self.crc32c = crc32c(body, self.crc32c)
         self.sha256.update(body)
-        return part_crc
+        return body, part_crc
 
 
 class Upload:
@@ -339,8 +343,9 @@ class Upload:
             self._reserved = 0
 
     async def _take_buffered(self) -> tuple[bytes, int]:
-        body = b"".join(self._chunks)
-        part_crc = await asyncio.to_thread(self._digest.add, body)
+        chunks = list(self._chunks)
+        # Joining and hashing a whole part takes milliseconds: keep it off the event loop.
+        body, part_crc = await asyncio.to_thread(self._digest.join_and_add, chunks)
         self._chunks.clear()
         self._buffered = 0
         return body, part_crc
