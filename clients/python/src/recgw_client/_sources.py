@@ -1,0 +1,249 @@
+"""Turns every kind of upload source into an async iterator of chunks.
+
+Blocking reads (files, pipes, stdin, plain iterators) run in a daemon thread
+so that the event loop is never blocked, however long a live recording
+pauses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import stat
+import threading
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator
+from typing import IO, Protocol, runtime_checkable
+
+Buffer = bytes | bytearray | memoryview
+
+
+@runtime_checkable
+class Readable(Protocol):
+    """A binary stream: a file opened with 'rb', ``sys.stdin.buffer``, a socket file."""
+
+    def read(self, size: int = ..., /) -> bytes | None: ...
+
+
+Source = (
+    str
+    | os.PathLike[str]
+    | bytes
+    | bytearray
+    | memoryview
+    | Readable
+    | AsyncIterable[Buffer]
+    | Iterable[Buffer]
+)
+"""What can be uploaded: a path, bytes, a binary stream, or (async) iterable of chunks."""
+
+
+class _BlockingSource(Protocol):
+    def read(self) -> bytes:
+        """The next bytes; b"" at the end."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _read_chunk(stream: Readable, size: int) -> bytes:
+    # read1 returns what a pipe holds right away instead of waiting for a
+    # full chunk, so a live recording is forwarded as it arrives.
+    read1 = getattr(stream, "read1", None)
+    data = read1(size) if callable(read1) else stream.read(size)
+    if data is None:
+        raise TypeError("non-blocking streams are not supported; use a blocking binary stream")
+    if isinstance(data, str):
+        raise TypeError("the stream is in text mode; open it in binary mode ('rb')")
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"the stream returned {type(data).__name__}, not bytes")
+    return bytes(data)
+
+
+class _StreamSource:
+    def __init__(self, stream: Readable, chunk_size: int) -> None:
+        self._stream = stream
+        self._chunk_size = chunk_size
+
+    def read(self) -> bytes:
+        return _read_chunk(self._stream, self._chunk_size)
+
+    def close(self) -> None:
+        """The caller owns the stream."""
+
+
+class _FileSource:
+    def __init__(self, path: str, chunk_size: int) -> None:
+        self._path = path
+        self._chunk_size = chunk_size
+        self._file: IO[bytes] | None = None
+
+    def read(self) -> bytes:
+        # Opened here, in the reader thread: opening a FIFO blocks until a writer appears.
+        if self._file is None:
+            self._file = open(self._path, "rb")  # noqa: SIM115 - closed by close()
+        return _read_chunk(self._file, self._chunk_size)
+
+    def close(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+
+
+class _IterableSource:
+    def __init__(self, chunks: Iterable[Buffer]) -> None:
+        self._chunks: Iterator[Buffer] = iter(chunks)
+
+    def read(self) -> bytes:
+        for chunk in self._chunks:
+            data = _as_bytes(chunk)
+            if data:
+                return data
+        return b""
+
+    def close(self) -> None:
+        """The caller owns the iterable."""
+
+
+class _ThreadedReader:
+    """Runs a blocking source in a daemon thread, a few chunks ahead of the sender.
+
+    A daemon thread rather than the default executor: a read may block as long
+    as a live recording pauses, and neither cancellation nor interpreter exit
+    should wait for it.
+    """
+
+    def __init__(self, source: _BlockingSource, depth: int = 2) -> None:
+        self._source = source
+        self._slots = threading.Semaphore(depth)
+        self._stop = threading.Event()
+        self._started = False
+        self._closed = False
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[bytes | Exception] = asyncio.Queue()
+        self._started = True
+        threading.Thread(
+            target=self._pump, args=(loop, queue), name="recgw-upload-reader", daemon=True
+        ).start()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                if not item:
+                    return
+                self._slots.release()
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self._started:
+            self._source.close()
+            return
+        self._stop.set()
+        self._slots.release()
+
+    def _pump(
+        self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes | Exception]
+    ) -> None:
+        try:
+            while True:
+                self._slots.acquire()
+                if self._stop.is_set():
+                    return
+                item: bytes | Exception
+                try:
+                    item = self._source.read()
+                except Exception as exc:
+                    item = exc
+                if self._stop.is_set():
+                    return
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                except RuntimeError:  # the event loop is closed
+                    return
+                if isinstance(item, Exception) or not item:
+                    return
+        finally:
+            self._source.close()
+
+
+def _as_bytes(chunk: object) -> bytes:
+    if isinstance(chunk, bytes):
+        return chunk
+    if isinstance(chunk, bytearray | memoryview):
+        return bytes(chunk)
+    raise TypeError(f"upload chunks must be bytes, not {type(chunk).__name__}")
+
+
+async def _sized(chunks: AsyncIterable[Buffer], chunk_size: int) -> AsyncGenerator[bytes, None]:
+    """Non-empty chunks of at most chunk_size bytes; small chunks are not held back."""
+    async for chunk in chunks:
+        data = _as_bytes(chunk)
+        if len(data) <= chunk_size:
+            if data:
+                yield data
+            continue
+        for start in range(0, len(data), chunk_size):
+            yield data[start : start + chunk_size]
+
+
+async def _buffer(data: bytes) -> AsyncGenerator[bytes, None]:
+    yield data
+
+
+@contextlib.asynccontextmanager
+async def open_source(
+    source: Source, chunk_size: int
+) -> AsyncIterator[tuple[AsyncIterator[bytes], int | None]]:
+    """The source's chunks and its size when known in advance (paths of regular files, bytes)."""
+    size: int | None = None
+    reader: _ThreadedReader | None = None
+    owned: AsyncGenerator[bytes, None] | None = None
+    raw: AsyncIterable[Buffer]
+    if isinstance(source, str | os.PathLike):
+        path = os.fspath(source)
+        # Fail before the upload starts for missing or unreadable files.
+        info = await asyncio.to_thread(os.stat, path)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not os.access(path, os.R_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        if stat.S_ISREG(info.st_mode):
+            size = info.st_size
+        reader = _ThreadedReader(_FileSource(path, chunk_size))
+    elif isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        size = len(data)
+        raw = owned = _buffer(data)
+    elif isinstance(source, Readable):
+        reader = _ThreadedReader(_StreamSource(source, chunk_size))
+    elif isinstance(source, AsyncIterable):
+        raw = source
+    elif isinstance(source, Iterable):
+        reader = _ThreadedReader(_IterableSource(source))
+    else:
+        raise TypeError(
+            "source must be a path, bytes, a binary stream, or an (async) iterable of bytes, "
+            f"not {type(source).__name__}"
+        )
+    if reader is not None:
+        raw = owned = reader.chunks()
+    chunks = _sized(raw, chunk_size)
+    try:
+        yield chunks, size
+    finally:
+        await chunks.aclose()
+        if owned is not None:
+            await owned.aclose()
+        if reader is not None:
+            reader.close()

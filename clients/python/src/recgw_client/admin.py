@@ -1,0 +1,226 @@
+"""CredentialsService: store, describe, verify and delete a tenant's S3 credentials."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Literal
+
+import grpc
+from recgw.v1 import credentials_pb2, credentials_pb2_grpc
+
+from recgw_client._channel import DEFAULT_TIMEOUT, ChannelOrTarget, bearer_metadata, open_channel
+from recgw_client.errors import RecgwError
+
+__all__ = [
+    "CredentialsAdmin",
+    "CredentialsView",
+    "ServerSideEncryption",
+    "StorageTarget",
+    "VerifyResult",
+]
+
+ServerSideEncryption = Literal["AES256", "aws:kms"]
+"""SSE-S3 or SSE-KMS; None means the bucket's default."""
+
+_Mode = credentials_pb2.ServerSideEncryptionMode
+_SSE_TO_MODE: dict[str | None, _Mode] = {
+    None: credentials_pb2.SERVER_SIDE_ENCRYPTION_MODE_UNSPECIFIED,
+    "AES256": credentials_pb2.SERVER_SIDE_ENCRYPTION_MODE_S3,
+    "aws:kms": credentials_pb2.SERVER_SIDE_ENCRYPTION_MODE_KMS,
+}
+_MODE_TO_SSE: dict[int, ServerSideEncryption] = {
+    credentials_pb2.SERVER_SIDE_ENCRYPTION_MODE_S3: "AES256",
+    credentials_pb2.SERVER_SIDE_ENCRYPTION_MODE_KMS: "aws:kms",
+}
+
+
+@dataclass(frozen=True)
+class StorageTarget:
+    """Where and how a tenant's objects are written (no secret)."""
+
+    region: str
+    bucket: str
+    prefix: str
+    endpoint_url: str
+    force_path_style: bool
+    sse: ServerSideEncryption | None
+    kms_key_id: str
+    allow_overwrite: bool
+    equal_part_sizes: bool
+
+
+@dataclass(frozen=True)
+class CredentialsView:
+    """The non-secret view of stored credentials; the access key id is masked."""
+
+    tenant_id: str
+    version: int
+    update_time: datetime | None
+    access_key_id_hint: str
+    target: StorageTarget
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Whether a test write with the stored credentials succeeded, and what to fix if not."""
+
+    ok: bool
+    key: str
+    error_code: str
+    error_message: str
+
+
+def _view(message: credentials_pb2.CredentialsView) -> CredentialsView:
+    target = message.target
+    return CredentialsView(
+        tenant_id=message.tenant_id,
+        version=message.version,
+        update_time=(
+            message.update_time.ToDatetime(tzinfo=UTC) if message.HasField("update_time") else None
+        ),
+        access_key_id_hint=message.access_key_id_hint,
+        target=StorageTarget(
+            region=target.region,
+            bucket=target.bucket,
+            prefix=target.prefix,
+            endpoint_url=target.endpoint_url,
+            force_path_style=target.force_path_style,
+            sse=_MODE_TO_SSE.get(target.encryption.mode),
+            kms_key_id=target.encryption.kms_key_id,
+            allow_overwrite=target.allow_overwrite,
+            equal_part_sizes=target.equal_part_sizes,
+        ),
+    )
+
+
+class CredentialsAdmin:
+    """Client of CredentialsService; ``token`` is the bearer token of an ``admin``.
+
+    ``channel_or_target`` is a ``grpc.aio.Channel`` (not closed by this client)
+    or an address (a channel the client owns; plaintext unless
+    ``channel_credentials`` are given). No method returns a secret.
+    """
+
+    def __init__(
+        self,
+        channel_or_target: ChannelOrTarget,
+        token: str,
+        *,
+        channel_credentials: grpc.ChannelCredentials | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        self._metadata = bearer_metadata(token)
+        self._secrets: tuple[str, ...] = (token.strip(),)
+        self._channel, self._owns_channel = open_channel(channel_or_target, channel_credentials)
+        self._stub = credentials_pb2_grpc.CredentialsServiceStub(self._channel)
+        self._timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(channel={self._channel!r})"
+
+    async def close(self) -> None:
+        """Close the channel if this client opened it."""
+        if self._owns_channel:
+            await self._channel.close()
+
+    async def __aenter__(self) -> CredentialsAdmin:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _error(self, err: grpc.aio.AioRpcError, *extra_secrets: str) -> RecgwError:
+        return RecgwError.from_rpc_error(err, secrets=(*self._secrets, *extra_secrets))
+
+    async def set(
+        self,
+        tenant_id: str,
+        access_key_id: str,
+        secret_access_key: str,
+        region: str,
+        bucket: str,
+        *,
+        prefix: str = "uploads/",
+        endpoint_url: str = "",
+        force_path_style: bool = False,
+        sse: ServerSideEncryption | None = None,
+        kms_key_id: str = "",
+        allow_overwrite: bool = False,
+        equal_part_sizes: bool = False,
+    ) -> CredentialsView:
+        """Create or overwrite the tenant's credentials; returns what was stored, without secret."""
+        if sse not in _SSE_TO_MODE:
+            raise ValueError("sse must be None, 'AES256' or 'aws:kms'")
+        request = credentials_pb2.SetCredentialsRequest(
+            tenant_id=tenant_id,
+            access_key_id=access_key_id,
+            secret_access_key=secret_access_key,
+            target=credentials_pb2.StorageTarget(
+                region=region,
+                bucket=bucket,
+                prefix=prefix,
+                endpoint_url=endpoint_url,
+                force_path_style=force_path_style,
+                encryption=credentials_pb2.ServerSideEncryption(
+                    mode=_SSE_TO_MODE[sse], kms_key_id=kms_key_id
+                ),
+                allow_overwrite=allow_overwrite,
+                equal_part_sizes=equal_part_sizes,
+            ),
+        )
+        try:
+            response = await self._stub.SetCredentials(
+                request, metadata=self._metadata, timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as err:
+            raise self._error(err, secret_access_key) from None
+        finally:
+            request.Clear()
+        return _view(response.credentials)
+
+    async def describe(self, tenant_id: str) -> CredentialsView:
+        """The non-secret view; RecgwError NOT_FOUND when none are stored."""
+        try:
+            response = await self._stub.DescribeCredentials(
+                credentials_pb2.DescribeCredentialsRequest(tenant_id=tenant_id),
+                metadata=self._metadata,
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as err:
+            raise self._error(err) from None
+        return _view(response.credentials)
+
+    async def delete(self, tenant_id: str) -> None:
+        """Remove the tenant's credentials, all versions."""
+        try:
+            await self._stub.DeleteCredentials(
+                credentials_pb2.DeleteCredentialsRequest(tenant_id=tenant_id),
+                metadata=self._metadata,
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as err:
+            raise self._error(err) from None
+
+    async def verify(self, tenant_id: str) -> VerifyResult:
+        """Write a tiny test object with the stored credentials."""
+        try:
+            response = await self._stub.VerifyCredentials(
+                credentials_pb2.VerifyCredentialsRequest(tenant_id=tenant_id),
+                metadata=self._metadata,
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as err:
+            raise self._error(err) from None
+        return VerifyResult(
+            ok=response.ok,
+            key=response.key,
+            error_code=response.error_code,
+            error_message=response.error_message,
+        )
