@@ -1,0 +1,797 @@
+"""`make bench`: gateway throughput against raw gRPC streaming and direct boto3, in one run.
+
+Three measurements of the same bytes on the same machine:
+
+1. gateway: a client-streaming Upload of one recording (unknown length, 1 MiB messages) through
+   a real `recgw serve` process into moto_server (IAM on, a tenant with the setup guide's
+   PutObject-only policy, credentials in an OpenBao dev server);
+2. direct boto3: the same bytes uploaded straight to the same moto with boto3 multipart, the
+   same part size and as many parts in flight as the gateway allows, the same CRC32C per part,
+   with the tenant's own keys;
+3. raw gRPC: the same messages streamed to a trivial grpc.aio server (another process) that
+   discards them: the ceiling of the transport.
+
+Every process the bench starts (OpenBao, moto_server, the gateway, the sink) is stopped at the
+end, on errors and on Ctrl-C. Secrets (Vault token and secret ids, AWS secret key, bearer
+tokens) go through environment variables and Python objects, never a command line or output.
+
+Usage: `make bench BENCH_ARGS="--size-mib 512 --repeat 3 --json out.json"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import grpc
+from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
+
+MiB = 1024 * 1024
+KiB = 1024
+HEADER_SIZE = 16  # every chunk starts with its index and offset, so no two chunks are equal
+# Room for the other fields of an UploadRequest beside its data (as the gateway allows).
+MESSAGE_OVERHEAD = 64 * KiB
+RPC_TIMEOUT = 900.0
+# Set when the bench is interrupted: worker threads (boto3 parts, checksums) stop at once
+# instead of running on while asyncio.run waits for them.
+STOPPING = threading.Event()
+TENANT = "bench"
+BUCKET = "recgw-bench"
+PREFIX = "uploads/"
+
+
+# -- the bytes -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A recording of `size` bytes in `chunk`-sized messages, made from one random block.
+
+    The block is generated once; each chunk is its slice of the block behind a 16-byte header
+    (chunk index and offset), so every chunk and every part differs while nothing but the
+    block stays in memory.
+    """
+
+    size: int
+    chunk: int
+    block: bytes
+
+    @classmethod
+    def make(cls, size: int, chunk: int, block_size: int = 8 * MiB) -> Workload:
+        block_size = max(block_size, chunk) // chunk * chunk
+        return cls(size, chunk, os.urandom(block_size))
+
+    @property
+    def chunk_count(self) -> int:
+        return -(-self.size // self.chunk)
+
+    def chunks(self) -> Iterator[bytes]:
+        view = memoryview(self.block)
+        for index, offset in enumerate(range(0, self.size, self.chunk)):
+            if STOPPING.is_set():
+                raise KeyboardInterrupt("the bench is stopping")
+            length = min(self.chunk, self.size - offset)
+            header = index.to_bytes(8, "big") + offset.to_bytes(8, "big")
+            if length <= HEADER_SIZE:
+                yield header[:length]
+                continue
+            start = offset % len(self.block)
+            yield b"".join((header, view[start + HEADER_SIZE : start + length]))
+
+    def parts(self, part_size: int) -> Iterator[bytes]:
+        """The same bytes cut into parts of `part_size` (the last one may be shorter)."""
+        buffer = bytearray()
+        for chunk in self.chunks():
+            buffer += chunk
+            while len(buffer) >= part_size:
+                yield bytes(buffer[:part_size])
+                del buffer[:part_size]
+        if buffer:
+            yield bytes(buffer)
+
+    def sha256(self) -> bytes:
+        digest = hashlib.sha256()
+        for chunk in self.chunks():
+            digest.update(chunk)
+        return digest.digest()
+
+
+def upload_requests(
+    workload: Workload, start: upload_pb2.UploadStart
+) -> Iterator[upload_pb2.UploadRequest]:
+    """The messages of one upload stream: `start` first, `finish_write` on the last."""
+    last = workload.chunk_count - 1
+    offset = 0
+    for index, chunk in enumerate(workload.chunks()):
+        message = upload_pb2.UploadRequest(write_offset=offset, data=chunk)
+        if index == 0:
+            message.start.CopyFrom(start)
+        if index == last:
+            message.finish_write = True
+        offset += len(chunk)
+        yield message
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    """A process the bench started; `stop()` is safe to call more than once."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    log_file: IO[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if not self.log_file.closed:
+            self.log_file.close()
+
+
+def spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> Child:
+    """Start a process in its own session (Ctrl-C reaches the bench only, which stops it).
+
+    RECGW_* variables of the caller are not passed on: the bench's own configuration holds.
+    """
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("RECGW_")}
+    log_path = log_dir / f"{name}.log"
+    log_file = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+    try:
+        process = subprocess.Popen(
+            args,
+            env={**inherited, **env},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    except BaseException:
+        log_file.close()
+        raise
+    return Child(name, process, log_path, log_file)
+
+
+def script(name: str) -> str:
+    beside_python = Path(sys.executable).parent / name
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} not found; run `make install` first")
+    return found
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in KiB, from /proc/<pid>/status."""
+    values: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0])
+    return values
+
+
+class Cleanup:
+    """Everything to stop at the end, last started first."""
+
+    def __init__(self) -> None:
+        self._stops: list[tuple[str, Callable[[], None]]] = []
+
+    def add(self, name: str, stop: Callable[[], None]) -> None:
+        self._stops.append((name, stop))
+
+    def run(self) -> None:
+        while self._stops:
+            name, stop = self._stops.pop()
+            try:
+                stop()
+            except Exception as exc:  # keep stopping the others
+                print(f"warning: stopping {name} failed ({type(exc).__name__})", file=sys.stderr)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# -- the trivial sink server (runs as a separate process: `bench.py --sink-port PORT`) --------
+
+
+async def discard(
+    request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
+) -> upload_pb2.UploadResponse:
+    """Reads a whole Upload stream and throws the bytes away."""
+    size = 0
+    async for message in request_iterator:
+        size += len(message.data)
+    return upload_pb2.UploadResponse(size=size)
+
+
+async def run_sink(port: int, max_message: int) -> None:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    handler = grpc.stream_unary_rpc_method_handler(
+        discard,
+        request_deserializer=upload_pb2.UploadRequest.FromString,
+        response_serializer=upload_pb2.UploadResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("recgw.v1.UploadService", {"Upload": handler}),)
+    )
+    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
+        raise RuntimeError(f"sink cannot listen on port {port}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+# -- measurements ----------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    size: int
+    chunk: int
+    part_size: int
+    inflight: int
+    boto3_concurrency: int
+    memory_budget_mib: int
+    repeat: int
+    json_path: Path | None
+    keep_logs: bool
+
+
+@dataclass
+class Stack:
+    """What the measurements talk to."""
+
+    gateway_address: str
+    sink_address: str
+    gateway: Child
+    moto: Any  # recgw_server.devstack.MotoS3
+    tenant_keys: Any  # recgw_server.devstack.AwsKeys
+    uploader_token: str
+    admin_token: str
+
+
+@dataclass
+class Results:
+    raw_grpc: list[float] = field(default_factory=list)
+    direct_boto3: list[float] = field(default_factory=list)
+    gateway: list[float] = field(default_factory=list)
+    gateway_idle_kib: int = 0
+    gateway_peak_kib: int = 0
+    gateway_parts: int = 0
+
+
+def mib_per_s(size: int, seconds: float) -> float:
+    return size / MiB / seconds
+
+
+async def stream(
+    address: str, token: str, workload: Workload, start: upload_pb2.UploadStart
+) -> tuple[float, upload_pb2.UploadResponse]:
+    """One client-streaming Upload; seconds from the first message to the response."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 30)
+        stub = upload_pb2_grpc.UploadServiceStub(channel)
+        started = time.perf_counter()
+        call = stub.Upload(metadata=(("authorization", f"Bearer {token}"),), timeout=RPC_TIMEOUT)
+        for message in upload_requests(workload, start):
+            await call.write(message)
+        await call.done_writing()
+        response: upload_pb2.UploadResponse = await call
+        return time.perf_counter() - started, response
+
+
+async def measure_raw_grpc(stack: Stack, workload: Workload, run: int) -> float:
+    start = upload_pb2.UploadStart(tenant_id=TENANT, object_name=f"raw-{run}.bin")
+    seconds, response = await stream(stack.sink_address, "unused", workload, start)
+    if response.size != workload.size:
+        raise RuntimeError(f"the sink received {response.size} of {workload.size} bytes")
+    return mib_per_s(workload.size, seconds)
+
+
+async def measure_gateway(
+    stack: Stack, workload: Workload, run: int, expected_sha256: bytes, results: Results
+) -> float:
+    name = f"gateway-{run}.bin"
+    start = upload_pb2.UploadStart(
+        tenant_id=TENANT, object_name=name, content_type="application/octet-stream"
+    )  # no expected_size: a live recording of unknown length
+    seconds, response = await stream(stack.gateway_address, stack.uploader_token, workload, start)
+    if response.size != workload.size or response.checksums.sha256 != expected_sha256:
+        raise RuntimeError("the gateway stored other bytes than were sent")
+    results.gateway_parts = response.part_count
+    await asyncio.to_thread(delete_object, stack, PREFIX + name)
+    return mib_per_s(workload.size, seconds)
+
+
+def s3_client(stack: Stack, options: Options) -> Any:
+    """A boto3 client configured as the gateway configures its own (see recgw_server.s3)."""
+    import boto3
+    import botocore.config
+
+    config = botocore.config.Config(
+        region_name=stack.moto.region,
+        retries={"mode": "standard", "max_attempts": 5},
+        connect_timeout=5,
+        read_timeout=60,
+        max_pool_connections=max(options.boto3_concurrency, 1),
+        s3={"addressing_style": "path"},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return boto3.session.Session().client(
+        "s3",
+        aws_access_key_id=stack.tenant_keys.access_key_id,
+        aws_secret_access_key=stack.tenant_keys.secret_access_key.reveal(),
+        endpoint_url=stack.moto.endpoint_url,
+        config=config,
+    )
+
+
+def direct_upload(client: Any, key: str, workload: Workload, options: Options) -> float:
+    """Multipart upload with boto3: `boto3_concurrency` parts in flight, CRC32C on each part.
+
+    Parts are cut and checksummed while earlier ones are on their way, like the gateway does;
+    returns seconds from CreateMultipartUpload to the CompleteMultipartUpload response.
+    """
+    from recgw_server.pipeline import crc32c
+    from recgw_server.s3 import crc32c_header
+
+    def send(number: int, body: bytes) -> dict[str, Any]:
+        part_crc = crc32c_header(crc32c(body))
+        response = client.upload_part(
+            Bucket=BUCKET,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=body,
+            ChecksumCRC32C=part_crc,
+        )
+        return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32C": part_crc}
+
+    started = time.perf_counter()
+    upload_id = client.create_multipart_upload(
+        Bucket=BUCKET, Key=key, ContentType="application/octet-stream", ChecksumAlgorithm="CRC32C"
+    )["UploadId"]
+    slots = threading.BoundedSemaphore(options.boto3_concurrency)
+    futures: list[Future[dict[str, Any]]] = []
+    with ThreadPoolExecutor(options.boto3_concurrency, thread_name_prefix="bench-s3") as pool:
+        try:
+            for number, body in enumerate(workload.parts(options.part_size), start=1):
+                slots.acquire()
+                future = pool.submit(send, number, body)
+                future.add_done_callback(lambda _: slots.release())
+                futures.append(future)
+            parts = [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    client.complete_multipart_upload(
+        Bucket=BUCKET, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+    )
+    return time.perf_counter() - started
+
+
+def delete_object(stack: Stack, key: str) -> None:
+    """Keep moto's memory flat between runs (with the admin keys: the tenant may only put)."""
+    stack.moto.client("s3").delete_object(Bucket=BUCKET, Key=key)
+
+
+def measure_direct(
+    stack: Stack, client: Any, workload: Workload, run: int, options: Options
+) -> float:
+    key = f"{PREFIX}direct-{run}.bin"
+    seconds = direct_upload(client, key, workload, options)
+    head = stack.moto.client("s3").head_object(Bucket=BUCKET, Key=key)
+    if head["ContentLength"] != workload.size:
+        raise RuntimeError(f"direct upload stored {head['ContentLength']} bytes")
+    delete_object(stack, key)
+    return mib_per_s(workload.size, seconds)
+
+
+async def wait_ready(address: str, child: Child, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        while True:
+            if not child.alive():
+                raise RuntimeError(f"{child.name} exited early; see {child.log_path}")
+            try:
+                await asyncio.wait_for(channel.channel_ready(), 0.5)
+                return
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{child.name} not ready after {timeout}s") from None
+
+
+async def set_tenant_credentials(stack: Stack) -> None:
+    """The tenant's keys go in as a customer's would: through SetCredentials."""
+    async with grpc.aio.insecure_channel(stack.gateway_address) as channel:
+        await credentials_pb2_grpc.CredentialsServiceStub(channel).SetCredentials(
+            credentials_pb2.SetCredentialsRequest(
+                tenant_id=TENANT,
+                access_key_id=stack.tenant_keys.access_key_id,
+                secret_access_key=stack.tenant_keys.secret_access_key.reveal(),
+                target=credentials_pb2.StorageTarget(
+                    region=stack.moto.region,
+                    bucket=BUCKET,
+                    prefix=PREFIX,
+                    endpoint_url=stack.moto.endpoint_url,
+                    force_path_style=True,
+                ),
+            ),
+            metadata=(("authorization", f"Bearer {stack.admin_token}"),),
+            timeout=30,
+        )
+
+
+async def measure(
+    stack: Stack, sink: Child, workload: Workload, options: Options, results: Results
+) -> None:
+    try:
+        await measure_runs(stack, sink, workload, options, results)
+    except BaseException:
+        STOPPING.set()
+        raise
+
+
+async def measure_runs(
+    stack: Stack, sink: Child, workload: Workload, options: Options, results: Results
+) -> None:
+    await wait_ready(stack.gateway_address, stack.gateway)
+    await wait_ready(stack.sink_address, sink)
+    await set_tenant_credentials(stack)
+    print("checksumming the workload (not timed)...", flush=True)
+    expected_sha256 = await asyncio.to_thread(workload.sha256)
+    # Warm-up (not timed): the gateway's Vault login, credentials cache and S3 client; boto3's
+    # connection pool and lazily loaded parts.
+    warm = Workload.make(1 * MiB, workload.chunk, 1 * MiB)
+    await measure_gateway(stack, warm, -1, await asyncio.to_thread(warm.sha256), results)
+    client = await asyncio.to_thread(s3_client, stack, options)
+    await asyncio.to_thread(measure_direct, stack, client, warm, -1, options)
+    results.gateway_idle_kib = memory_kib(stack.gateway.pid)["VmRSS"]
+    for run in range(options.repeat):
+        label = f"[{run + 1}/{options.repeat}]"
+        value = await measure_raw_grpc(stack, workload, run)
+        results.raw_grpc.append(value)
+        print(f"{label} raw gRPC       {value:8.1f} MiB/s", flush=True)
+        value = await asyncio.to_thread(measure_direct, stack, client, workload, run, options)
+        results.direct_boto3.append(value)
+        print(f"{label} direct boto3   {value:8.1f} MiB/s", flush=True)
+        value = await measure_gateway(stack, workload, run, expected_sha256, results)
+        results.gateway.append(value)
+        print(f"{label} gateway        {value:8.1f} MiB/s", flush=True)
+    results.gateway_peak_kib = memory_kib(stack.gateway.pid)["VmHWM"]
+
+
+# -- set-up ----------------------------------------------------------------------------------
+
+
+def toml_string(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def gateway_config(
+    port: int, options: Options, vault_address: str, identities: Any, token_hashes: dict[str, str]
+) -> str:
+    """The gateway's TOML: no secrets (those go in RECGW_* variables), only token hashes."""
+    tokens = "".join(
+        f"""
+[[tokens]]
+name = "bench-{role}"
+role = "{role}"
+sha256 = {toml_string(digest)}
+"""
+        for role, digest in token_hashes.items()
+    )
+    return f"""\
+listen = {toml_string(f"127.0.0.1:{port}")}
+metrics_listen = ""
+shutdown_grace_seconds = 2
+log_level = "INFO"
+
+[vault]
+address = {toml_string(vault_address)}
+
+[vault.writer]
+method = "approle"
+role_id = {toml_string(identities.writer.role_id)}
+
+[vault.reader]
+method = "approle"
+role_id = {toml_string(identities.reader.role_id)}
+
+[uploads]
+part_size_mib = {options.part_size // MiB}
+max_inflight_parts = {options.inflight}
+memory_budget_mib = {options.memory_budget_mib}
+{tokens}"""
+
+
+def machine_facts() -> dict[str, Any]:
+    def version(package: str) -> str:
+        try:
+            return importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            return "?"
+
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "grpcio": version("grpcio"),
+        "boto3": version("boto3"),
+        "moto": version("moto"),
+    }
+
+
+def run_bench(options: Options) -> dict[str, Any]:
+    from recgw_server.auth import hash_token
+    from recgw_server.devstack import (
+        bootstrap_vault,
+        free_port,
+        seed_policy,
+        start_moto,
+        start_openbao,
+    )
+
+    workdir = Path(tempfile.mkdtemp(prefix="recgw-bench-"))  # mode 0700
+    cleanup = Cleanup()
+    keep = options.keep_logs
+    results = Results()
+    try:
+        print("starting OpenBao and moto_server...", flush=True)
+        bao = start_openbao(workdir)
+        cleanup.add("OpenBao", bao.stop)
+        moto = start_moto(workdir)
+        cleanup.add("moto_server", moto.stop)
+        identities = bootstrap_vault(bao)
+        moto.create_bucket(BUCKET)
+        tenant_keys = moto.create_user("recgw-bench-writer", seed_policy(BUCKET))
+        uploader_token = "upl_" + secrets.token_urlsafe(24)
+        admin_token = "adm_" + secrets.token_urlsafe(24)
+
+        gateway_port = free_port()
+        config = workdir / "recgw.toml"
+        text = gateway_config(
+            gateway_port,
+            options,
+            bao.address,
+            identities,
+            {"uploader": hash_token(uploader_token), "admin": hash_token(admin_token)},
+        )
+        with os.fdopen(os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(text)
+        assert identities.writer.secret_id and identities.reader.secret_id
+        print("starting the gateway (recgw serve) and the raw gRPC sink...", flush=True)
+        gateway = spawn(
+            "gateway",
+            [script("recgw"), "serve", "--config", str(config)],
+            {
+                "RECGW_VAULT__WRITER__SECRET_ID": identities.writer.secret_id.reveal(),
+                "RECGW_VAULT__READER__SECRET_ID": identities.reader.secret_id.reveal(),
+            },
+            workdir,
+        )
+        cleanup.add("gateway", gateway.stop)
+        sink_port = free_port()
+        sink = spawn(
+            "sink",
+            [sys.executable, str(Path(__file__).resolve()), "--sink-port", str(sink_port)],
+            {},
+            workdir,
+        )
+        cleanup.add("sink", sink.stop)
+        stack = Stack(
+            gateway_address=f"127.0.0.1:{gateway_port}",
+            sink_address=f"127.0.0.1:{sink_port}",
+            gateway=gateway,
+            moto=moto,
+            tenant_keys=tenant_keys,
+            uploader_token=uploader_token,
+            admin_token=admin_token,
+        )
+        print(f"generating {options.size // MiB} MiB of test data...", flush=True)
+        workload = Workload.make(options.size, options.chunk)
+        asyncio.run(measure(stack, sink, workload, options, results))
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        keep = True  # for the logs; the directory is private (0700)
+        raise
+    finally:
+        cleanup.run()
+        if keep:
+            print(f"logs kept in {workdir} (private; openbao.log shows its dev root token)")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return report(options, results)
+
+
+def report(options: Options, results: Results) -> dict[str, Any]:
+    raw = statistics.median(results.raw_grpc)
+    direct = statistics.median(results.direct_boto3)
+    gateway = statistics.median(results.gateway)
+    return {
+        "machine": machine_facts(),
+        "config": {
+            "size_mib": options.size / MiB,
+            "chunk_kib": options.chunk // KiB,
+            "part_size_mib": options.part_size // MiB,
+            "max_inflight_parts": options.inflight,
+            "boto3_concurrency": options.boto3_concurrency,
+            "memory_budget_mib": options.memory_budget_mib,
+            "repeat": options.repeat,
+            "gateway_parts": results.gateway_parts,
+        },
+        "mib_per_s": {
+            "raw_grpc": {"median": raw, "runs": results.raw_grpc},
+            "direct_boto3": {"median": direct, "runs": results.direct_boto3},
+            "gateway": {"median": gateway, "runs": results.gateway},
+        },
+        "ratios": {
+            "gateway_over_raw_grpc": gateway / raw,
+            "gateway_over_direct_boto3": gateway / direct,
+        },
+        "gateway_memory": {
+            "idle_rss_mib": results.gateway_idle_kib / KiB,
+            "peak_rss_mib": results.gateway_peak_kib / KiB,
+            "memory_budget_mib": options.memory_budget_mib,
+            "peak_over_budget": results.gateway_peak_kib / KiB / options.memory_budget_mib,
+        },
+    }
+
+
+def print_report(data: dict[str, Any]) -> None:
+    machine, config = data["machine"], data["config"]
+    speeds, ratios, memory = data["mib_per_s"], data["ratios"], data["gateway_memory"]
+    concurrency = config["boto3_concurrency"]
+    mode = "sequential" if concurrency == 1 else f"{concurrency} parts in flight"
+    rows = [
+        ("raw gRPC ceiling (discarding grpc.aio server)", speeds["raw_grpc"]),
+        (f"direct boto3 -> moto ({mode})", speeds["direct_boto3"]),
+        (f"gateway -> moto ({config['gateway_parts']} parts, unknown length)", speeds["gateway"]),
+    ]
+    print()
+    print(
+        f"recgw bench: {config['size_mib']:g} MiB, {config['chunk_kib']} KiB messages, "
+        f"{config['part_size_mib']} MiB parts, {config['max_inflight_parts']} parts in flight, "
+        f"repeat {config['repeat']}"
+    )
+    print(
+        f"machine: nproc {machine['nproc']}, {machine['cpu_model']}, Python {machine['python']}, "
+        f"grpcio {machine['grpcio']}, boto3 {machine['boto3']}, moto {machine['moto']}"
+    )
+    for label, speed in rows:
+        runs = ", ".join(f"{value:.1f}" for value in speed["runs"])
+        print(f"  {label:<50} {speed['median']:8.1f} MiB/s  (runs: {runs})")
+    print(f"  {'gateway / raw gRPC':<50} {ratios['gateway_over_raw_grpc']:8.2f}")
+    print(f"  {'gateway / direct boto3':<50} {ratios['gateway_over_direct_boto3']:8.2f}")
+    print(
+        f"  gateway RSS: peak (VmHWM) {memory['peak_rss_mib']:.0f} MiB, "
+        f"idle {memory['idle_rss_mib']:.0f} MiB; memory budget {memory['memory_budget_mib']} MiB "
+        f"(peak RSS is {memory['peak_over_budget']:.0%} of the budget)"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Options]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--size-mib", type=float, default=256, help="recording size (256)")
+    parser.add_argument("--chunk-kib", type=int, default=1024, help="message size (1024)")
+    parser.add_argument("--part-size-mib", type=int, default=8, help="S3 part size (8)")
+    parser.add_argument(
+        "--inflight", type=int, default=4, help="gateway max_inflight_parts (4, its default)"
+    )
+    parser.add_argument(
+        "--boto3-concurrency",
+        type=int,
+        default=0,
+        help="parts in flight for direct boto3 (default: the same as --inflight; 1: sequential)",
+    )
+    parser.add_argument(
+        "--memory-budget-mib", type=int, default=512, help="gateway memory budget (512)"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement (1)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with logs")
+    parser.add_argument("--sink-port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    size = int(args.size_mib * MiB)
+    chunk = args.chunk_kib * KiB
+    if not 0 < chunk <= 4 * MiB:
+        parser.error("--chunk-kib must be between 1 and 4096")
+    if size < 1:
+        parser.error("--size-mib must be positive")
+    if args.repeat < 1 or args.inflight < 1:
+        parser.error("--repeat and --inflight must be at least 1")
+    options = Options(
+        size=size,
+        chunk=chunk,
+        part_size=args.part_size_mib * MiB,
+        inflight=args.inflight,
+        boto3_concurrency=args.boto3_concurrency or args.inflight,
+        memory_budget_mib=args.memory_budget_mib,
+        repeat=args.repeat,
+        json_path=args.json,
+        keep_logs=args.keep_logs,
+    )
+    return args, options
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, options = parse_args(argv)
+    if args.sink_port:
+        asyncio.run(run_sink(args.sink_port, 4 * MiB + MESSAGE_OVERHEAD))
+        return 0
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        data = run_bench(options)
+    except KeyboardInterrupt:
+        print("interrupted; everything the bench started was stopped", file=sys.stderr)
+        return 130
+    print_report(data)
+    if options.json_path is not None:
+        options.json_path.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"results written to {options.json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
