@@ -21,7 +21,13 @@ Buffer = bytes | bytearray | memoryview
 
 @runtime_checkable
 class Readable(Protocol):
-    """A binary stream: a file opened with 'rb', ``sys.stdin.buffer``, a socket file."""
+    """A binary stream: a file opened with 'rb', stdin, a socket file.
+
+    It is read in a daemon thread that may still be blocked in ``read()`` when
+    the process exits. For stdin prefer ``open(0, "rb", buffering=0,
+    closefd=False)`` over ``sys.stdin.buffer``, whose lock the interpreter
+    needs at exit.
+    """
 
     def read(self, size: int = ..., /) -> bytes | None: ...
 
