@@ -23,6 +23,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import grpc
 import typer
+from rich import filesize
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -36,7 +37,6 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
 from rich.text import Text
 
 import recgw_client
@@ -107,6 +107,21 @@ class _Connection:
 
     def __repr__(self) -> str:
         return f"_Connection(address={self.address!r})"
+
+
+# Stray arguments are collected rather than echoed by the parser's error: one
+# may be a secret or token typed by mistake.
+_EXTRA_ARGS = {"allow_extra_args": True}
+
+
+def _reject_extra_args(ctx: typer.Context) -> None:
+    if ctx.args:
+        _fail(
+            f"{len(ctx.args)} unexpected argument(s), not shown. Secrets and tokens are never "
+            f"read from the command line: use --secret-stdin, {SECRET_ENV}, {TOKEN_ENV} "
+            "or --token-file.",
+            EXIT_USAGE,
+        )
 
 
 def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
@@ -183,16 +198,14 @@ def _parse_metadata(items: list[str]) -> dict[str, str]:
     return metadata
 
 
-def _print_fields(fields: list[tuple[str, object]], title: str | None = None) -> None:
-    table = Table.grid(padding=(0, 2))
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
-    for key, value in fields:
-        table.add_row(key, Text("" if value is None else str(value)))
-    console = Console()
+def _print_fields(fields: dict[str, object], title: str | None = None) -> None:
+    """Aligned `key  value` lines; empty values are left out."""
+    rows = [(k.replace("_", " "), str(v)) for k, v in fields.items() if v is not None and v != ""]
     if title:
-        console.print(Text(title))
-    console.print(table)
+        typer.echo(title)
+    width = max((len(key) for key, _ in rows), default=0)
+    for key, value in rows:
+        typer.echo(f"  {key:<{width}}  {value}" if title else f"{key:<{width}}  {value}")
 
 
 def _print_json(data: object) -> None:
@@ -221,16 +234,7 @@ class _SentColumn(ProgressColumn):
     """Bytes sent, for a stream of unknown size."""
 
     def render(self, task: Task) -> Text:
-        return Text(_human_bytes(int(task.completed)), style="progress.download")
-
-
-def _human_bytes(count: int) -> str:
-    value = float(count)
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{count:,} bytes" if unit == "bytes" else f"{value:,.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+        return Text(filesize.decimal(int(task.completed)), style="progress.download")
 
 
 def _progress(total_known: bool, quiet: bool) -> Progress:
@@ -239,7 +243,7 @@ def _progress(total_known: bool, quiet: bool) -> Progress:
         columns: list[str | ProgressColumn] = [
             TextColumn("{task.description}"),
             BarColumn(),
-            DownloadColumn(binary_units=True),
+            DownloadColumn(),
             TransferSpeedColumn(),
             TimeRemainingColumn(),
         ]
@@ -252,6 +256,16 @@ def _progress(total_known: bool, quiet: bool) -> Progress:
             TimeElapsedColumn(),
         ]
     return Progress(*columns, console=console)
+
+
+def _stdin() -> recgw_client.Readable:
+    # Unbuffered and separate from sys.stdin: the reader thread may sit in read()
+    # when Ctrl-C ends the process, and must not hold the lock of sys.stdin.buffer,
+    # which the interpreter takes at exit.
+    try:
+        return open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
+    except (AttributeError, OSError, ValueError):  # no real descriptor, e.g. in tests
+        return sys.stdin.buffer
 
 
 def _known_size(file: str, size: int | None) -> int | None:
@@ -272,7 +286,7 @@ async def _upload(
     announce: Callable[[str], None],
     **options: Any,
 ) -> UploadResult:
-    source = sys.stdin.buffer if file == "-" else file
+    source = _stdin() if file == "-" else file
     task = progress.add_task("uploading", total=options.get("expected_size"))
 
     def on_progress(sent: int, total: int | None) -> None:
@@ -325,7 +339,7 @@ def _print_view(view: CredentialsView, json_output: bool) -> None:
     if json_output:
         _print_json(fields)
     else:
-        _print_fields([(k.replace("_", " "), "" if v is None else v) for k, v in fields.items()])
+        _print_fields(fields)
 
 
 def _stdin_is_tty() -> bool:
@@ -336,11 +350,12 @@ def _stdin_is_tty() -> bool:
 
 
 def _read_secret(secret_stdin: bool) -> str:
-    if secret_stdin:
+    if secret_stdin and not _stdin_is_tty():
         secret = sys.stdin.readline().rstrip("\r\n")
-    elif SECRET_ENV in os.environ:
+    elif SECRET_ENV in os.environ and not secret_stdin:
         secret = os.environ[SECRET_ENV]
     elif _stdin_is_tty():
+        # Typed by hand: never echoed, also with --secret-stdin.
         secret = str(typer.prompt("Secret access key", hide_input=True))
     else:
         _fail(
@@ -356,21 +371,22 @@ def _read_secret(secret_stdin: bool) -> str:
 
 def register(app: typer.Typer) -> None:
     """Add the client commands to the `recgw` app."""
-    app.command("upload")(upload_command)
-    app.command("status")(status_command)
-    app.command("abort")(abort_command)
+    app.command("upload", context_settings=_EXTRA_ARGS)(upload_command)
+    app.command("status", context_settings=_EXTRA_ARGS)(status_command)
+    app.command("abort", context_settings=_EXTRA_ARGS)(abort_command)
     creds = typer.Typer(
         help="Store, describe, verify and delete a tenant's S3 credentials (role admin).",
         no_args_is_help=True,
     )
-    creds.command("set")(creds_set_command)
-    creds.command("describe")(creds_describe_command)
-    creds.command("delete")(creds_delete_command)
-    creds.command("verify")(creds_verify_command)
+    creds.command("set", context_settings=_EXTRA_ARGS)(creds_set_command)
+    creds.command("describe", context_settings=_EXTRA_ARGS)(creds_describe_command)
+    creds.command("delete", context_settings=_EXTRA_ARGS)(creds_delete_command)
+    creds.command("verify", context_settings=_EXTRA_ARGS)(creds_verify_command)
     app.add_typer(creds, name="creds")
 
 
 def upload_command(
+    ctx: typer.Context,
     file: Annotated[
         str,
         typer.Argument(
@@ -421,6 +437,7 @@ def upload_command(
     ca_file: CaFileOption = None,
 ) -> None:
     """Stream a file or stdin into the tenant's bucket (role uploader)."""
+    _reject_extra_args(ctx)
     expected_size = _parse_size(size, "--size") if size is not None else None
     chunk = _parse_size(chunk_size, "--chunk-size")
     if not 0 < chunk <= recgw_client.MAX_CHUNK_SIZE:
@@ -458,10 +475,7 @@ def upload_command(
     if json_output:
         _print_json(_result_fields(result))
     else:
-        _print_fields(
-            [(k.replace("_", " "), v) for k, v in _result_fields(result).items()],
-            title=f"uploaded s3://{result.bucket}/{result.key}",
-        )
+        _print_fields(_result_fields(result), title=f"uploaded s3://{result.bucket}/{result.key}")
 
 
 def _status_fields(status: UploadStatus) -> dict[str, object]:
@@ -480,6 +494,7 @@ def _status_fields(status: UploadStatus) -> dict[str, object]:
 
 
 def status_command(
+    ctx: typer.Context,
     upload_id: Annotated[str, typer.Argument(help="The upload id.")],
     json_output: JsonOption = False,
     address: AddressOption = DEFAULT_ADDRESS,
@@ -488,6 +503,7 @@ def status_command(
     ca_file: CaFileOption = None,
 ) -> None:
     """Show the state and committed size of an upload (role uploader)."""
+    _reject_extra_args(ctx)
     connection = _connection(address, token_file, tls, ca_file)
     status = _run(
         _call(connection, lambda c: c.get_upload_status(upload_id)), json_output=json_output
@@ -497,13 +513,13 @@ def status_command(
         _print_json(fields)
         return
     result = fields.pop("result")
-    rows = [(k.replace("_", " "), v) for k, v in fields.items() if v not in (None, "")]
     if isinstance(result, dict):
-        rows += [(k.replace("_", " "), v) for k, v in result.items() if k != "upload_id"]
-    _print_fields(rows)
+        fields |= {k: v for k, v in result.items() if k not in fields}
+    _print_fields(fields)
 
 
 def abort_command(
+    ctx: typer.Context,
     upload_id: Annotated[str, typer.Argument(help="The upload id.")],
     json_output: JsonOption = False,
     address: AddressOption = DEFAULT_ADDRESS,
@@ -512,6 +528,7 @@ def abort_command(
     ca_file: CaFileOption = None,
 ) -> None:
     """Cancel an upload; nothing of it becomes visible (role uploader)."""
+    _reject_extra_args(ctx)
     connection = _connection(address, token_file, tls, ca_file)
     aborted: AbortResult = _run(
         _call(connection, lambda c: c.abort_upload(upload_id)), json_output=json_output
@@ -524,10 +541,11 @@ def abort_command(
     if json_output:
         _print_json(fields)
     else:
-        _print_fields([(k.replace("_", " "), v) for k, v in fields.items()])
+        _print_fields(fields)
 
 
 def creds_set_command(
+    ctx: typer.Context,
     tenant: TenantOption,
     access_key_id: Annotated[str, typer.Option("--access-key-id", help="AWS access key id.")],
     region: Annotated[str, typer.Option("--region", help="AWS region, e.g. us-west-1.")],
@@ -571,6 +589,7 @@ def creds_set_command(
     ca_file: CaFileOption = None,
 ) -> None:
     """Create or overwrite a tenant's S3 credentials."""
+    _reject_extra_args(ctx)
     connection = _connection(address, token_file, tls, ca_file)
     secret = _read_secret(secret_stdin)
     view = _run(
@@ -597,6 +616,7 @@ def creds_set_command(
 
 
 def creds_describe_command(
+    ctx: typer.Context,
     tenant: TenantOption,
     json_output: JsonOption = False,
     address: AddressOption = DEFAULT_ADDRESS,
@@ -605,12 +625,14 @@ def creds_describe_command(
     ca_file: CaFileOption = None,
 ) -> None:
     """Show a tenant's stored credentials, without the secret."""
+    _reject_extra_args(ctx)
     connection = _connection(address, token_file, tls, ca_file)
     view = _run(_admin(connection, lambda a: a.describe(tenant)), json_output=json_output)
     _print_view(view, json_output)
 
 
 def creds_delete_command(
+    ctx: typer.Context,
     tenant: TenantOption,
     json_output: JsonOption = False,
     address: AddressOption = DEFAULT_ADDRESS,
@@ -619,6 +641,7 @@ def creds_delete_command(
     ca_file: CaFileOption = None,
 ) -> None:
     """Delete a tenant's credentials, all versions."""
+    _reject_extra_args(ctx)
     connection = _connection(address, token_file, tls, ca_file)
     _run(_admin(connection, lambda a: a.delete(tenant)), json_output=json_output)
     if json_output:
@@ -628,6 +651,7 @@ def creds_delete_command(
 
 
 def creds_verify_command(
+    ctx: typer.Context,
     tenant: TenantOption,
     json_output: JsonOption = False,
     address: AddressOption = DEFAULT_ADDRESS,
@@ -636,6 +660,7 @@ def creds_verify_command(
     ca_file: CaFileOption = None,
 ) -> None:
     """Write a tiny test object with the stored credentials; exit 1 if that fails."""
+    _reject_extra_args(ctx)
     connection = _connection(address, token_file, tls, ca_file)
     verified = _run(_admin(connection, lambda a: a.verify(tenant)), json_output=json_output)
     fields = {
@@ -647,6 +672,6 @@ def creds_verify_command(
     if json_output:
         _print_json(fields)
     else:
-        _print_fields([(k.replace("_", " "), v) for k, v in fields.items() if v != ""])
+        _print_fields(fields)
     if not verified.ok:
         raise typer.Exit(EXIT_FAILURE)
