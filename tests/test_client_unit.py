@@ -13,6 +13,9 @@ import io
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -63,7 +66,6 @@ class RecordedUpload:
     metadata: dict[str, str | bytes]
     requests: list[upload_pb2.UploadRequest] = field(default_factory=list)
     ended: threading.Event = field(default_factory=threading.Event)
-    cancelled: bool = False
 
     @property
     def data(self) -> bytes:
@@ -84,6 +86,7 @@ class FakeGateway(
         self.fail_after: tuple[int, grpc.StatusCode, str] | None = None
         self.unary_error: tuple[grpc.StatusCode, str] | None = None
         self.upload_started = threading.Event()
+        self.data_received = threading.Event()
 
     async def _check(self, context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str | bytes]:
         metadata = dict(context.invocation_metadata() or ())
@@ -102,6 +105,8 @@ class FakeGateway(
             await self._check(context)
             async for request in request_iterator:
                 record.requests.append(request)
+                if request.data:
+                    self.data_received.set()
                 if len(record.requests) == 1:
                     self.upload_started.set()
                     if self.send_header:
@@ -111,6 +116,10 @@ class FakeGateway(
                     await context.abort(self.fail_after[1], self.fail_after[2])
                 if request.finish_write:
                     break
+            else:
+                await context.abort(
+                    grpc.StatusCode.ABORTED, "the stream ended without finish_write"
+                )
             data = record.data
             start = record.requests[0].start
             return upload_pb2.UploadResponse(
@@ -125,9 +134,6 @@ class FakeGateway(
                     crc32c=crc32c(data), sha256=hashlib.sha256(data).digest()
                 ),
             )
-        except asyncio.CancelledError:
-            record.cancelled = True
-            raise
         finally:
             record.ended.set()
 
@@ -401,7 +407,13 @@ def test_explicit_expected_size_wins_and_checksums_can_be_skipped(fake: FakeServ
 
 def test_async_iterator_source_is_a_live_recording(fake: FakeServer) -> None:
     """The upload id arrives while the recording is still waiting for its first bytes."""
-    pieces = [b"a" * 10, b"", b"b" * 9000, bytearray(b"c" * 5), memoryview(b"d" * 3)]
+    pieces: list[bytes | bytearray | memoryview] = [
+        b"a" * 10,
+        b"",
+        b"b" * 9000,
+        bytearray(b"c" * 5),
+        memoryview(b"d" * 3),
+    ]
 
     async def run() -> tuple[UploadResult, list[str]]:
         got_id = asyncio.Event()
@@ -483,9 +495,9 @@ def test_sync_iterable_source_and_sync_wrapper(fake: FakeServer) -> None:
 
 def test_bad_sources_and_arguments(fake: FakeServer) -> None:
     with pytest.raises(TypeError, match="binary mode"):
-        upload_bytes(fake, io.StringIO("text"))
+        upload_bytes(fake, io.StringIO("text"))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="must be bytes"):
-        upload_bytes(fake, iter(["text"]))
+        upload_bytes(fake, iter(["text"]))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="source must be"):
         upload_bytes(fake, 42)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="chunk_size"):
@@ -493,10 +505,11 @@ def test_bad_sources_and_arguments(fake: FakeServer) -> None:
     with pytest.raises(ValueError, match="token") as caught:
         asyncio.run(recgw_client.upload(fake.address, "bad token", b"x", "acme", "a"))
     assert "bad token" not in str(caught.value)
-    # The reading errors cancelled their streams; the bad token never reached the gateway.
+    # The reading errors ended their streams unfinished; the bad token never reached the gateway.
     assert len(fake.gateway.uploads) == 2
     for upload in fake.gateway.uploads:
-        assert upload.ended.wait(WAIT) and upload.cancelled
+        assert upload.ended.wait(WAIT)
+        assert not any(r.finish_write for r in upload.requests)
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -542,9 +555,15 @@ def test_token_echoed_by_a_server_is_redacted(fake: FakeServer) -> None:
         asyncio.run(recgw_client.get_upload_status(fake.address, TOKEN, UPLOAD_ID))
     assert TOKEN not in str(caught.value) and TOKEN not in repr(caught.value)
     assert "[REDACTED]" in caught.value.message
-    client = UploadClient(fake.address, TOKEN)
-    assert TOKEN not in repr(client)
-    asyncio.run(client.close())
+
+    async def client_repr() -> str:
+        async with (
+            UploadClient(fake.address, TOKEN) as client,
+            CredentialsAdmin(fake.address, TOKEN) as admin,
+        ):
+            return repr(client) + repr(admin)
+
+    assert TOKEN not in asyncio.run(client_repr())
 
 
 def test_unreachable_gateway_is_unavailable() -> None:
@@ -566,7 +585,6 @@ def test_failing_source_cancels_the_stream(fake: FakeServer) -> None:
         upload_bytes(fake, recording())
     [upload] = fake.gateway.uploads
     assert upload.ended.wait(WAIT)
-    assert upload.cancelled
     assert not any(r.finish_write for r in upload.requests)
 
 
@@ -658,17 +676,13 @@ def test_credentials_errors_never_show_the_secret(fake: FakeServer) -> None:
         asyncio.run(run())
     assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
     assert SECRET not in str(caught.value)
+
+    async def bad_sse() -> None:
+        async with CredentialsAdmin(fake.address, TOKEN) as admin:
+            await admin.set("acme", "AK", SECRET, "r", "b", sse="bogus")  # type: ignore[arg-type]
+
     with pytest.raises(ValueError, match="sse"):
-        asyncio.run(
-            CredentialsAdmin(fake.address, TOKEN).set(
-                "acme",
-                "AK",
-                SECRET,
-                "r",
-                "b",
-                sse="bogus",  # type: ignore[arg-type]
-            )
-        )
+        asyncio.run(bad_sse())
 
 
 # --- CLI ------------------------------------------------------------------------------------
@@ -841,18 +855,27 @@ def test_cli_creds_set_prompts_in_a_terminal(
     runner: typer.testing.CliRunner, fake: FakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cli_client, "_stdin_is_tty", lambda: True)
-    result = invoke(runner, CREDS_ARGS, input=SECRET + "\n")
-    assert result.exit_code == 0, result.output
-    request = fake.gateway.unary_requests[0]
-    assert isinstance(request, credentials_pb2.SetCredentialsRequest)
-    assert request.secret_access_key == SECRET
+    for extra in ([], ["--secret-stdin"]):  # typed by hand: hidden either way
+        result = invoke(runner, [*CREDS_ARGS, *extra], input=SECRET + "\n")
+        assert result.exit_code == 0, result.output
+        assert "Secret access key" in result.output
+    for request in fake.gateway.unary_requests:
+        assert isinstance(request, credentials_pb2.SetCredentialsRequest)
+        assert request.secret_access_key == SECRET
+    assert len(fake.gateway.unary_requests) == 2
 
 
 def test_cli_creds_set_never_takes_the_secret_from_argv(
     runner: typer.testing.CliRunner, fake: FakeServer
 ) -> None:
-    for attempt in (["--secret-access-key", SECRET], [f"--secret-access-key={SECRET}"], [SECRET]):
-        result = invoke(runner, [*CREDS_ARGS, *attempt])
+    attempts = (
+        ["--secret-access-key", SECRET],
+        [f"--secret-access-key={SECRET}"],
+        [SECRET],
+        ["--secret-stdin", SECRET],
+    )
+    for attempt in attempts:
+        result = invoke(runner, [*CREDS_ARGS, *attempt])  # checks SECRET is not echoed
         assert result.exit_code == 2
     # Without stdin, env or a terminal there is no secret: refuse rather than guess.
     result = invoke(runner, CREDS_ARGS)
@@ -882,3 +905,86 @@ def test_cli_creds_describe_delete_verify(
     result = invoke(runner, ["creds", "describe", "--tenant", "acme"])
     assert result.exit_code == 1
     assert "NOT_FOUND: no credentials for tenant acme" in result.stderr
+
+
+def test_cli_upload_options_are_checked(
+    runner: typer.testing.CliRunner, fake: FakeServer, tmp_path: Path
+) -> None:
+    base = ["upload", "-", "--tenant", "acme", "--name", "a.bin", "--json", "-q"]
+    result = invoke(runner, [*base, "--size", "1KiB", "--chunk-size", "256"], input=b"x" * 1024)
+    assert result.exit_code == 0, result.output
+    [upload] = fake.gateway.uploads
+    check_stream(upload, b"x" * 1024, expected_size=1024)
+    assert max(len(r.data) for r in upload.requests) == 256
+    for bad in (["--chunk-size", "5MiB"], ["--chunk-size", "lots"], ["--meta", "novalue"]):
+        result = invoke(runner, [*base, *bad], input=b"x")
+        assert result.exit_code == 2, bad
+    result = invoke(runner, ["upload", str(tmp_path / "missing"), "--tenant", "a", "--name", "b"])
+    assert result.exit_code == 2 and "no such file" in result.stderr
+    assert len(fake.gateway.uploads) == 1
+
+
+@pytest.mark.timeout(60)
+def test_cli_streams_a_live_pipe_and_prints_the_upload_id_at_once(fake: FakeServer) -> None:
+    """`recorder | recgw upload -`: the id is printed while the recording is still running."""
+    recgw = str(Path(sys.executable).parent / "recgw")
+    env = {**os.environ, "RECGW_ADDRESS": fake.address, "RECGW_TOKEN": TOKEN}
+    process = subprocess.Popen(
+        [recgw, "upload", "-", "--tenant", "acme", "--name", "live.webm", "--json"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    assert process.stderr is not None
+    try:
+        process.stdin.write(b"first bytes of the call")
+        process.stdin.flush()
+        assert process.stderr.readline() == f"upload id: {UPLOAD_ID}\n".encode()
+        assert fake.gateway.upload_started.is_set()
+        process.stdin.write(b", and the rest")
+        process.stdin.close()
+        out = process.stdout.read()
+        err = process.stderr.read()
+        assert process.wait(WAIT) == 0, err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert json.loads(out)["size"] == len(b"first bytes of the call, and the rest")
+    check_stream(
+        fake.gateway.uploads[0], b"first bytes of the call, and the rest", expected_size=None
+    )
+    assert TOKEN.encode() not in out + err
+
+
+@pytest.mark.timeout(60)
+def test_cli_ctrl_c_cancels_the_upload_and_exits_130(fake: FakeServer) -> None:
+    """Even with the reader thread blocked on stdin, Ctrl-C ends the process cleanly."""
+    recgw = str(Path(sys.executable).parent / "recgw")
+    env = {**os.environ, "RECGW_ADDRESS": fake.address, "RECGW_TOKEN": TOKEN}
+    process = subprocess.Popen(
+        [recgw, "upload", "-", "--tenant", "acme", "--name", "live.webm"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        env=env,
+    )
+    assert process.stdin is not None and process.stderr is not None
+    try:
+        process.stdin.write(b"recording...")
+        process.stdin.flush()
+        assert fake.gateway.data_received.wait(WAIT)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(WAIT) == 130
+        assert "interrupted" in process.stderr.read().decode()
+    finally:
+        process.stdin.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    [upload] = fake.gateway.uploads
+    assert upload.ended.wait(WAIT)
+    assert upload.data == b"recording..."
+    assert not any(r.finish_write for r in upload.requests)
