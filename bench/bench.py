@@ -11,6 +11,13 @@ Three measurements of the same bytes on the same machine:
 3. raw gRPC: the same messages streamed to a trivial grpc.aio server (another process) that
    discards them: the ceiling of the transport.
 
+The gateway runs as `recgw serve --config <tmp>/recgw.toml` (its own process and GIL; the TOML
+holds only token hashes and Vault role ids, the AppRole secret ids go in RECGW_* variables) and
+gets the tenant's keys through SetCredentials. The client side of 1 and 3 (grpc.aio) and all of
+2 run in the bench process. Each transfer is timed from its first message (or
+CreateMultipartUpload) to the response, and the CPU time every process spent meanwhile is read
+from /proc, to show which one is busy. The gateway's peak RSS is its VmHWM.
+
 Every process the bench starts (OpenBao, moto_server, the gateway, the sink) is stopped at the
 end, on errors and on Ctrl-C. Secrets (Vault token and secret ids, AWS secret key, bearer
 tokens) go through environment variables and Python objects, never a command line or output.
@@ -99,15 +106,25 @@ class Workload:
             yield b"".join((header, view[start + HEADER_SIZE : start + length]))
 
     def parts(self, part_size: int) -> Iterator[bytes]:
-        """The same bytes cut into parts of `part_size` (the last one may be shorter)."""
-        buffer = bytearray()
+        """The same bytes cut into parts of `part_size` (the last one may be shorter).
+
+        Like the gateway, each part is one join of its chunks; only a chunk that straddles
+        two parts is copied first.
+        """
+        pending: list[bytes] = []
+        filled = 0
         for chunk in self.chunks():
-            buffer += chunk
-            while len(buffer) >= part_size:
-                yield bytes(buffer[:part_size])
-                del buffer[:part_size]
-        if buffer:
-            yield bytes(buffer)
+            while chunk:
+                room = part_size - filled
+                piece, chunk = chunk[:room], chunk[room:]
+                pending.append(piece)
+                filled += len(piece)
+                if filled == part_size:
+                    yield b"".join(pending)
+                    pending.clear()
+                    filled = 0
+        if pending:
+            yield b"".join(pending)
 
     def sha256(self) -> bytes:
         digest = hashlib.sha256()
@@ -297,57 +314,101 @@ class Stack:
     admin_token: str
 
 
+KINDS = ("raw_grpc", "direct_boto3", "gateway")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process (all its threads), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One timed transfer: wall seconds, and the CPU seconds each process spent meanwhile."""
+
+    seconds: float
+    cpu: dict[str, float]
+
+
+class Meter:
+    """Wall clock and CPU time of the bench client and its child processes."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._pids = pids
+        self._started = 0.0
+        self._cpu: dict[str, float] = {}
+
+    def _snapshot(self) -> dict[str, float]:
+        times = os.times()
+        values = {"bench client": times.user + times.system}
+        for name, pid in self._pids.items():
+            values[name] = cpu_seconds(pid)
+        return values
+
+    def start(self) -> None:
+        self._cpu = self._snapshot()
+        self._started = time.perf_counter()
+
+    def stop(self) -> Sample:
+        seconds = time.perf_counter() - self._started
+        now = self._snapshot()
+        return Sample(seconds, {name: now[name] - self._cpu[name] for name in now})
+
+
 @dataclass
 class Results:
-    raw_grpc: list[float] = field(default_factory=list)
-    direct_boto3: list[float] = field(default_factory=list)
-    gateway: list[float] = field(default_factory=list)
+    samples: dict[str, list[Sample]] = field(default_factory=lambda: {k: [] for k in KINDS})
     gateway_idle_kib: int = 0
     gateway_peak_kib: int = 0
     gateway_parts: int = 0
 
 
-def mib_per_s(size: int, seconds: float) -> float:
-    return size / MiB / seconds
-
-
 async def stream(
-    address: str, token: str, workload: Workload, start: upload_pb2.UploadStart
-) -> tuple[float, upload_pb2.UploadResponse]:
-    """One client-streaming Upload; seconds from the first message to the response."""
+    address: str, token: str, workload: Workload, start: upload_pb2.UploadStart, meter: Meter
+) -> tuple[Sample, upload_pb2.UploadResponse]:
+    """One client-streaming Upload, timed from the first message to the response."""
     async with grpc.aio.insecure_channel(address) as channel:
         await asyncio.wait_for(channel.channel_ready(), 30)
         stub = upload_pb2_grpc.UploadServiceStub(channel)
-        started = time.perf_counter()
+        meter.start()
         call = stub.Upload(metadata=(("authorization", f"Bearer {token}"),), timeout=RPC_TIMEOUT)
         for message in upload_requests(workload, start):
             await call.write(message)
         await call.done_writing()
         response: upload_pb2.UploadResponse = await call
-        return time.perf_counter() - started, response
+        return meter.stop(), response
 
 
-async def measure_raw_grpc(stack: Stack, workload: Workload, run: int) -> float:
+async def measure_raw_grpc(stack: Stack, workload: Workload, run: int, meter: Meter) -> Sample:
     start = upload_pb2.UploadStart(tenant_id=TENANT, object_name=f"raw-{run}.bin")
-    seconds, response = await stream(stack.sink_address, "unused", workload, start)
+    sample, response = await stream(stack.sink_address, "unused", workload, start, meter)
     if response.size != workload.size:
         raise RuntimeError(f"the sink received {response.size} of {workload.size} bytes")
-    return mib_per_s(workload.size, seconds)
+    return sample
 
 
 async def measure_gateway(
-    stack: Stack, workload: Workload, run: int, expected_sha256: bytes, results: Results
-) -> float:
+    stack: Stack,
+    workload: Workload,
+    run: int,
+    expected_sha256: bytes,
+    results: Results,
+    meter: Meter,
+) -> Sample:
     name = f"gateway-{run}.bin"
     start = upload_pb2.UploadStart(
         tenant_id=TENANT, object_name=name, content_type="application/octet-stream"
     )  # no expected_size: a live recording of unknown length
-    seconds, response = await stream(stack.gateway_address, stack.uploader_token, workload, start)
+    sample, response = await stream(
+        stack.gateway_address, stack.uploader_token, workload, start, meter
+    )
     if response.size != workload.size or response.checksums.sha256 != expected_sha256:
         raise RuntimeError("the gateway stored other bytes than were sent")
     results.gateway_parts = response.part_count
     await asyncio.to_thread(delete_object, stack, PREFIX + name)
-    return mib_per_s(workload.size, seconds)
+    return sample
 
 
 def s3_client(stack: Stack, options: Options) -> Any:
@@ -374,11 +435,13 @@ def s3_client(stack: Stack, options: Options) -> Any:
     )
 
 
-def direct_upload(client: Any, key: str, workload: Workload, options: Options) -> float:
+def direct_upload(
+    client: Any, key: str, workload: Workload, options: Options, meter: Meter
+) -> Sample:
     """Multipart upload with boto3: `boto3_concurrency` parts in flight, CRC32C on each part.
 
     Parts are cut and checksummed while earlier ones are on their way, like the gateway does;
-    returns seconds from CreateMultipartUpload to the CompleteMultipartUpload response.
+    timed from CreateMultipartUpload to the CompleteMultipartUpload response.
     """
     from recgw_server.pipeline import crc32c
     from recgw_server.s3 import crc32c_header
@@ -395,7 +458,7 @@ def direct_upload(client: Any, key: str, workload: Workload, options: Options) -
         )
         return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32C": part_crc}
 
-    started = time.perf_counter()
+    meter.start()
     upload_id = client.create_multipart_upload(
         Bucket=BUCKET, Key=key, ContentType="application/octet-stream", ChecksumAlgorithm="CRC32C"
     )["UploadId"]
@@ -416,7 +479,7 @@ def direct_upload(client: Any, key: str, workload: Workload, options: Options) -
     client.complete_multipart_upload(
         Bucket=BUCKET, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
     )
-    return time.perf_counter() - started
+    return meter.stop()
 
 
 def delete_object(stack: Stack, key: str) -> None:
@@ -425,15 +488,15 @@ def delete_object(stack: Stack, key: str) -> None:
 
 
 def measure_direct(
-    stack: Stack, client: Any, workload: Workload, run: int, options: Options
-) -> float:
+    stack: Stack, client: Any, workload: Workload, run: int, options: Options, meter: Meter
+) -> Sample:
     key = f"{PREFIX}direct-{run}.bin"
-    seconds = direct_upload(client, key, workload, options)
+    sample = direct_upload(client, key, workload, options, meter)
     head = stack.moto.client("s3").head_object(Bucket=BUCKET, Key=key)
     if head["ContentLength"] != workload.size:
         raise RuntimeError(f"direct upload stored {head['ContentLength']} bytes")
     delete_object(stack, key)
-    return mib_per_s(workload.size, seconds)
+    return sample
 
 
 async def wait_ready(address: str, child: Child, timeout: float = 60) -> None:
@@ -489,25 +552,54 @@ async def measure_runs(
     await set_tenant_credentials(stack)
     print("checksumming the workload (not timed)...", flush=True)
     expected_sha256 = await asyncio.to_thread(workload.sha256)
+    meter = Meter(
+        {"gateway": stack.gateway.pid, "moto": stack.moto.managed.process.pid, "sink": sink.pid}
+    )
     # Warm-up (not timed): the gateway's Vault login, credentials cache and S3 client; boto3's
     # connection pool and lazily loaded parts.
     warm = Workload.make(1 * MiB, workload.chunk, 1 * MiB)
-    await measure_gateway(stack, warm, -1, await asyncio.to_thread(warm.sha256), results)
+    warm_sha256 = await asyncio.to_thread(warm.sha256)
+    await measure_gateway(stack, warm, -1, warm_sha256, results, meter)
     client = await asyncio.to_thread(s3_client, stack, options)
-    await asyncio.to_thread(measure_direct, stack, client, warm, -1, options)
+    await asyncio.to_thread(measure_direct, stack, client, warm, -1, options, meter)
     results.gateway_idle_kib = memory_kib(stack.gateway.pid)["VmRSS"]
     for run in range(options.repeat):
         label = f"[{run + 1}/{options.repeat}]"
-        value = await measure_raw_grpc(stack, workload, run)
-        results.raw_grpc.append(value)
-        print(f"{label} raw gRPC       {value:8.1f} MiB/s", flush=True)
-        value = await asyncio.to_thread(measure_direct, stack, client, workload, run, options)
-        results.direct_boto3.append(value)
-        print(f"{label} direct boto3   {value:8.1f} MiB/s", flush=True)
-        value = await measure_gateway(stack, workload, run, expected_sha256, results)
-        results.gateway.append(value)
-        print(f"{label} gateway        {value:8.1f} MiB/s", flush=True)
+        sample = await measure_raw_grpc(stack, workload, run, meter)
+        show(label, "raw gRPC", workload.size, sample)
+        results.samples["raw_grpc"].append(sample)
+        sample = await asyncio.to_thread(
+            measure_direct, stack, client, workload, run, options, meter
+        )
+        show(label, "direct boto3", workload.size, sample)
+        results.samples["direct_boto3"].append(sample)
+        sample = await measure_gateway(stack, workload, run, expected_sha256, results, meter)
+        show(label, "gateway", workload.size, sample)
+        results.samples["gateway"].append(sample)
     results.gateway_peak_kib = memory_kib(stack.gateway.pid)["VmHWM"]
+
+
+def mib_per_s(size: int, seconds: float) -> float:
+    return size / MiB / seconds
+
+
+def busy(sample: Sample) -> dict[str, float]:
+    """CPU cores each process kept busy on average during a transfer."""
+    return {name: cpu / sample.seconds for name, cpu in sample.cpu.items()}
+
+
+def format_busy(cores: dict[str, float]) -> str:
+    shown = [f"{name} {value:.2f}" for name, value in cores.items() if value >= 0.01]
+    return ", ".join(shown) + f" (sum {sum(cores.values()):.2f})"
+
+
+def show(label: str, kind: str, size: int, sample: Sample) -> None:
+    speed = mib_per_s(size, sample.seconds)
+    print(
+        f"{label} {kind:<13} {speed:8.1f} MiB/s  {sample.seconds:6.2f} s  "
+        f"CPU cores: {format_busy(busy(sample))}",
+        flush=True,
+    )
 
 
 # -- set-up ----------------------------------------------------------------------------------
@@ -666,9 +758,22 @@ def run_bench(options: Options) -> dict[str, Any]:
 
 
 def report(options: Options, results: Results) -> dict[str, Any]:
-    raw = statistics.median(results.raw_grpc)
-    direct = statistics.median(results.direct_boto3)
-    gateway = statistics.median(results.gateway)
+    speeds: dict[str, Any] = {}
+    for kind in KINDS:
+        samples = results.samples[kind]
+        runs = [mib_per_s(options.size, sample.seconds) for sample in samples]
+        cores = [busy(sample) for sample in samples]
+        speeds[kind] = {
+            "median": statistics.median(runs),
+            "runs": runs,
+            "seconds": [sample.seconds for sample in samples],
+            "cpu_seconds": [sample.cpu for sample in samples],
+            "median_cores_busy": {
+                name: statistics.median(c[name] for c in cores) for name in cores[0]
+            },
+        }
+    gateway = speeds["gateway"]["median"]
+    peak_mib = results.gateway_peak_kib / KiB
     return {
         "machine": machine_facts(),
         "config": {
@@ -681,20 +786,18 @@ def report(options: Options, results: Results) -> dict[str, Any]:
             "repeat": options.repeat,
             "gateway_parts": results.gateway_parts,
         },
-        "mib_per_s": {
-            "raw_grpc": {"median": raw, "runs": results.raw_grpc},
-            "direct_boto3": {"median": direct, "runs": results.direct_boto3},
-            "gateway": {"median": gateway, "runs": results.gateway},
-        },
+        "mib_per_s": speeds,
         "ratios": {
-            "gateway_over_raw_grpc": gateway / raw,
-            "gateway_over_direct_boto3": gateway / direct,
+            "gateway_over_raw_grpc": gateway / speeds["raw_grpc"]["median"],
+            "gateway_over_direct_boto3": gateway / speeds["direct_boto3"]["median"],
         },
         "gateway_memory": {
             "idle_rss_mib": results.gateway_idle_kib / KiB,
-            "peak_rss_mib": results.gateway_peak_kib / KiB,
+            "peak_rss_mib": peak_mib,
             "memory_budget_mib": options.memory_budget_mib,
-            "peak_over_budget": results.gateway_peak_kib / KiB / options.memory_budget_mib,
+            "peak_over_budget": peak_mib / options.memory_budget_mib,
+            # One upload holds at most its in-flight parts plus the one being filled.
+            "one_upload_budget_mib": (options.inflight + 1) * options.part_size / MiB,
         },
     }
 
@@ -704,11 +807,11 @@ def print_report(data: dict[str, Any]) -> None:
     speeds, ratios, memory = data["mib_per_s"], data["ratios"], data["gateway_memory"]
     concurrency = config["boto3_concurrency"]
     mode = "sequential" if concurrency == 1 else f"{concurrency} parts in flight"
-    rows = [
-        ("raw gRPC ceiling (discarding grpc.aio server)", speeds["raw_grpc"]),
-        (f"direct boto3 -> moto ({mode})", speeds["direct_boto3"]),
-        (f"gateway -> moto ({config['gateway_parts']} parts, unknown length)", speeds["gateway"]),
-    ]
+    labels = {
+        "raw_grpc": "raw gRPC ceiling (discarding grpc.aio server)",
+        "direct_boto3": f"direct boto3 -> moto ({mode})",
+        "gateway": f"gateway -> moto ({config['gateway_parts']} parts, unknown length)",
+    }
     print()
     print(
         f"recgw bench: {config['size_mib']:g} MiB, {config['chunk_kib']} KiB messages, "
@@ -719,9 +822,9 @@ def print_report(data: dict[str, Any]) -> None:
         f"machine: nproc {machine['nproc']}, {machine['cpu_model']}, Python {machine['python']}, "
         f"grpcio {machine['grpcio']}, boto3 {machine['boto3']}, moto {machine['moto']}"
     )
-    for label, speed in rows:
-        runs = ", ".join(f"{value:.1f}" for value in speed["runs"])
-        print(f"  {label:<50} {speed['median']:8.1f} MiB/s  (runs: {runs})")
+    for kind in KINDS:
+        runs = ", ".join(f"{value:.1f}" for value in speeds[kind]["runs"])
+        print(f"  {labels[kind]:<50} {speeds[kind]['median']:8.1f} MiB/s  (runs: {runs})")
     print(f"  {'gateway / raw gRPC':<50} {ratios['gateway_over_raw_grpc']:8.2f}")
     print(f"  {'gateway / direct boto3':<50} {ratios['gateway_over_direct_boto3']:8.2f}")
     print(
@@ -729,6 +832,14 @@ def print_report(data: dict[str, Any]) -> None:
         f"idle {memory['idle_rss_mib']:.0f} MiB; memory budget {memory['memory_budget_mib']} MiB "
         f"(peak RSS is {memory['peak_over_budget']:.0%} of the budget)"
     )
+    print(
+        f"    of that budget one upload reserves at most (in flight + filling) x part size = "
+        f"{memory['one_upload_budget_mib']:g} MiB; RSS above idle was "
+        f"{memory['peak_rss_mib'] - memory['idle_rss_mib']:.0f} MiB"
+    )
+    print(f"  CPU cores kept busy (median over runs; the machine has {machine['nproc']}):")
+    for kind in KINDS:
+        print(f"    {kind:<13} {format_busy(speeds[kind]['median_cores_busy'])}")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Options]:
