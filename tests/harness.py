@@ -122,6 +122,8 @@ class GatewayThread:
         self.loop.call_soon_threadsafe(fn)
 
     def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
         self.channel.close()
         self.run(self.gateway.stop(grace=1.0))
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -146,7 +146,6 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
     def __init__(self, manager: UploadManager, metrics: GatewayMetrics) -> None:
         self._manager = manager
         self._metrics = metrics
-        self._cleanups: set[asyncio.Task[None]] = set()
 
     async def Upload(
         self, request_iterator: AsyncIterator[upload_pb2.UploadRequest], context: Context
@@ -172,10 +171,8 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
         except asyncio.CancelledError:
             if upload is not None:
                 # The stream is gone; clean up in the background so the abort really runs.
-                reason = RecgwError(ErrorKind.CANCELLED, "the client cancelled the stream")
-                task = asyncio.ensure_future(upload.fail(reason))
-                self._cleanups.add(task)
-                task.add_done_callback(self._cleanups.discard)
+                reason = RecgwError(ErrorKind.CANCELLED, "the stream was cancelled")
+                self._manager.abandon(upload, reason)
             raise
         except Exception as exc:
             # Includes transport failures while reading (for example a message over the size

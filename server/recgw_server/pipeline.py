@@ -510,6 +510,7 @@ class UploadManager:
         self.settings = settings or PipelineSettings()
         self._active: dict[str, Upload] = {}
         self._finished: OrderedDict[str, Upload] = OrderedDict()
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     async def start(self, request: StartRequest) -> Upload:
         """Validate a start request, look up the tenant's credentials and open an upload."""
@@ -603,10 +604,22 @@ class UploadManager:
             return VerifyReport(False, key, error.store_code or error.kind.value, error.message)
         return VerifyReport(True, key)
 
+    def abandon(self, upload: Upload, error: RecgwError) -> None:
+        """Fail an upload whose stream is gone, in the background (the caller is cancelled)."""
+        task = asyncio.ensure_future(upload.fail(error))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
     async def close(self) -> None:
-        """Abort every upload still open (on shutdown)."""
-        for upload in list(self._active.values()):
-            await upload.fail(RecgwError(ErrorKind.UNAVAILABLE, "the gateway is shutting down"))
+        """Abort every upload still open and wait for every clean-up (on shutdown).
+
+        Only after this may the object store's threads be shut down.
+        """
+        shutting_down = RecgwError(ErrorKind.UNAVAILABLE, "the gateway is shutting down")
+        while self._active or self._cleanups:
+            for upload in list(self._active.values()):
+                self.abandon(upload, shutting_down)
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
 
 
 def _abort_report(upload: Upload) -> AbortReport:

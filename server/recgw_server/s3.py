@@ -297,7 +297,12 @@ class S3ObjectStore:
             connect_timeout=self._settings.connect_timeout,
             read_timeout=self._settings.read_timeout,
             max_pool_connections=self._settings.io_threads,
-            s3={"addressing_style": "path" if target.force_path_style else "auto"},
+            # Over HTTPS the payload is not hashed a second time for SigV4: TLS and the CRC32C
+            # that S3 verifies protect it. botocore still signs payloads over plain HTTP.
+            s3={
+                "addressing_style": "path" if target.force_path_style else "auto",
+                "payload_signing_enabled": False,
+            },
             # We send our own CRC32C with every write; no second checksum is needed.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
