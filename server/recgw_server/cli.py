@@ -1,8 +1,9 @@
-"""The `recgw` command: serve, dev, upload, creds."""
+"""The `recgw` command: serve, dev, policy, upload, creds."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -78,6 +79,64 @@ def dev(
         data_dir=data_dir,
     )
     asyncio.run(run_dev(options))
+
+
+_POLICY_NOTE = """\
+Where each document goes (each put-* call REPLACES what is there: merge with existing ones):
+  identity_policy         inline policy of the gateway's IAM user:
+                          aws iam put-user-policy --user-name USER --policy-name recgw-uploads \\
+                            --policy-document file://identity_policy.json
+  bucket_policy           optional second fence, on the bucket:
+                          aws s3api put-bucket-policy --bucket {bucket} \\
+                            --policy file://bucket_policy.json
+  lifecycle_configuration cleans up multipart uploads the gateway could not abort:
+                          aws s3api put-bucket-lifecycle-configuration --bucket {bucket} \\
+                            --lifecycle-configuration file://lifecycle_configuration.json
+Split the output with jq, e.g. jq .identity_policy recgw-policy.json > identity_policy.json
+"""
+_PLACEHOLDER_NOTE = (
+    "bucket_policy: replace {placeholder} with the user's ARN "
+    "(aws iam get-user --user-name USER --query User.Arn), or re-run with --principal ARN.\n"
+)
+
+
+@app.command()
+def policy(
+    bucket: Annotated[str, typer.Option(help="Bucket name (not an ARN).")],
+    prefix: Annotated[str, typer.Option(help="Key prefix the gateway writes under.")] = "uploads/",
+    principal: Annotated[
+        str | None,
+        typer.Option(help="ARN of the gateway's IAM user, the bucket policy's principal."),
+    ] = None,
+    allow_abort: Annotated[
+        bool, typer.Option("--allow-abort", help="Also allow s3:AbortMultipartUpload.")
+    ] = False,
+    abort_after_days: Annotated[
+        int, typer.Option(help="Lifecycle: abort incomplete multipart uploads after N days.")
+    ] = 7,
+) -> None:
+    """Print the IAM policy, bucket policy and lifecycle rule for a least-privilege set-up."""
+    from recgw_server import policy as documents
+
+    try:
+        output = {
+            "identity_policy": documents.identity_policy(bucket, prefix, allow_abort),
+            "bucket_policy": documents.bucket_policy(
+                bucket, prefix, principal, allow_abort=allow_abort
+            ),
+            "lifecycle_configuration": documents.lifecycle_rule(prefix, abort_after_days),
+        }
+    except ValueError as error:
+        typer.echo(f"recgw policy: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(output, indent=2))
+    typer.echo(_POLICY_NOTE.format(bucket=bucket), err=True, nl=False)
+    if principal is None:
+        typer.echo(
+            _PLACEHOLDER_NOTE.format(placeholder=documents.PRINCIPAL_PLACEHOLDER),
+            err=True,
+            nl=False,
+        )
 
 
 def main() -> None:
