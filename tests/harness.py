@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import tempfile
 import threading
 import uuid
 from collections.abc import Coroutine, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -68,13 +70,18 @@ def auth_secret_to_setting(identity: Any) -> dict[str, Any]:
 
 
 def make_settings(
-    bao: OpenBao, identities: VaultIdentities, vault_address: str = "", **overrides: Any
+    bao: OpenBao,
+    identities: VaultIdentities,
+    vault_address: str = "",
+    data_dir: Path | None = None,
+    **overrides: Any,
 ) -> Settings:
     """Gateway settings for tests: port 0, the test tokens, small defaults."""
     uploads = {"part_size_mib": 5, "max_inflight_parts": 2, "memory_budget_mib": 128}
     uploads.update(overrides.pop("uploads", {}))
     values: dict[str, Any] = {
         "listen": "127.0.0.1:0",
+        "data_dir": data_dir or Path(tempfile.mkdtemp(prefix="recgw-test-")),
         "shutdown_grace_seconds": 1.0,
         "tokens": [
             {"name": "test-uploader", "role": "uploader", "sha256": hash_token(UPLOADER_TOKEN)},
@@ -219,6 +226,22 @@ def upload_messages(
                 message.object_checksums.CopyFrom(checksums)
         offset += len(piece)
         yield message
+
+
+def resume_messages(
+    tenant: Tenant, object_name: str, data: bytes, upload_id: str, offset: int, **options: Any
+) -> Iterator[upload_pb2.UploadRequest]:
+    """A stream that resumes `upload_id` at `offset` and sends the rest of `data`."""
+    messages = list(
+        upload_messages(
+            tenant.tenant_id, object_name, data[offset:], upload_id=upload_id, **options
+        )
+    )
+    start = messages[0].start
+    for message in messages:
+        message.write_offset += offset
+    messages[0].start.CopyFrom(start)
+    return iter(messages)
 
 
 def upload(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,8 +15,6 @@ import pytest
 from recgw.v1 import credentials_pb2, upload_pb2
 
 from recgw_server.devstack import MotoS3, wait_until
-from recgw_server.pipeline import UploadState
-from recgw_server.storage import AbortOutcome
 from tests.harness import (
     UPLOADER,
     CapturedLogs,
@@ -24,6 +24,7 @@ from tests.harness import (
     details,
     object_exists,
     read_object,
+    resume_messages,
     upload,
     upload_messages,
 )
@@ -98,25 +99,28 @@ def tenant(gateway: GatewayThread, new_tenant: Callable[..., Tenant]) -> Tenant:
     return new_tenant(gateway=gateway)
 
 
-def test_client_cancel_mid_stream_leaves_no_object(
+def test_client_cancel_mid_stream_leaves_no_object_and_can_resume(
     gateway: GatewayThread, moto: MotoS3, tenant: Tenant
 ) -> None:
-    denied_before = abort_metric(gateway, "denied")
-    held = HeldStream(gateway, tenant, "cancelled.bin", os.urandom(6 * MiB))
+    data = os.urandom(13 * MiB)
+    held = HeldStream(gateway, tenant, "cancelled.bin", data[: 6 * MiB])
     wait_for_status(gateway, held.upload_id, lambda s: s.committed_size >= 5 * MiB, "a part")
     held.future.cancel()
-    final = wait_for_status(
-        gateway,
-        held.upload_id,
-        lambda s: s.state == upload_pb2.UPLOAD_STATE_ABORTED,
-        "the cancelled upload to be aborted",
-    )
-    assert "cancelled" in final.error_message
-    assert not object_exists(moto, tenant.bucket, "uploads/cancelled.bin")
-    # The seed's policy has no s3:AbortMultipartUpload: the parts are left to the lifecycle rule.
-    assert abort_metric(gateway, "denied") == denied_before + 1
-    assert open_multipart_uploads(moto, tenant.bucket, "uploads/cancelled.bin") == 1
     held.release.set()
+    after = wait_for_status(
+        gateway, held.upload_id, lambda s: s.received_size == s.committed_size, "the detach"
+    )
+    # Nothing visible; the upload stays open with exactly the bytes that are durably in S3.
+    assert after.state == upload_pb2.UPLOAD_STATE_OPEN
+    assert after.committed_size == 5 * MiB
+    assert not object_exists(moto, tenant.bucket, "uploads/cancelled.bin")
+    response = upload(
+        gateway,
+        resume_messages(tenant, "cancelled.bin", data, held.upload_id, after.committed_size),
+    )
+    assert response.size == len(data)
+    assert response.checksums.sha256 == hashlib.sha256(data).digest()
+    assert read_object(moto, tenant.bucket, "uploads/cancelled.bin") == data
 
 
 def test_abort_upload_under_seed_policy(
@@ -295,23 +299,28 @@ def test_concurrent_uploads_are_independent(
         assert read_object(moto, tenant.bucket, f"uploads/{name}") == payloads[name]
 
 
-def test_shutdown_aborts_open_uploads_cleanly(
+def test_shutdown_keeps_open_uploads_resumable(
     make_gateway: Callable[..., GatewayThread],
     moto: MotoS3,
     new_tenant: Callable[..., Tenant],
     captured_logs: CapturedLogs,
+    tmp_path: Path,
 ) -> None:
-    stopping = make_gateway()
+    stopping = make_gateway(data_dir=tmp_path)
     tenant = new_tenant(gateway=stopping)
-    held = HeldStream(stopping, tenant, "shutdown.bin", os.urandom(6 * MiB))
+    data = os.urandom(8 * MiB)
+    held = HeldStream(stopping, tenant, "shutdown.bin", data[: 6 * MiB])
     wait_for_status(stopping, held.upload_id, lambda s: s.committed_size >= 5 * MiB, "a part")
     already_logged = len(captured_logs.lines)
     stopping.stop()
-    upload = stopping.gateway.manager.find(held.upload_id)
-    assert upload is not None
-    assert upload.state is UploadState.ABORTED
-    # the S3 abort was really attempted (and denied by the seed policy), not lost in shutdown
-    assert upload.abort_outcome is AbortOutcome.DENIED
+    held.release.set()
     assert not any("failed" in line for line in captured_logs.lines[already_logged:])
     assert not object_exists(moto, tenant.bucket, "uploads/shutdown.bin")
-    held.release.set()
+    restarted = make_gateway(data_dir=tmp_path)
+    after = status(restarted, held.upload_id)
+    assert after.state == upload_pb2.UPLOAD_STATE_OPEN
+    assert after.committed_size == 5 * MiB
+    response = upload(
+        restarted, resume_messages(tenant, "shutdown.bin", data, held.upload_id, 5 * MiB)
+    )
+    assert read_object(moto, tenant.bucket, response.key) == data

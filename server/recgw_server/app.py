@@ -22,6 +22,7 @@ from recgw_server.metrics import GatewayMetrics
 from recgw_server.parts import MiB
 from recgw_server.pipeline import PipelineSettings, UploadManager
 from recgw_server.s3 import S3ObjectStore, S3Settings
+from recgw_server.sessions import SessionStore, SqliteSessionStore
 from recgw_server.storage import ObjectStore
 from recgw_server.vault import (
     CachedCredentialsSource,
@@ -54,6 +55,7 @@ class Adapters:
     admin: CredentialsAdmin
     source: CredentialsSource
     store: ObjectStore
+    sessions: SessionStore
 
 
 def build_adapters(settings: Settings) -> Adapters:
@@ -71,7 +73,10 @@ def build_adapters(settings: Settings) -> Adapters:
             io_threads=settings.s3.io_threads,
         )
     )
-    return Adapters(VaultCredentialsAdmin(writer, vault.kv_mount, vault.base_path), source, store)
+    sessions = SqliteSessionStore(settings.data_dir / "sessions.sqlite3")
+    return Adapters(
+        VaultCredentialsAdmin(writer, vault.kv_mount, vault.base_path), source, store, sessions
+    )
 
 
 class Gateway:
@@ -88,13 +93,17 @@ class Gateway:
         self.manager = UploadManager(
             self.adapters.source,
             self.adapters.store,
+            self.adapters.sessions,
             self.budget,
             self.metrics,
             PipelineSettings(
                 part_size=settings.uploads.part_size_mib * MiB,
                 max_inflight_parts=settings.uploads.max_inflight_parts,
+                growth_interval=settings.uploads.growth_interval_parts,
+                idle_timeout=settings.uploads.idle_timeout_seconds,
             ),
         )
+        self._expiry: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -110,6 +119,12 @@ class Gateway:
             ],
             options=[
                 ("grpc.max_receive_message_length", max_message),
+                # Notice dead client connections within seconds, so that a resuming stream is
+                # not refused for long because the old one still looks attached.
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.max_send_message_length", 4 * MiB),
                 ("grpc.so_reuseport", 0),
             ],
@@ -152,12 +167,24 @@ class Gateway:
             self._metrics_server, _ = start_http_server(
                 int(port), addr=host or "127.0.0.1", registry=self.metrics.registry
             )
+        self._expiry = asyncio.ensure_future(self._expire_periodically())
         log.info("recgw listening on %s (port %d)", self.settings.listen, self.port)
         return self.port
+
+    async def _expire_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.uploads.expiry_check_seconds)
+            try:
+                await self.manager.expire_idle()
+            except Exception:
+                log.exception("expiring idle uploads failed; trying again later")
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking new streams, let running ones finish within the grace period."""
         await self.health.enter_graceful_shutdown()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            await asyncio.gather(self._expiry, return_exceptions=True)
         if self._server is not None:
             grace = self.settings.shutdown_grace_seconds if grace is None else grace
             await self._server.stop(grace)
@@ -167,6 +194,7 @@ class Gateway:
         close = getattr(self.adapters.store, "close", None)
         if close is not None:
             close()
+        await self.adapters.sessions.close()
 
     async def wait(self) -> None:
         if self._server is not None:

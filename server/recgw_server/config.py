@@ -71,6 +71,11 @@ class VaultSetting(BaseModel):
 
 class UploadsSetting(BaseModel):
     part_size_mib: int = Field(8, ge=5, le=5120)
+    # With an unknown length the part size doubles every this many parts.
+    growth_interval_parts: int = Field(1000, ge=1, le=10_000)
+    # Open uploads idle this long expire (AbortMultipartUpload is tried).
+    idle_timeout_seconds: float = Field(24 * 3600, gt=0)
+    expiry_check_seconds: float = Field(300, gt=0)
     max_inflight_parts: int = Field(4, ge=1, le=64)
     memory_budget_mib: int = Field(512, ge=5)
     max_message_mib: int = Field(4, ge=1, le=64)
@@ -95,6 +100,8 @@ class Settings(BaseSettings):
     reflection: bool = False
     shutdown_grace_seconds: float = 30.0
     log_level: str = "INFO"
+    # Where the embedded session store (SQLite) lives; keep it on durable storage.
+    data_dir: Path = Path("recgw-data")
     tokens: list[TokenSetting] = Field(default_factory=list)
     vault: VaultSetting
     uploads: UploadsSetting = Field(default_factory=lambda: UploadsSetting())

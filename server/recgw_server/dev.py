@@ -74,6 +74,7 @@ async def start_dev_stack(options: DevOptions) -> DevStack:
             listen=f"127.0.0.1:{options.port}",
             metrics_listen=f"127.0.0.1:{options.metrics_port}" if options.metrics_port else "",
             shutdown_grace_seconds=5,
+            data_dir=options.data_dir,
             tokens=[
                 {"name": "dev-uploader", "role": "uploader", "sha256": hash_token(uploader_token)},
                 {"name": "dev-admin", "role": "admin", "sha256": hash_token(admin_token)},

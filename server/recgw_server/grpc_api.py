@@ -162,26 +162,46 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
                 )
             upload = await self._manager.start(_start_request(first.start))
             await context.send_initial_metadata(((UPLOAD_ID_HEADER, upload.upload_id),))
-            result = await self._receive(upload, first, request_iterator)
+            if upload.state is UploadState.COMPLETE:
+                result = await self._repeat_finish(upload, first, request_iterator)
+            else:
+                result = await self._receive(upload, first, request_iterator)
             return _result_to_proto(result)
         except RecgwError as error:
             if upload is not None:
-                await upload.fail(error)
+                await upload.stream_failed(error)
             await _abort(context, self._metrics, error)
         except asyncio.CancelledError:
             if upload is not None:
-                # The stream is gone; clean up in the background so the abort really runs.
+                # The stream is gone; clean up in the background, the upload stays resumable.
                 reason = RecgwError(ErrorKind.CANCELLED, "the stream was cancelled")
                 self._manager.abandon(upload, reason)
             raise
         except Exception as exc:
             # Includes transport failures while reading (for example a message over the size
-            # limit): the upload must end without an object.
+            # limit): uncommitted bytes are dropped, the upload stays resumable.
             if upload is not None:
-                await upload.fail(
-                    RecgwError(ErrorKind.ABORTED, f"the stream failed ({type(exc).__name__})")
+                await upload.stream_failed(
+                    RecgwError(ErrorKind.UNAVAILABLE, f"the stream failed ({type(exc).__name__})")
                 )
             raise
+
+    async def _repeat_finish(
+        self,
+        upload: ActiveUpload,
+        first: upload_pb2.UploadRequest,
+        request_iterator: AsyncIterator[upload_pb2.UploadRequest],
+    ) -> UploadResult:
+        """Finishing is idempotent: a repeated finish of a complete upload gets the same answer."""
+        if not first.finish_write or first.data:
+            raise RecgwError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"upload {upload.upload_id} is already complete; only a repeated finish_write "
+                "(without data) is accepted",
+            )
+        if await anext(request_iterator, None) is not None:
+            raise invalid("a message followed finish_write; finish_write must come last")
+        return upload.finished_result(first.write_offset, _expected_checksums(first))
 
     async def _receive(
         self,
@@ -205,8 +225,9 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
             if following is None:
                 raise RecgwError(
                     ErrorKind.ABORTED,
-                    "the stream ended without finish_write; the upload was abandoned and no "
-                    "object was created",
+                    "the stream ended without finish_write, so no object was created; the "
+                    f"upload stays open: resume upload_id {upload.upload_id} from its committed "
+                    "size (GetUploadStatus), or abort it",
                 )
             message = following
 
@@ -214,7 +235,7 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
         self, request: upload_pb2.GetUploadStatusRequest, context: Context
     ) -> upload_pb2.GetUploadStatusResponse:
         try:
-            return _status_to_proto(self._manager.status(request.upload_id))
+            return _status_to_proto(await self._manager.status(request.upload_id))
         except RecgwError as error:
             await _abort(context, self._metrics, error)
 

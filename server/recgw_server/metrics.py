@@ -17,7 +17,12 @@ class GatewayMetrics:
         self.uploads_finished = Counter(
             "recgw_uploads_finished", "Uploads that ended, by outcome", ["outcome"], registry=r
         )
-        self.active_uploads = Gauge("recgw_active_uploads", "Uploads in progress", registry=r)
+        self.uploads_resumed = Counter(
+            "recgw_uploads_resumed", "Streams that resumed an existing upload", registry=r
+        )
+        self.uploads_expired = Counter(
+            "recgw_uploads_expired", "Open uploads given up after the idle timeout", registry=r
+        )
         self.bytes_received = Counter(
             "recgw_bytes_received", "Object bytes received from clients", registry=r
         )

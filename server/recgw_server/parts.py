@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from recgw_server.domain import ErrorKind, RecgwError
@@ -26,25 +27,30 @@ class PartPlan:
     base_size: int
     growing: bool
     expected_size: int | None = None
+    growth_interval: int = GROWTH_INTERVAL
 
     def size_of(self, part_number: int) -> int:
         """Size of part `part_number` (1-based); the last part may be shorter."""
         if not self.growing:
             return self.base_size
-        steps = (part_number - 1) // GROWTH_INTERVAL
+        steps = (part_number - 1) // self.growth_interval
         return min(self.base_size << steps, MAX_PART_SIZE)
 
+    @functools.cached_property
     def capacity(self) -> int:
         """The largest object this plan can hold in MAX_PARTS parts."""
         if not self.growing:
             return min(self.base_size * MAX_PARTS, MAX_OBJECT_SIZE)
-        total = sum(
-            self.size_of(1 + i * GROWTH_INTERVAL) for i in range(MAX_PARTS // GROWTH_INTERVAL)
-        )
-        return min(total * GROWTH_INTERVAL, MAX_OBJECT_SIZE)
+        total = sum(self.size_of(n) for n in range(1, MAX_PARTS + 1, self.growth_interval))
+        return min(total * self.growth_interval, MAX_OBJECT_SIZE)
 
 
-def plan_parts(configured_size: int, expected_size: int | None, equal_sizes: bool) -> PartPlan:
+def plan_parts(
+    configured_size: int,
+    expected_size: int | None,
+    equal_sizes: bool,
+    growth_interval: int = GROWTH_INTERVAL,
+) -> PartPlan:
     """Choose part sizes for an upload.
 
     With a declared size the parts are equal and large enough to fit in 10,000 parts; with an
@@ -63,4 +69,4 @@ def plan_parts(configured_size: int, expected_size: int | None, equal_sizes: boo
         needed = -(-expected_size // MAX_PARTS)
         needed = -(-needed // MiB) * MiB  # whole MiB keep parts aligned and readable
         return PartPlan(max(base, needed), growing=False, expected_size=expected_size)
-    return PartPlan(base, growing=not equal_sizes)
+    return PartPlan(base, growing=not equal_sizes, growth_interval=growth_interval)

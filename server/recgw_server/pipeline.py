@@ -1,15 +1,19 @@
-"""The upload pipeline: from a stream of chunks to one object in the tenant's bucket.
+"""The upload pipeline: from streams of chunks to one object in the tenant's bucket.
 
-It knows nothing of gRPC. A transport calls `UploadManager.start`, then `Upload.write` for each
-chunk and `Upload.finish` at the end, or `Upload.fail` when the stream breaks. Receiving and
-sending overlap: while one part is on its way to S3 the next one is being filled.
+It knows nothing of gRPC. A transport calls `UploadManager.start` (which opens a new upload or
+attaches to an existing one to resume it), then `Upload.write` for each chunk and `Upload.finish`
+at the end, or `Upload.stream_failed` when its stream breaks. Receiving and sending overlap:
+while one part is on its way to S3 the next one is being filled.
+
+Every upload is a durable session (see sessions.py). Bytes count as committed only once the part
+that holds them is in S3 and recorded; a broken stream loses only uncommitted bytes, and a new
+stream resumes at the committed size, also after a gateway restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import hashlib
 import logging
 import re
 import time
@@ -17,23 +21,24 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
-
-from awscrt import checksums as crt_checksums
+from typing import Any, TypeVar
 
 from recgw_server.budget import MemoryBudget
 from recgw_server.credentials import CredentialsSource
+from recgw_server.digest import DigestState, ObjectDigest, crc32c
 from recgw_server.domain import (
     ErrorKind,
     ObjectChecksums,
     RecgwError,
+    TenantCredentials,
     UploadResult,
     build_object_key,
     invalid,
     validate_tenant_id,
 )
 from recgw_server.metrics import GatewayMetrics
-from recgw_server.parts import MiB, PartPlan, plan_parts
+from recgw_server.parts import GROWTH_INTERVAL, MiB, PartPlan, plan_parts
+from recgw_server.sessions import PartRecord, SessionRecord, SessionStore
 from recgw_server.storage import (
     AbortOutcome,
     ObjectSpec,
@@ -51,8 +56,9 @@ _MAX_METADATA_BYTES = 2048  # S3's limit for all user metadata
 _CONTENT_TYPE = re.compile(r"[\x21-\x7e]+/[\x21-\x7e]+( *;[\x20-\x7e]*)?")
 
 
-def crc32c(data: bytes | memoryview, previous: int = 0) -> int:
-    return int(crt_checksums.crc32c(data, previous))
+def _is_terminal(error: RecgwError) -> bool:
+    """Errors after which an upload can never complete: it is aborted, not left resumable."""
+    return error.kind is ErrorKind.ALREADY_EXISTS or error.store_code == "NoSuchUpload"
 
 
 class UploadState(enum.Enum):
@@ -67,7 +73,9 @@ class UploadState(enum.Enum):
 class PipelineSettings:
     part_size: int = 8 * MiB
     max_inflight_parts: int = 4
-    finished_retention: int = 10_000
+    growth_interval: int = GROWTH_INTERVAL
+    idle_timeout: float = 24 * 3600.0
+    memory_cache_size: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,13 @@ class UploadStatus:
 
 
 @dataclass(frozen=True)
+class AbortReport:
+    state: UploadState
+    storage_aborted: bool
+    detail: str
+
+
+@dataclass(frozen=True)
 class VerifyReport:
     ok: bool
     key: str
@@ -104,13 +119,6 @@ class VerifyReport:
 
 VERIFY_OBJECT_NAME = ".recgw-write-check"
 VERIFY_BODY = b"recgw write check: this object is overwritten by every VerifyCredentials call\n"
-
-
-@dataclass(frozen=True)
-class AbortReport:
-    state: UploadState
-    storage_aborted: bool
-    detail: str
 
 
 def _validate_start(request: StartRequest) -> str:
@@ -142,65 +150,156 @@ def _validate_start(request: StartRequest) -> str:
     return str(parsed)
 
 
-class _Digest:
-    """Running whole-object checksums; updated in a worker thread, one part at a time."""
+def result_to_record(result: UploadResult) -> dict[str, Any]:
+    return {
+        "bucket": result.bucket,
+        "key": result.key,
+        "size": result.size,
+        "etag": result.etag,
+        "version_id": result.version_id,
+        "part_count": result.part_count,
+        "crc32c": result.checksums.crc32c,
+        "sha256": (result.checksums.sha256 or b"").hex(),
+    }
 
-    def __init__(self) -> None:
-        self.crc32c = 0
-        self.sha256 = hashlib.sha256()
 
-    def join_and_add(self, chunks: list[bytes]) -> tuple[bytes, int]:
-        """Join a part's chunks and fold them into the object checksums.
-
-        Returns the part's bytes and its own CRC32C.
-        """
-        body = b"".join(chunks)
-        part_crc = crc32c(body)
-        self.crc32c = crc32c(body, self.crc32c)
-        self.sha256.update(body)
-        return body, part_crc
+def result_from_record(upload_id: str, data: Mapping[str, Any]) -> UploadResult:
+    return UploadResult(
+        upload_id=upload_id,
+        bucket=data["bucket"],
+        key=data["key"],
+        size=data["size"],
+        etag=data["etag"],
+        version_id=data["version_id"],
+        part_count=data["part_count"],
+        checksums=ObjectChecksums(data["crc32c"], bytes.fromhex(data["sha256"]) or None),
+    )
 
 
 class Upload:
-    """One upload in progress. Driven by exactly one stream at a time."""
+    """One upload session. At most one stream writes to it at a time."""
 
     def __init__(
         self,
         manager: UploadManager,
-        upload_id: str,
-        tenant_id: str,
-        spec: ObjectSpec,
-        writer: ObjectWriter,
-        plan: PartPlan,
+        record: SessionRecord,
+        writer: ObjectWriter | None,
     ) -> None:
-        self.upload_id = upload_id
-        self.tenant_id = tenant_id
-        self.spec = spec
-        self.state = UploadState.OPEN
-        self.received = 0
-        self.committed = 0
-        self.result: UploadResult | None = None
-        self.error_message = ""
-        self.abort_outcome: AbortOutcome | None = None
-        self.created_at = time.time()
-        self.updated_at = self.created_at
-        self.abort_requested = asyncio.Event()
-        self.terminal = asyncio.Event()
         self._manager = manager
+        self.record = record
+        self.upload_id = record.upload_id
+        self.tenant_id = record.tenant_id
+        self.spec = ObjectSpec(
+            key=record.key,
+            content_type=record.content_type,
+            metadata=dict(record.metadata),
+            if_none_match=record.if_none_match,
+        )
         self._writer = writer
-        self._plan = plan
-        self._digest = _Digest()
+        self._plan = PartPlan(
+            record.part_base_size,
+            record.part_growing,
+            record.expected_size,
+            record.growth_interval,
+        )
+        self.state = UploadState(record.state)
+        if self.state is UploadState.FINISHING:
+            # The gateway stopped while finishing; finishing again is safe to try.
+            self.state = UploadState.OPEN
+        self.created_at = record.created_at
+        self.updated_at = record.updated_at
+        self.error_message = record.error_message
+        self.abort_outcome = AbortOutcome(record.abort_outcome) if record.abort_outcome else None
+        self.result = (
+            result_from_record(self.upload_id, record.result) if record.result is not None else None
+        )
+        self._store_upload_id = record.store_upload_id
+        self._parts: dict[int, PartRecord] = {p.number: p for p in record.parts}
+        self._prefix = 0  # parts 1.._prefix are all durably written: the committed prefix
+        self.committed = 0
+        self._advance_prefix()
+        self.received = self.committed
+        self._digest = self._digest_at_prefix()
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._reserved = 0  # budget held by the part being filled
-        self._part_number = 0  # parts handed to S3 so far
-        self._store_upload_id = ""
-        self._parts: list[WrittenPart] = []
+        self._next_part = self._prefix + 1
         self._in_flight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(manager.settings.max_inflight_parts)
         self._background_error: RecgwError | None = None
         self._fail_task: asyncio.Task[None] | None = None
         self._finish_task: asyncio.Task[UploadResult] | None = None
+        self._detach_task: asyncio.Task[None] | None = None
+        self.attached = False
+        self.abort_requested = asyncio.Event()
+        self.terminal = asyncio.Event()
+        if self.state not in (UploadState.OPEN, UploadState.FINISHING):
+            self.terminal.set()
+
+    # -- attaching streams -------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Let one stream write; a second one at the same time is refused."""
+        if self.state is UploadState.COMPLETE:
+            return  # only an idempotent finish can follow; the transport checks it
+        if self.state in (UploadState.ABORTED, UploadState.EXPIRED):
+            raise RecgwError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"upload {self.upload_id} is {self.state.value} ({self.error_message}); start a "
+                "new upload with a new upload id",
+            )
+        if self.attached or self._fail_task is not None or self._detach_task is not None:
+            raise RecgwError(
+                ErrorKind.ABORTED,
+                f"another stream is writing upload {self.upload_id}; retry after it has ended "
+                "(a dropped connection is noticed within seconds)",
+            )
+        self.attached = True
+        self._background_error = None
+
+    async def stream_failed(self, error: RecgwError) -> None:
+        """The attached stream ended with `error`: keep the upload resumable unless it cannot be."""
+        if self.state is UploadState.COMPLETE:
+            return
+        if self._fail_task is not None or self.abort_requested.is_set() or _is_terminal(error):
+            await self.fail(error)
+        else:
+            await self.detach()
+
+    async def detach(self) -> None:
+        """The stream is gone: drop what is not committed; the upload stays open for resuming."""
+        if not self.attached:
+            return
+        if self._detach_task is None:
+            self._detach_task = asyncio.ensure_future(self._detach())
+        await asyncio.shield(self._detach_task)
+
+    async def _detach(self) -> None:
+        try:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+            self._chunks.clear()
+            self._buffered = 0
+            self._release_reservation()
+            beyond = [n for n in self._parts if n > self._prefix]
+            for number in beyond:
+                del self._parts[number]
+            if beyond:
+                await self._manager.sessions.drop_parts_after(self.upload_id, self._prefix)
+            self._next_part = self._prefix + 1
+            self.received = self.committed
+            self._digest = self._digest_at_prefix()
+            self._background_error = None
+            if self.state is UploadState.FINISHING:
+                self.state = UploadState.OPEN
+            self.updated_at = time.time()
+            if self.state is UploadState.OPEN:
+                await self._manager.sessions.update(
+                    self.upload_id, self.updated_at, state=UploadState.OPEN.value
+                )
+        finally:
+            self.attached = False
+            self.abort_requested = asyncio.Event()
+            self._detach_task = None
 
     # -- driven by the transport -------------------------------------------------------------
 
@@ -229,8 +328,8 @@ class Upload:
         if write_offset != self.received:
             raise RecgwError(
                 ErrorKind.OUT_OF_RANGE,
-                f"write_offset is {write_offset} but {self.received} bytes were received so far; "
-                f"send the bytes from offset {self.received}",
+                f"write_offset is {write_offset} but the upload is at byte {self.received} "
+                f"(committed size {self.committed}); send the bytes from offset {self.received}",
             )
         if data_crc32c is not None and crc32c(data) != data_crc32c:
             raise RecgwError(
@@ -245,7 +344,7 @@ class Upload:
                 f"the upload declared expected_size {expected} but this message would bring it "
                 f"to {self.received + len(data)} bytes",
             )
-        capacity = self._plan.capacity()
+        capacity = self._plan.capacity
         if self.received + len(data) > capacity:
             raise RecgwError(
                 ErrorKind.OUT_OF_RANGE,
@@ -279,18 +378,29 @@ class Upload:
                 f"expected_size {self._plan.expected_size}; send the remaining "
                 f"{self._plan.expected_size - self.received} bytes first",
             )
-        self.state = UploadState.FINISHING
         self._finish_task = asyncio.ensure_future(self._finish(expected))
         # Completing an object must not be interrupted halfway: shield it from cancellation of
         # the stream, so the outcome is either a whole object or none (GetUploadStatus tells).
         return await asyncio.shield(self._finish_task)
 
-    async def fail(self, error: RecgwError) -> None:
+    def finished_result(self, write_offset: int, expected: ObjectChecksums | None) -> UploadResult:
+        """The response to a repeated finish of a complete upload (finishing is idempotent)."""
+        assert self.result is not None
+        if write_offset != self.result.size:
+            raise RecgwError(
+                ErrorKind.OUT_OF_RANGE,
+                f"upload {self.upload_id} is complete with {self.result.size} bytes; a repeated "
+                f"finish_write must have write_offset {self.result.size}",
+            )
+        self._verify(expected, self.result.checksums)
+        return self.result
+
+    async def fail(self, error: RecgwError, final: UploadState = UploadState.ABORTED) -> None:
         """End the upload without an object; safe to call more than once and concurrently."""
         if self.state in (UploadState.COMPLETE, UploadState.FINISHING):
             return
         if self._fail_task is None:
-            self._fail_task = asyncio.ensure_future(self._fail(error))
+            self._fail_task = asyncio.ensure_future(self._fail(error, final))
         await asyncio.shield(self._fail_task)
 
     def status(self) -> UploadStatus:
@@ -327,8 +437,19 @@ class Upload:
                 f"upload {self.upload_id} is {self.state.value}; no more data is accepted",
             )
 
+    def _advance_prefix(self) -> None:
+        while self._prefix + 1 in self._parts:
+            self._prefix += 1
+            self.committed += self._parts[self._prefix].size
+
+    def _digest_at_prefix(self) -> ObjectDigest:
+        if self._prefix == 0:
+            return ObjectDigest()
+        last = self._parts[self._prefix]
+        return ObjectDigest(DigestState(last.object_crc32c, last.sha256_state))
+
     def _part_capacity(self) -> int:
-        return self._plan.size_of(self._part_number + 1)
+        return self._plan.size_of(self._next_part)
 
     async def _reserve_part(self) -> None:
         size = self._part_capacity()
@@ -342,37 +463,72 @@ class Upload:
             self._manager.budget.release(self._reserved)
             self._reserved = 0
 
-    async def _take_buffered(self) -> tuple[bytes, int]:
+    async def _take_buffered(self) -> tuple[bytes, int, DigestState]:
         chunks = list(self._chunks)
-        # Joining and hashing a whole part takes milliseconds: keep it off the event loop.
         body, part_crc = await asyncio.to_thread(self._digest.join_and_add, chunks)
         self._chunks.clear()
         self._buffered = 0
-        return body, part_crc
+        return body, part_crc, self._digest.saved()
+
+    async def _writer_for_upload(self) -> ObjectWriter:
+        if self._writer is None:
+            self._writer = await self._manager.writer_for_tenant(self.tenant_id)
+        return self._writer
 
     async def _send_buffered_part(self) -> None:
+        writer = await self._writer_for_upload()
         if not self._store_upload_id:
-            self._store_upload_id = await self._writer.create_multipart_upload(self.spec)
+            self._store_upload_id = await writer.create_multipart_upload(self.spec)
+            await self._manager.sessions.update(
+                self.upload_id, time.time(), store_upload_id=self._store_upload_id
+            )
         await self._slots.acquire()
         try:
-            body, part_crc = await self._take_buffered()
+            body, part_crc, digest_after = await self._take_buffered()
         except BaseException:
             self._slots.release()
             raise
-        self._part_number += 1
+        number = self._next_part
+        self._next_part += 1
         reserved, self._reserved = self._reserved, 0  # the task owns the memory from here on
-        task = asyncio.ensure_future(self._upload_part(self._part_number, body, part_crc, reserved))
+        task = asyncio.ensure_future(
+            self._upload_part(writer, number, body, part_crc, digest_after, reserved)
+        )
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
-    async def _upload_part(self, number: int, body: bytes, part_crc: int, reserved: int) -> None:
+    async def _upload_part(
+        self,
+        writer: ObjectWriter,
+        number: int,
+        body: bytes,
+        part_crc: int,
+        digest_after: DigestState,
+        reserved: int,
+    ) -> None:
         started = time.monotonic()
         try:
-            part = await self._writer.upload_part(
+            part = await writer.upload_part(
                 self.spec.key, self._store_upload_id, number, body, part_crc
             )
-            self._parts.append(part)
-            self.committed += part.size
+            record = PartRecord(
+                number=number,
+                etag=part.etag,
+                size=part.size,
+                crc32c=part.crc32c,
+                object_crc32c=digest_after.crc32c,
+                sha256_state=digest_after.sha256_state,
+            )
+            self._parts[number] = record
+            before = self.committed
+            prefix = self._prefix
+            committed = before
+            while prefix + 1 in self._parts:
+                prefix += 1
+                committed += self._parts[prefix].size
+            # Durable first, then reported: GetUploadStatus never shows uncommitted bytes.
+            await self._manager.sessions.save_part(self.upload_id, record, committed, time.time())
+            self._advance_prefix()
             self.updated_at = time.time()
             self._manager.metrics.parts_uploaded.inc()
             self._manager.metrics.bytes_committed.inc(part.size)
@@ -390,32 +546,38 @@ class Upload:
             self._manager.budget.release(reserved)
             self._slots.release()
 
-    def _verify(self, expected: ObjectChecksums | None) -> ObjectChecksums:
-        computed = ObjectChecksums(self._digest.crc32c, self._digest.sha256.digest())
+    def _verify(self, expected: ObjectChecksums | None, computed: ObjectChecksums) -> None:
         if expected is None:
-            return computed
+            return
         if expected.crc32c is not None and expected.crc32c != computed.crc32c:
             raise RecgwError(
                 ErrorKind.DATA_LOSS,
                 f"object CRC32C mismatch: the client sent {expected.crc32c:08x}, the gateway "
-                f"received bytes with CRC32C {computed.crc32c:08x}; the object was not created",
+                f"received bytes with CRC32C {computed.crc32c or 0:08x}; the object was not "
+                "created and the upload is still open (resume or abort it)",
             )
         if expected.sha256 and expected.sha256 != computed.sha256:
             raise RecgwError(
                 ErrorKind.DATA_LOSS,
                 "object SHA-256 mismatch between what the client sent and what the gateway "
-                "received; the object was not created",
+                "received; the object was not created and the upload is still open (resume or "
+                "abort it)",
             )
-        return computed
 
     async def _finish(self, expected: ObjectChecksums | None) -> UploadResult:
         started = time.monotonic()
+        self.state = UploadState.FINISHING
         try:
+            writer = await self._writer_for_upload()
+            await self._manager.sessions.update(
+                self.upload_id, time.time(), state=UploadState.FINISHING.value
+            )
             if not self._store_upload_id:
                 # Everything fits in one part: a single PutObject, no multipart upload at all.
-                body, body_crc = await self._take_buffered()
-                computed = self._verify(expected)
-                written = await self._writer.put_object(self.spec, body, body_crc)
+                body, body_crc, _ = await self._take_buffered()
+                computed = ObjectChecksums(self._digest.crc32c, self._digest.sha256())
+                self._verify(expected, computed)
+                written = await writer.put_object(self.spec, body, body_crc)
                 self._release_reservation()
                 self.committed = len(body)
                 self._manager.metrics.bytes_committed.inc(len(body))
@@ -427,35 +589,51 @@ class Upload:
                 await asyncio.gather(*self._in_flight)
                 if self._background_error is not None:
                     raise self._background_error
-                computed = self._verify(expected)
-                parts = sorted(self._parts, key=lambda p: p.part_number)
-                written = await self._writer.complete_multipart_upload(
+                computed = ObjectChecksums(self._digest.crc32c, self._digest.sha256())
+                self._verify(expected, computed)
+                parts = [
+                    WrittenPart(p.number, p.etag, p.size, p.crc32c)
+                    for p in sorted(self._parts.values(), key=lambda p: p.number)
+                ]
+                written = await writer.complete_multipart_upload(
                     self.spec, self._store_upload_id, parts
                 )
                 part_count = len(parts)
         except RecgwError as error:
-            self.state = UploadState.OPEN  # let fail() run its clean-up
-            await self.fail(error)
+            self.state = UploadState.OPEN
+            await self.stream_failed(error)
             raise
         except BaseException as exc:
             self.state = UploadState.OPEN
-            await self.fail(
+            await self.stream_failed(
                 RecgwError(ErrorKind.INTERNAL, f"finishing failed ({type(exc).__name__})")
             )
             raise
-        self.result = self._result(written, computed, part_count)
+        self.result = self._result(writer, written, computed, part_count)
         self.state = UploadState.COMPLETE
         self.updated_at = time.time()
+        await self._manager.sessions.update(
+            self.upload_id,
+            self.updated_at,
+            state=UploadState.COMPLETE.value,
+            committed_size=self.result.size,
+            result=result_to_record(self.result),
+        )
+        self.attached = False
+        self.terminal.set()
         self._manager.metrics.uploads_finished.labels("complete").inc()
-        self._manager.retire(self)
         return self.result
 
     def _result(
-        self, written: WrittenObject, computed: ObjectChecksums, part_count: int
+        self,
+        writer: ObjectWriter,
+        written: WrittenObject,
+        computed: ObjectChecksums,
+        part_count: int,
     ) -> UploadResult:
         return UploadResult(
             upload_id=self.upload_id,
-            bucket=self._writer.bucket,
+            bucket=writer.bucket,
             key=self.spec.key,
             size=self.received,
             etag=written.etag,
@@ -464,18 +642,24 @@ class Upload:
             checksums=computed,
         )
 
-    async def _fail(self, error: RecgwError) -> None:
+    async def _fail(self, error: RecgwError, final: UploadState) -> None:
         self.error_message = error.message
-        self.updated_at = time.time()
         self._chunks.clear()
         self._buffered = 0
         self._release_reservation()
         # Parts already on their way finish (their memory is in use until they do); then abort.
         await asyncio.gather(*self._in_flight, return_exceptions=True)
         if self._store_upload_id:
-            self.abort_outcome = await self._writer.abort_multipart_upload(
-                self.spec.key, self._store_upload_id
-            )
+            try:
+                writer = await self._writer_for_upload()
+                self.abort_outcome = await writer.abort_multipart_upload(
+                    self.spec.key, self._store_upload_id
+                )
+            except RecgwError as lookup_error:
+                log.warning(
+                    "cannot abort upload %s in S3: %s", self.upload_id, lookup_error.message
+                )
+                self.abort_outcome = AbortOutcome.FAILED
             self._manager.metrics.multipart_aborts.labels(self.abort_outcome.value).inc()
             if self.abort_outcome is AbortOutcome.DENIED:
                 log.info(
@@ -486,86 +670,163 @@ class Upload:
                 )
         else:
             self.abort_outcome = AbortOutcome.ABORTED  # nothing was ever started in S3
-        self.state = UploadState.ABORTED
-        self._manager.metrics.uploads_finished.labels("aborted").inc()
-        log.info("upload %s aborted: %s", self.upload_id, error.message)
-        self._manager.retire(self)
+        self.state = final
+        self.updated_at = time.time()
+        await self._manager.sessions.update(
+            self.upload_id,
+            self.updated_at,
+            state=final.value,
+            error_message=error.message,
+            abort_outcome=self.abort_outcome.value,
+        )
+        self.attached = False
+        self._manager.metrics.uploads_finished.labels(final.value).inc()
+        log.info("upload %s %s: %s", self.upload_id, final.value, error.message)
+        self.terminal.set()
 
 
 class UploadManager:
-    """Starts uploads and keeps track of them (in memory, for this process)."""
+    """Opens, resumes, aborts and expires uploads; keeps recent ones in memory."""
 
     def __init__(
         self,
         credentials: CredentialsSource,
         store: ObjectStore,
+        sessions: SessionStore,
         budget: MemoryBudget,
         metrics: GatewayMetrics,
         settings: PipelineSettings | None = None,
     ) -> None:
         self.credentials = credentials
         self.store = store
+        self.sessions = sessions
         self.budget = budget
         self.metrics = metrics
         self.settings = settings or PipelineSettings()
-        self._active: dict[str, Upload] = {}
-        self._finished: OrderedDict[str, Upload] = OrderedDict()
+        self._uploads: OrderedDict[str, Upload] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[Upload | None]] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
 
-    async def start(self, request: StartRequest) -> Upload:
-        """Validate a start request, look up the tenant's credentials and open an upload."""
-        upload_id = _validate_start(request)
-        if upload_id in self._active or upload_id in self._finished:
-            raise RecgwError(
-                ErrorKind.ALREADY_EXISTS,
-                f"upload id {upload_id} is already in use; choose a new upload id",
-            )
-        credentials = await self.credentials.get(request.tenant_id)
+    async def _credentials(self, tenant_id: str) -> TenantCredentials:
+        credentials = await self.credentials.get(tenant_id)
         if credentials is None:
             raise RecgwError(
                 ErrorKind.FAILED_PRECONDITION,
-                f"tenant '{request.tenant_id}' has no S3 credentials; store them with "
-                "SetCredentials first",
+                f"tenant '{tenant_id}' has no S3 credentials; store them with SetCredentials first",
             )
+        return credentials
+
+    async def writer_for_tenant(self, tenant_id: str) -> ObjectWriter:
+        return await self.store.writer_for(await self._credentials(tenant_id))
+
+    async def start(self, request: StartRequest) -> Upload:
+        """Open a new upload, or attach to the existing one named by `request.upload_id`."""
+        upload_id = _validate_start(request)
+        existing = await self.find(upload_id)
+        if existing is not None:
+            if (existing.tenant_id, existing.record.object_name) != (
+                request.tenant_id,
+                request.object_name,
+            ):
+                raise RecgwError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"upload id {upload_id} belongs to another tenant or object name; resume "
+                    "with the same tenant_id and object_name, or choose a new upload id",
+                )
+            existing.attach()
+            if existing.state is UploadState.OPEN:
+                self.metrics.uploads_resumed.inc()
+                log.info("upload %s resumed at byte %d", upload_id, existing.committed)
+            return existing
+        credentials = await self._credentials(request.tenant_id)
         target = credentials.target
         key = build_object_key(target.prefix, request.object_name)
-        plan = plan_parts(self.settings.part_size, request.expected_size, target.equal_part_sizes)
+        plan = plan_parts(
+            self.settings.part_size,
+            request.expected_size,
+            target.equal_part_sizes,
+            self.settings.growth_interval,
+        )
         writer = await self.store.writer_for(credentials)
-        spec = ObjectSpec(
+        now = time.time()
+        record = SessionRecord(
+            upload_id=upload_id,
+            tenant_id=request.tenant_id,
+            object_name=request.object_name,
             key=key,
+            bucket=target.bucket,
             content_type=request.content_type,
             metadata=dict(request.metadata),
             if_none_match=not target.allow_overwrite,
+            expected_size=request.expected_size,
+            credentials_version=credentials.version,
+            part_base_size=plan.base_size,
+            part_growing=plan.growing,
+            growth_interval=plan.growth_interval,
+            state=UploadState.OPEN.value,
+            created_at=now,
+            updated_at=now,
         )
-        if upload_id in self._active:  # another stream took the id while we awaited
-            raise RecgwError(ErrorKind.ALREADY_EXISTS, f"upload id {upload_id} is already in use")
-        upload = Upload(self, upload_id, request.tenant_id, spec, writer, plan)
-        self._active[upload_id] = upload
+        if upload_id in self._uploads or upload_id in self._loading:
+            raise RecgwError(
+                ErrorKind.ABORTED, f"another stream is starting upload {upload_id}; retry"
+            )
+        upload = Upload(self, record, writer)
+        upload.attach()
+        self._remember(upload)
+        try:
+            await self.sessions.create(record)
+        except BaseException:
+            self._uploads.pop(upload_id, None)
+            raise
         self.metrics.uploads_started.inc()
-        self.metrics.active_uploads.inc()
         log.info("upload %s started: tenant=%s key=%s", upload_id, request.tenant_id, key)
         return upload
 
-    def retire(self, upload: Upload) -> None:
-        if self._active.pop(upload.upload_id, None) is not None:
-            self.metrics.active_uploads.dec()
-        self._finished[upload.upload_id] = upload
-        while len(self._finished) > self.settings.finished_retention:
-            self._finished.popitem(last=False)
-        upload.terminal.set()
+    def _remember(self, upload: Upload) -> None:
+        self._uploads[upload.upload_id] = upload
+        self._uploads.move_to_end(upload.upload_id)
+        # Forget idle uploads beyond the cache size; the session store still has them.
+        while len(self._uploads) > self.settings.memory_cache_size:
+            oldest_id, oldest = next(iter(self._uploads.items()))
+            if oldest.attached or (oldest._fail_task is not None and not oldest.terminal.is_set()):
+                self._uploads.move_to_end(oldest_id)
+                break
+            del self._uploads[oldest_id]
 
-    def find(self, upload_id: str) -> Upload | None:
-        return self._active.get(upload_id) or self._finished.get(upload_id)
+    async def find(self, upload_id: str) -> Upload | None:
+        """The upload with this id, from memory or from the session store."""
+        upload = self._uploads.get(upload_id)
+        if upload is not None:
+            return upload
+        loading = self._loading.get(upload_id)
+        if loading is not None:
+            return await asyncio.shield(loading)
+        future: asyncio.Future[Upload | None] = asyncio.get_running_loop().create_future()
+        self._loading[upload_id] = future
+        try:
+            record = await self.sessions.get(upload_id)
+            upload = Upload(self, record, None) if record is not None else None
+            if upload is not None:
+                self._remember(upload)
+            future.set_result(upload)
+            return upload
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters get it, nobody else should log it
+            raise
+        finally:
+            del self._loading[upload_id]
 
-    def status(self, upload_id: str) -> UploadStatus:
-        upload = self.find(upload_id)
+    async def status(self, upload_id: str) -> UploadStatus:
+        upload = await self.find(upload_id)
         if upload is None:
             raise RecgwError(ErrorKind.NOT_FOUND, f"no upload with id '{upload_id[:64]}'")
         return upload.status()
 
     async def abort(self, upload_id: str) -> AbortReport:
-        """Abort an upload that is still receiving data; report what is left in S3."""
-        upload = self.find(upload_id)
+        """Abort an upload that is not complete; report what is left in S3."""
+        upload = await self.find(upload_id)
         if upload is None:
             raise RecgwError(ErrorKind.NOT_FOUND, f"no upload with id '{upload_id[:64]}'")
         if upload.state is UploadState.FINISHING:
@@ -575,11 +836,33 @@ class UploadManager:
             )
         if upload.state is UploadState.OPEN:
             upload.abort_requested.set()
-            # The stream that drives the upload notices at once and runs the clean-up; fail()
-            # here as well in case that stream is gone.
+            # The stream that drives the upload (if any) notices at once and ends.
             await upload.fail(upload._aborted_error())
             await upload.terminal.wait()
         return _abort_report(upload)
+
+    async def expire_idle(self, now: float | None = None) -> list[str]:
+        """Expire open uploads idle longer than the idle timeout; returns their ids."""
+        now = time.time() if now is None else now
+        cutoff = now - self.settings.idle_timeout
+        expired: list[str] = []
+        for upload_id in await self.sessions.idle(
+            (UploadState.OPEN.value, UploadState.FINISHING.value), cutoff
+        ):
+            upload = await self.find(upload_id)
+            if upload is None or upload.attached or upload.updated_at >= cutoff:
+                continue
+            idle_hours = (now - upload.updated_at) / 3600
+            await upload.fail(
+                RecgwError(
+                    ErrorKind.ABORTED,
+                    f"expired after {idle_hours:.1f} h without data",
+                ),
+                final=UploadState.EXPIRED,
+            )
+            self.metrics.uploads_expired.inc()
+            expired.append(upload_id)
+        return expired
 
     async def verify_write(self, tenant_id: str) -> VerifyReport:
         """Prove the stored credentials can write, with one PutObject at a fixed key.
@@ -605,20 +888,25 @@ class UploadManager:
         return VerifyReport(True, key)
 
     def abandon(self, upload: Upload, error: RecgwError) -> None:
-        """Fail an upload whose stream is gone, in the background (the caller is cancelled)."""
-        task = asyncio.ensure_future(upload.fail(error))
+        """Handle a stream that is gone, in the background (its handler is being cancelled)."""
+        task = asyncio.ensure_future(upload.stream_failed(error))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
     async def close(self) -> None:
-        """Abort every upload still open and wait for every clean-up (on shutdown).
+        """Detach every stream and wait for all clean-up (on shutdown).
 
-        Only after this may the object store's threads be shut down.
+        Open uploads stay open in the session store, to be resumed after the restart. Only
+        after this may the object store's threads be shut down.
         """
         shutting_down = RecgwError(ErrorKind.UNAVAILABLE, "the gateway is shutting down")
-        while self._active or self._cleanups:
-            for upload in list(self._active.values()):
-                self.abandon(upload, shutting_down)
+        while any(u.attached for u in self._uploads.values()) or self._cleanups:
+            for upload in [u for u in self._uploads.values() if u.attached]:
+                if upload.state is UploadState.OPEN:
+                    self.abandon(upload, shutting_down)
+                elif upload._finish_task is not None:
+                    await asyncio.gather(upload._finish_task, return_exceptions=True)
+                    upload.attached = False
             await asyncio.gather(*self._cleanups, return_exceptions=True)
 
 

@@ -1,0 +1,331 @@
+"""Upload sessions: the gateway's own durable record of every upload.
+
+The seed's PutObject-only policy grants no ListParts, so this record, not S3, is the source of
+truth for which parts exist. A part counts as committed only once its row is durably written.
+The store sits behind a small interface so that a shared store can later serve several replicas;
+the embedded one is SQLite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PartRecord:
+    """One part durably written to S3, with the object's checksum state at its end."""
+
+    number: int
+    etag: str
+    size: int
+    crc32c: int
+    object_crc32c: int  # CRC32C of the object from byte 0 to the end of this part
+    sha256_state: bytes  # SHA-256 state of the object at the end of this part
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """Everything needed to resume, finish, report or expire an upload."""
+
+    upload_id: str
+    tenant_id: str
+    object_name: str
+    key: str
+    bucket: str
+    content_type: str
+    metadata: Mapping[str, str]
+    if_none_match: bool
+    expected_size: int | None
+    credentials_version: int
+    part_base_size: int
+    part_growing: bool
+    growth_interval: int
+    state: str
+    created_at: float
+    updated_at: float
+    store_upload_id: str = ""
+    committed_size: int = 0
+    error_message: str = ""
+    result: Mapping[str, Any] | None = None
+    abort_outcome: str = ""
+    parts: tuple[PartRecord, ...] = field(default_factory=tuple)
+
+    def committed_parts(self) -> tuple[PartRecord, ...]:
+        """The parts 1..k that are all present: only those count as committed."""
+        by_number = {p.number: p for p in self.parts}
+        prefix: list[PartRecord] = []
+        while len(prefix) + 1 in by_number:
+            prefix.append(by_number[len(prefix) + 1])
+        return tuple(prefix)
+
+
+class SessionStore(Protocol):
+    """Durable upload sessions. Every write is durable when its coroutine returns."""
+
+    async def create(self, record: SessionRecord) -> None: ...
+
+    async def get(self, upload_id: str) -> SessionRecord | None: ...
+
+    async def save_part(
+        self, upload_id: str, part: PartRecord, committed_size: int, updated_at: float
+    ) -> None: ...
+
+    async def drop_parts_after(self, upload_id: str, number: int) -> None:
+        """Forget parts beyond the committed prefix (they will be written again)."""
+        ...
+
+    async def update(self, upload_id: str, updated_at: float, **fields: Any) -> None:
+        """Change session fields: state, store_upload_id, error_message, result, ..."""
+        ...
+
+    async def idle(self, states: Iterable[str], updated_before: float) -> list[str]:
+        """Ids of sessions in these states not touched since `updated_before`."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    upload_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    object_name TEXT NOT NULL,
+    key TEXT NOT NULL,
+    bucket TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    if_none_match INTEGER NOT NULL,
+    expected_size INTEGER,
+    credentials_version INTEGER NOT NULL,
+    part_base_size INTEGER NOT NULL,
+    part_growing INTEGER NOT NULL,
+    growth_interval INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    store_upload_id TEXT NOT NULL DEFAULT '',
+    committed_size INTEGER NOT NULL DEFAULT 0,
+    error_message TEXT NOT NULL DEFAULT '',
+    result TEXT,
+    abort_outcome TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS sessions_by_state ON sessions (state, updated_at);
+CREATE TABLE IF NOT EXISTS parts (
+    upload_id TEXT NOT NULL REFERENCES sessions (upload_id) ON DELETE CASCADE,
+    number INTEGER NOT NULL,
+    etag TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    crc32c INTEGER NOT NULL,
+    object_crc32c INTEGER NOT NULL,
+    sha256_state BLOB NOT NULL,
+    PRIMARY KEY (upload_id, number)
+);
+"""
+_UPDATABLE = {
+    "state",
+    "store_upload_id",
+    "committed_size",
+    "error_message",
+    "result",
+    "abort_outcome",
+}
+
+
+class SqliteSessionStore:
+    """SessionStore in one SQLite file, used from one dedicated thread (WAL, synchronous=FULL)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recgw-sessions")
+        self._db: sqlite3.Connection | None = None
+        self._executor.submit(self._open).result()
+
+    def _open(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # a committed part must survive a power cut
+        db.execute("PRAGMA foreign_keys=ON")
+        db.executescript(_SCHEMA)
+        self._db = db
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            assert self._db is not None, "session store is closed"
+            return fn(self._db)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def create(self, record: SessionRecord) -> None:
+        row = _to_row(record)
+        columns = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+
+        # Column names come from _to_row, never from input.
+        statement = f"INSERT INTO sessions ({columns}) VALUES ({marks})"  # noqa: S608
+
+        def insert(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute(statement, tuple(row.values()))
+
+        await self._run(insert)
+
+    async def get(self, upload_id: str) -> SessionRecord | None:
+        def read(db: sqlite3.Connection) -> SessionRecord | None:
+            db.row_factory = sqlite3.Row
+            row = db.execute("SELECT * FROM sessions WHERE upload_id = ?", (upload_id,)).fetchone()
+            if row is None:
+                return None
+            parts = db.execute(
+                "SELECT * FROM parts WHERE upload_id = ? ORDER BY number", (upload_id,)
+            ).fetchall()
+            return _from_row(row, parts)
+
+        return await self._run(read)
+
+    async def save_part(
+        self, upload_id: str, part: PartRecord, committed_size: int, updated_at: float
+    ) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute(
+                    "INSERT OR REPLACE INTO parts VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        upload_id,
+                        part.number,
+                        part.etag,
+                        part.size,
+                        part.crc32c,
+                        part.object_crc32c,
+                        part.sha256_state,
+                    ),
+                )
+                db.execute(
+                    "UPDATE sessions SET committed_size = ?, updated_at = ? WHERE upload_id = ?",
+                    (committed_size, updated_at, upload_id),
+                )
+
+        await self._run(write)
+
+    async def drop_parts_after(self, upload_id: str, number: int) -> None:
+        def delete(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute(
+                    "DELETE FROM parts WHERE upload_id = ? AND number > ?", (upload_id, number)
+                )
+
+        await self._run(delete)
+
+    async def update(self, upload_id: str, updated_at: float, **fields: Any) -> None:
+        unknown = set(fields) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"cannot update {sorted(unknown)}")
+        if "result" in fields and fields["result"] is not None:
+            fields["result"] = json.dumps(fields["result"])
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+
+        def write(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute(
+                    f"UPDATE sessions SET {assignments}, updated_at = ? WHERE upload_id = ?",  # noqa: S608
+                    (*fields.values(), updated_at, upload_id),
+                )
+
+        await self._run(write)
+
+    async def idle(self, states: Iterable[str], updated_before: float) -> list[str]:
+        wanted = tuple(states)
+        marks = ", ".join("?" for _ in wanted)
+
+        def query(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute(
+                f"SELECT upload_id FROM sessions WHERE state IN ({marks}) AND updated_at < ?",  # noqa: S608
+                (*wanted, updated_before),
+            ).fetchall()
+            return [str(row[0]) for row in rows]
+
+        return await self._run(query)
+
+    async def close(self) -> None:
+        def close(db: sqlite3.Connection) -> None:
+            db.close()
+            self._db = None
+
+        if self._db is not None:
+            await self._run(close)
+        self._executor.shutdown(wait=True)
+
+
+def _to_row(record: SessionRecord) -> dict[str, Any]:
+    return {
+        "upload_id": record.upload_id,
+        "tenant_id": record.tenant_id,
+        "object_name": record.object_name,
+        "key": record.key,
+        "bucket": record.bucket,
+        "content_type": record.content_type,
+        "metadata": json.dumps(dict(record.metadata), sort_keys=True),
+        "if_none_match": int(record.if_none_match),
+        "expected_size": record.expected_size,
+        "credentials_version": record.credentials_version,
+        "part_base_size": record.part_base_size,
+        "part_growing": int(record.part_growing),
+        "growth_interval": record.growth_interval,
+        "state": record.state,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+        "store_upload_id": record.store_upload_id,
+        "committed_size": record.committed_size,
+        "error_message": record.error_message,
+        "result": json.dumps(record.result) if record.result is not None else None,
+        "abort_outcome": record.abort_outcome,
+    }
+
+
+def _from_row(row: sqlite3.Row, parts: list[sqlite3.Row]) -> SessionRecord:
+    record = SessionRecord(
+        upload_id=row["upload_id"],
+        tenant_id=row["tenant_id"],
+        object_name=row["object_name"],
+        key=row["key"],
+        bucket=row["bucket"],
+        content_type=row["content_type"],
+        metadata=json.loads(row["metadata"]),
+        if_none_match=bool(row["if_none_match"]),
+        expected_size=row["expected_size"],
+        credentials_version=row["credentials_version"],
+        part_base_size=row["part_base_size"],
+        part_growing=bool(row["part_growing"]),
+        growth_interval=row["growth_interval"],
+        state=row["state"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        store_upload_id=row["store_upload_id"],
+        committed_size=row["committed_size"],
+        error_message=row["error_message"],
+        result=json.loads(row["result"]) if row["result"] else None,
+        abort_outcome=row["abort_outcome"],
+    )
+    return replace(
+        record,
+        parts=tuple(
+            PartRecord(
+                number=p["number"],
+                etag=p["etag"],
+                size=p["size"],
+                crc32c=p["crc32c"],
+                object_crc32c=p["object_crc32c"],
+                sha256_state=bytes(p["sha256_state"]),
+            )
+            for p in parts
+        ),
+    )
