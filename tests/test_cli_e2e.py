@@ -165,6 +165,7 @@ def served_gateway(
         f"""
 listen = "127.0.0.1:{port}"
 shutdown_grace_seconds = 5
+data_dir = "{tmp_path / "data"}"
 
 [[tokens]]
 name = "ops"
