@@ -12,7 +12,7 @@ from collections.abc import Coroutine, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
@@ -162,8 +162,12 @@ class Tenant:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class HasCredentialsStub(Protocol):
+    credentials: credentials_pb2_grpc.CredentialsServiceStub
+
+
 def set_credentials(
-    gateway: GatewayThread,
+    gateway: HasCredentialsStub,
     tenant: Tenant,
     *,
     region: str = "us-east-1",
