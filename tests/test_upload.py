@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -117,3 +118,18 @@ def test_metrics_endpoint(
     assert 'recgw_uploads_finished_total{outcome="complete"} 1.0' in text
     assert "recgw_memory_budget_bytes" in text
     assert tenant.tenant_id not in text  # no tenant data in labels
+
+
+def test_s3_holds_the_whole_object_crc32c(
+    gateway: GatewayThread, moto: MotoS3, new_tenant: Callable[..., Tenant]
+) -> None:
+    tenant = new_tenant(gateway=gateway)
+    data = os.urandom(11 * MiB)
+    response = upload(gateway, upload_messages(tenant.tenant_id, "full-crc.bin", data))
+    head = moto.client("s3").head_object(
+        Bucket=tenant.bucket, Key=response.key, ChecksumMode="ENABLED"
+    )
+    assert head["ChecksumType"] == "FULL_OBJECT"
+    expected = checksums.crc32c(data).to_bytes(4, "big")
+    assert base64.b64decode(head["ChecksumCRC32C"]) == expected
+    assert response.checksums.crc32c == checksums.crc32c(data)

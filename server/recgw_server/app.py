@@ -71,6 +71,7 @@ def build_adapters(settings: Settings) -> Adapters:
             connect_timeout=settings.s3.connect_timeout_seconds,
             read_timeout=settings.s3.read_timeout_seconds,
             io_threads=settings.s3.io_threads,
+            full_object_checksum=settings.s3.full_object_checksum,
         )
     )
     sessions = SqliteSessionStore(settings.data_dir / "sessions.sqlite3")

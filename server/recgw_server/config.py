@@ -86,6 +86,8 @@ class S3Setting(BaseModel):
     connect_timeout_seconds: float = 5.0
     read_timeout_seconds: float = 60.0
     io_threads: int = Field(32, ge=1, le=512)
+    # Whole-object CRC32C on CompleteMultipartUpload; off for stores that lack it.
+    full_object_checksum: bool = True
 
 
 class Settings(BaseSettings):

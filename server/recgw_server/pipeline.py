@@ -596,7 +596,7 @@ class Upload:
                     for p in sorted(self._parts.values(), key=lambda p: p.number)
                 ]
                 written = await writer.complete_multipart_upload(
-                    self.spec, self._store_upload_id, parts
+                    self.spec, self._store_upload_id, parts, self._digest.crc32c
                 )
                 part_count = len(parts)
         except RecgwError as error:

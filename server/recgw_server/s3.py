@@ -140,15 +140,25 @@ class S3Settings:
     read_timeout: float = 60.0
     io_threads: int = 32
     client_cache_size: int = 256
+    # CRC32C of the whole object on CompleteMultipartUpload (ChecksumType FULL_OBJECT); turn off
+    # for S3-compatible stores that only know per-part checksums.
+    full_object_checksum: bool = True
 
 
 class S3Writer:
     """ObjectWriter for one tenant; every boto3 call runs in the shared I/O thread pool."""
 
-    def __init__(self, client: Any, credentials: TenantCredentials, executor: ThreadPoolExecutor):
+    def __init__(
+        self,
+        client: Any,
+        credentials: TenantCredentials,
+        executor: ThreadPoolExecutor,
+        full_object_checksum: bool = True,
+    ):
         self._client = client
         self._target = credentials.target
         self._executor = executor
+        self._full_object_checksum = full_object_checksum
 
     @property
     def bucket(self) -> str:
@@ -189,6 +199,8 @@ class S3Writer:
     async def create_multipart_upload(self, spec: ObjectSpec) -> str:
         args = self._write_args(spec)
         args["ChecksumAlgorithm"] = "CRC32C"
+        if self._full_object_checksum:
+            args["ChecksumType"] = "FULL_OBJECT"
         response = await self._run(
             "CreateMultipartUpload",
             spec.key,
@@ -212,7 +224,11 @@ class S3Writer:
         return WrittenPart(part_number, response["ETag"], len(body), crc32c)
 
     async def complete_multipart_upload(
-        self, spec: ObjectSpec, store_upload_id: str, parts: Sequence[WrittenPart]
+        self,
+        spec: ObjectSpec,
+        store_upload_id: str,
+        parts: Sequence[WrittenPart],
+        object_crc32c: int,
     ) -> WrittenObject:
         args: dict[str, Any] = {
             "Bucket": self.bucket,
@@ -231,6 +247,10 @@ class S3Writer:
         }
         if spec.if_none_match:
             args["IfNoneMatch"] = "*"
+        if self._full_object_checksum:
+            # S3 checks the whole object's CRC32C against the parts it holds.
+            args["ChecksumCRC32C"] = crc32c_header(object_crc32c)
+            args["ChecksumType"] = "FULL_OBJECT"
         response = await self._run(
             "CompleteMultipartUpload",
             spec.key,
@@ -282,7 +302,7 @@ class S3ObjectStore:
                 self._clients.popitem(last=False)
         else:
             self._clients.move_to_end(cache_key)
-        return S3Writer(client, credentials, self._executor)
+        return S3Writer(client, credentials, self._executor, self._settings.full_object_checksum)
 
     def forget(self, tenant_id: str) -> None:
         """Drop cached clients of a tenant (after its credentials changed)."""

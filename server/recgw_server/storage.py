@@ -57,8 +57,14 @@ class ObjectWriter(Protocol):
     ) -> WrittenPart: ...
 
     async def complete_multipart_upload(
-        self, spec: ObjectSpec, store_upload_id: str, parts: Sequence[WrittenPart]
-    ) -> WrittenObject: ...
+        self,
+        spec: ObjectSpec,
+        store_upload_id: str,
+        parts: Sequence[WrittenPart],
+        object_crc32c: int,
+    ) -> WrittenObject:
+        """Complete; S3 also checks `object_crc32c` where full-object checksums are on."""
+        ...
 
     async def abort_multipart_upload(self, key: str, store_upload_id: str) -> AbortOutcome: ...
 
