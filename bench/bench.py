@@ -13,10 +13,11 @@ Three measurements of the same bytes on the same machine:
 
 The gateway runs as `recgw serve --config <tmp>/recgw.toml` (its own process and GIL; the TOML
 holds only token hashes and Vault role ids, the AppRole secret ids go in RECGW_* variables) and
-gets the tenant's keys through SetCredentials. The client side of 1 and 3 (grpc.aio) and all of
-2 run in the bench process. Each transfer is timed from its first message (or
-CreateMultipartUpload) to the response, and the CPU time every process spent meanwhile is read
-from /proc, to show which one is busy. The gateway's peak RSS is its VmHWM.
+gets the tenant's keys through SetCredentials; its session store (data_dir) is in the temp dir
+too. The client side of 1 and 3 (grpc.aio) and all of 2 run in the bench process. Each transfer
+is timed from its first message (or CreateMultipartUpload) to the response, and the CPU time
+every process spent meanwhile is read from /proc, to show which one is busy. The gateway's peak
+RSS is its VmHWM.
 
 Every process the bench starts (OpenBao, moto_server, the gateway, the sink) is stopped at the
 end, on errors and on Ctrl-C. Secrets (Vault token and secret ids, AWS secret key, bearer
@@ -443,7 +444,7 @@ def direct_upload(
     Parts are cut and checksummed while earlier ones are on their way, like the gateway does;
     timed from CreateMultipartUpload to the CompleteMultipartUpload response.
     """
-    from recgw_server.pipeline import crc32c
+    from recgw_server.digest import crc32c
     from recgw_server.s3 import crc32c_header
 
     def send(number: int, body: bytes) -> dict[str, Any]:
@@ -610,9 +611,15 @@ def toml_string(value: str) -> str:
 
 
 def gateway_config(
-    port: int, options: Options, vault_address: str, identities: Any, token_hashes: dict[str, str]
+    port: int,
+    options: Options,
+    vault_address: str,
+    identities: Any,
+    token_hashes: dict[str, str],
+    data_dir: Path,
 ) -> str:
-    """The gateway's TOML: no secrets (those go in RECGW_* variables), only token hashes."""
+    """The gateway's TOML: no secrets (those go in RECGW_* variables), only token hashes; its
+    session store (SQLite) in `data_dir`, inside the bench's temp dir."""
     tokens = "".join(
         f"""
 [[tokens]]
@@ -627,6 +634,7 @@ listen = {toml_string(f"127.0.0.1:{port}")}
 metrics_listen = ""
 shutdown_grace_seconds = 2
 log_level = "INFO"
+data_dir = {toml_string(str(data_dir))}
 
 [vault]
 address = {toml_string(vault_address)}
@@ -708,6 +716,7 @@ def run_bench(options: Options) -> dict[str, Any]:
             bao.address,
             identities,
             {"uploader": hash_token(uploader_token), "admin": hash_token(admin_token)},
+            workdir / "gateway-data",
         )
         with os.fdopen(os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             f.write(text)
