@@ -1,6 +1,6 @@
 """`make bench`: gateway throughput against raw gRPC streaming and direct boto3, in one run.
 
-Three measurements of the same bytes on the same machine:
+Four measurements of the same bytes on the same machine:
 
 1. gateway: a client-streaming Upload of one recording (unknown length, 1 MiB messages) through
    a real `recgw serve` process into moto_server (IAM on, a tenant with the setup guide's
@@ -9,15 +9,22 @@ Three measurements of the same bytes on the same machine:
    same part size and as many parts in flight as the gateway allows, the same CRC32C per part,
    with the tenant's own keys;
 3. raw gRPC: the same messages streamed to a trivial grpc.aio server (another process) that
-   discards them: the ceiling of the transport.
+   discards them: the ceiling of the transport;
+4. gateway, resumed: the gateway upload again, but the client cancels its stream `--interruptions`
+   times (3: after the message that reaches 25%, 50% and 75% of the bytes), polls
+   GetUploadStatus until the gateway has detached it (received_size == committed_size) and
+   resumes with a new stream at committed_size, re-sending what was not committed. Timed like 1,
+   from the first message to the final response, breaks and polls included; the result is its
+   throughput over that of 1. finish_write carries the whole object's SHA-256 (in 1 as well), so
+   the gateway verifies it, and so does the bench against the response.
 
 The gateway runs as `recgw serve --config <tmp>/recgw.toml` (its own process and GIL; the TOML
 holds only token hashes and Vault role ids, the AppRole secret ids go in RECGW_* variables) and
 gets the tenant's keys through SetCredentials; its session store (data_dir) is in the temp dir
-too. The client side of 1 and 3 (grpc.aio) and all of 2 run in the bench process. Each transfer
-is timed from its first message (or CreateMultipartUpload) to the response, and the CPU time
-every process spent meanwhile is read from /proc, to show which one is busy. The gateway's peak
-RSS is its VmHWM.
+too. The client side of 1, 3 and 4 (grpc.aio) and all of 2 run in the bench process. Each
+transfer is timed from its first message (or CreateMultipartUpload) to the response, and the CPU
+time every process spent meanwhile is read from /proc, to show which one is busy. The gateway's
+peak RSS is its VmHWM.
 
 Every process the bench starts (OpenBao, moto_server, the gateway, the sink) is stopped at the
 end, on errors and on Ctrl-C. Secrets (Vault token and secret ids, AWS secret key, bearer
@@ -43,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,6 +68,10 @@ HEADER_SIZE = 16  # every chunk starts with its index and offset, so no two chun
 # Room for the other fields of an UploadRequest beside its data (as the gateway allows).
 MESSAGE_OVERHEAD = 64 * KiB
 RPC_TIMEOUT = 900.0
+DETACH_TIMEOUT = 60.0  # longest wait for the gateway to let go of a broken stream
+POLL_INTERVAL = 0.005  # between GetUploadStatus calls while waiting for that
+MAX_REFUSED = 20  # resumes refused because the old stream was still attached, per upload
+UPLOAD_ID_HEADER = "x-recgw-upload-id"  # sent by the gateway once a stream is attached
 # Set when the bench is interrupted: worker threads (boto3 parts, checksums) stop at once
 # instead of running on while asyncio.run waits for them.
 STOPPING = threading.Event()
@@ -93,18 +105,22 @@ class Workload:
     def chunk_count(self) -> int:
         return -(-self.size // self.chunk)
 
-    def chunks(self) -> Iterator[bytes]:
+    def chunks(self, start: int = 0) -> Iterator[bytes]:
+        """The bytes from offset `start` on, cut at the chunk boundaries (so the first piece is
+        shorter when `start` falls inside a chunk, as when a resume starts at a part boundary)."""
         view = memoryview(self.block)
-        for index, offset in enumerate(range(0, self.size, self.chunk)):
+        for index in range(start // self.chunk, self.chunk_count):
             if STOPPING.is_set():
                 raise KeyboardInterrupt("the bench is stopping")
+            offset = index * self.chunk
             length = min(self.chunk, self.size - offset)
             header = index.to_bytes(8, "big") + offset.to_bytes(8, "big")
             if length <= HEADER_SIZE:
-                yield header[:length]
-                continue
-            start = offset % len(self.block)
-            yield b"".join((header, view[start + HEADER_SIZE : start + length]))
+                piece = header[:length]
+            else:
+                at = offset % len(self.block)
+                piece = b"".join((header, view[at + HEADER_SIZE : at + length]))
+            yield piece[start - offset :] if offset < start else piece
 
     def parts(self, part_size: int) -> Iterator[bytes]:
         """The same bytes cut into parts of `part_size` (the last one may be shorter).
@@ -135,19 +151,29 @@ class Workload:
 
 
 def upload_requests(
-    workload: Workload, start: upload_pb2.UploadStart
+    workload: Workload,
+    start: upload_pb2.UploadStart,
+    offset: int = 0,
+    until: int | None = None,
+    sha256: bytes = b"",
 ) -> Iterator[upload_pb2.UploadRequest]:
-    """The messages of one upload stream: `start` first, `finish_write` on the last."""
-    last = workload.chunk_count - 1
-    offset = 0
-    for index, chunk in enumerate(workload.chunks()):
+    """The messages of one upload stream from byte `offset`: `start` first; `finish_write` (and
+    the whole object's SHA-256 to verify, if given) on the last, unless the stream is to stop
+    early, after the message that reaches byte `until`."""
+    first = True
+    for chunk in workload.chunks(offset):
         message = upload_pb2.UploadRequest(write_offset=offset, data=chunk)
-        if index == 0:
+        if first:
             message.start.CopyFrom(start)
-        if index == last:
-            message.finish_write = True
+            first = False
         offset += len(chunk)
+        if offset == workload.size:
+            message.finish_write = True
+            if sha256:
+                message.object_checksums.sha256 = sha256
         yield message
+        if until is not None and offset >= until:
+            return
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -298,6 +324,7 @@ class Options:
     boto3_concurrency: int
     memory_budget_mib: int
     repeat: int
+    interruptions: int
     json_path: Path | None
     keep_logs: bool
 
@@ -315,7 +342,7 @@ class Stack:
     admin_token: str
 
 
-KINDS = ("raw_grpc", "direct_boto3", "gateway")
+KINDS = ("raw_grpc", "direct_boto3", "gateway", "gateway_resumed")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -364,10 +391,16 @@ class Results:
     gateway_idle_kib: int = 0
     gateway_peak_kib: int = 0
     gateway_parts: int = 0
+    resumed: list[Resumed] = field(default_factory=list)
 
 
 async def stream(
-    address: str, token: str, workload: Workload, start: upload_pb2.UploadStart, meter: Meter
+    address: str,
+    token: str,
+    workload: Workload,
+    start: upload_pb2.UploadStart,
+    meter: Meter,
+    sha256: bytes = b"",
 ) -> tuple[Sample, upload_pb2.UploadResponse]:
     """One client-streaming Upload, timed from the first message to the response."""
     async with grpc.aio.insecure_channel(address) as channel:
@@ -375,11 +408,141 @@ async def stream(
         stub = upload_pb2_grpc.UploadServiceStub(channel)
         meter.start()
         call = stub.Upload(metadata=(("authorization", f"Bearer {token}"),), timeout=RPC_TIMEOUT)
-        for message in upload_requests(workload, start):
-            await call.write(message)
-        await call.done_writing()
-        response: upload_pb2.UploadResponse = await call
+        try:
+            for message in upload_requests(workload, start, sha256=sha256):
+                await call.write(message)
+            await call.done_writing()
+            response: upload_pb2.UploadResponse = await call
+        except asyncio.InvalidStateError:  # a write after the server ended the call
+            raise RuntimeError(f"the upload failed: {await rpc_status(call)}") from None
         return meter.stop(), response
+
+
+async def rpc_status(call: Any) -> str:
+    """Status code and details of a finished call (a write after the end only says "finished")."""
+    return f"{(await call.code()).name}: {await call.details()}"
+
+
+@dataclass(frozen=True)
+class Interruption:
+    """One broken stream of the resumed upload."""
+
+    sent: int  # bytes of data the client had written when it cancelled the stream
+    committed: int  # GetUploadStatus.committed_size once detached: where the next stream starts
+    detach_seconds: float  # from the cancel to the status showing the upload detached
+    polls: int  # GetUploadStatus calls until then
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """An upload interrupted at `cuts` and resumed each time: timed from the first message of
+    the first stream to the response of the last, detaching and status polls included."""
+
+    sample: Sample
+    interruptions: list[Interruption]
+    data_sent: int  # bytes of data written on all streams; beyond the size they were re-sent
+    refused: int  # resumes the gateway refused because the old stream was still attached
+
+
+def cut_points(workload: Workload, interruptions: int) -> list[int]:
+    """Where the streams break: after the message that reaches k/(n+1) of the chunks."""
+    count = workload.chunk_count
+    return [
+        min(count * k // (interruptions + 1) * workload.chunk, workload.size)
+        for k in range(1, interruptions + 1)
+    ]
+
+
+async def wait_detached(
+    stub: upload_pb2_grpc.UploadServiceAsyncStub,
+    upload_id: str,
+    metadata: tuple[tuple[str, str], ...],
+) -> tuple[int, int]:
+    """Poll GetUploadStatus until the upload is detached (received == committed): returns the
+    committed size and the number of polls."""
+    deadline = time.monotonic() + DETACH_TIMEOUT
+    polls = 0
+    while True:
+        polls += 1
+        try:
+            status = await stub.GetUploadStatus(
+                upload_pb2.GetUploadStatusRequest(upload_id=upload_id),
+                metadata=metadata,
+                timeout=30,
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            return 0, polls  # the start never reached the gateway: begin again at byte 0
+        if status.state != upload_pb2.UPLOAD_STATE_OPEN:
+            state = upload_pb2.UploadState.Name(status.state)
+            raise RuntimeError(f"the interrupted upload is {state}: {status.error_message}")
+        if status.received_size == status.committed_size:
+            return status.committed_size, polls
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the upload did not detach within {DETACH_TIMEOUT:g} s")
+        await asyncio.sleep(POLL_INTERVAL)
+
+
+async def resumed_stream(
+    address: str,
+    token: str,
+    workload: Workload,
+    start: upload_pb2.UploadStart,
+    cuts: list[int],
+    sha256: bytes,
+    meter: Meter,
+) -> tuple[Resumed, upload_pb2.UploadResponse]:
+    """One upload whose stream the client cancels at each of `cuts`; after each break it polls
+    GetUploadStatus until the gateway has detached the stream, then resumes with a new stream at
+    the committed size. The last stream sends finish_write with the whole object's SHA-256.
+
+    received == committed also holds before the gateway has noticed a break (0 == 0, or at a part
+    boundary with nothing in flight), and then the resume is refused with ABORTED: another stream
+    is writing. A resumed stream therefore waits for the upload id header, which the gateway
+    sends once the stream is attached, before it writes more: a refusal then shows as ABORTED
+    (a write after the call has ended would hide it behind INTERNAL, grpc/grpc#36066), and the
+    bench polls again and retries.
+    """
+    metadata = (("authorization", f"Bearer {token}"),)
+    pending = list(cuts)
+    interruptions: list[Interruption] = []
+    offset = data_sent = refused = 0
+    async with grpc.aio.insecure_channel(address) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 30)
+        stub = upload_pb2_grpc.UploadServiceStub(channel)
+        meter.start()
+        while True:
+            until = pending[0] if pending else None
+            call = stub.Upload(metadata=metadata, timeout=RPC_TIMEOUT)
+            sent = offset
+            try:
+                for message in upload_requests(workload, start, offset, until, sha256):
+                    await call.write(message)
+                    sent += len(message.data)
+                    data_sent += len(message.data)
+                    if message.HasField("start") and interruptions:
+                        headers = await call.initial_metadata()
+                        if UPLOAD_ID_HEADER not in dict(headers or ()):
+                            await call  # the call ended: raises its status
+                if until is None:
+                    await call.done_writing()
+                    response: upload_pb2.UploadResponse = await call
+                    break
+            except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                retry = (grpc.StatusCode.ABORTED, grpc.StatusCode.OUT_OF_RANGE)
+                if await call.code() not in retry or refused >= MAX_REFUSED:
+                    raise RuntimeError(f"the upload failed: {await rpc_status(call)}") from None
+                refused += 1
+                await asyncio.sleep(POLL_INTERVAL)
+                offset, _ = await wait_detached(stub, start.upload_id, metadata)
+                continue
+            call.cancel()  # the break: the client drops the stream mid-upload
+            broke = time.perf_counter()
+            pending.pop(0)
+            offset, polls = await wait_detached(stub, start.upload_id, metadata)
+            interruptions.append(Interruption(sent, offset, time.perf_counter() - broke, polls))
+        return Resumed(meter.stop(), interruptions, data_sent, refused), response
 
 
 async def measure_raw_grpc(stack: Stack, workload: Workload, run: int, meter: Meter) -> Sample:
@@ -403,13 +566,48 @@ async def measure_gateway(
         tenant_id=TENANT, object_name=name, content_type="application/octet-stream"
     )  # no expected_size: a live recording of unknown length
     sample, response = await stream(
-        stack.gateway_address, stack.uploader_token, workload, start, meter
+        stack.gateway_address, stack.uploader_token, workload, start, meter, expected_sha256
     )
     if response.size != workload.size or response.checksums.sha256 != expected_sha256:
         raise RuntimeError("the gateway stored other bytes than were sent")
     results.gateway_parts = response.part_count
     await asyncio.to_thread(delete_object, stack, PREFIX + name)
     return sample
+
+
+async def measure_resumed(
+    stack: Stack,
+    workload: Workload,
+    run: int,
+    expected_sha256: bytes,
+    interruptions: int,
+    meter: Meter,
+) -> Resumed:
+    """The gateway upload again, broken `interruptions` times and resumed after each break."""
+    name = f"resumed-{run}.bin"
+    start = upload_pb2.UploadStart(
+        tenant_id=TENANT,
+        object_name=name,
+        content_type="application/octet-stream",
+        upload_id=str(uuid.uuid4()),  # chosen by the client, so it is known before any byte
+    )
+    resumed, response = await resumed_stream(
+        stack.gateway_address,
+        stack.uploader_token,
+        workload,
+        start,
+        cut_points(workload, interruptions),
+        expected_sha256,
+        meter,
+    )
+    if response.size != workload.size or response.checksums.sha256 != expected_sha256:
+        raise RuntimeError("the resumed upload stored other bytes than were sent")
+    if len(resumed.interruptions) != interruptions:
+        raise RuntimeError(
+            f"the upload broke {len(resumed.interruptions)} times, not {interruptions}"
+        )
+    await asyncio.to_thread(delete_object, stack, PREFIX + name)
+    return resumed
 
 
 def s3_client(stack: Stack, options: Options) -> Any:
@@ -563,6 +761,10 @@ async def measure_runs(
     await measure_gateway(stack, warm, -1, warm_sha256, results, meter)
     client = await asyncio.to_thread(s3_client, stack, options)
     await asyncio.to_thread(measure_direct, stack, client, warm, -1, options, meter)
+    # and the resume path (GetUploadStatus, attaching to a session), with a few chunks
+    warm = Workload.make((options.interruptions + 1) * workload.chunk, workload.chunk, 1 * MiB)
+    warm_sha256 = await asyncio.to_thread(warm.sha256)
+    await measure_resumed(stack, warm, -1, warm_sha256, options.interruptions, meter)
     results.gateway_idle_kib = memory_kib(stack.gateway.pid)["VmRSS"]
     for run in range(options.repeat):
         label = f"[{run + 1}/{options.repeat}]"
@@ -577,6 +779,12 @@ async def measure_runs(
         sample = await measure_gateway(stack, workload, run, expected_sha256, results, meter)
         show(label, "gateway", workload.size, sample)
         results.samples["gateway"].append(sample)
+        resumed = await measure_resumed(
+            stack, workload, run, expected_sha256, options.interruptions, meter
+        )
+        show(label, "gateway resumed", workload.size, resumed.sample)
+        results.samples["gateway_resumed"].append(resumed.sample)
+        results.resumed.append(resumed)
     results.gateway_peak_kib = memory_kib(stack.gateway.pid)["VmHWM"]
 
 
@@ -597,7 +805,7 @@ def format_busy(cores: dict[str, float]) -> str:
 def show(label: str, kind: str, size: int, sample: Sample) -> None:
     speed = mib_per_s(size, sample.seconds)
     print(
-        f"{label} {kind:<13} {speed:8.1f} MiB/s  {sample.seconds:6.2f} s  "
+        f"{label} {kind:<15} {speed:8.1f} MiB/s  {sample.seconds:6.2f} s  "
         f"CPU cores: {format_busy(busy(sample))}",
         flush=True,
     )
@@ -783,6 +991,7 @@ def report(options: Options, results: Results) -> dict[str, Any]:
         }
     gateway = speeds["gateway"]["median"]
     peak_mib = results.gateway_peak_kib / KiB
+    resent = [run.data_sent - options.size for run in results.resumed]
     return {
         "machine": machine_facts(),
         "config": {
@@ -794,11 +1003,36 @@ def report(options: Options, results: Results) -> dict[str, Any]:
             "memory_budget_mib": options.memory_budget_mib,
             "repeat": options.repeat,
             "gateway_parts": results.gateway_parts,
+            "interruptions": options.interruptions,
         },
         "mib_per_s": speeds,
         "ratios": {
             "gateway_over_raw_grpc": gateway / speeds["raw_grpc"]["median"],
             "gateway_over_direct_boto3": gateway / speeds["direct_boto3"]["median"],
+            "gateway_resumed_over_gateway": speeds["gateway_resumed"]["median"] / gateway,
+        },
+        # The gateway upload broken `interruptions` times by the client (call.cancel()) and
+        # resumed at GetUploadStatus.committed_size each time; finish_write carries the SHA-256.
+        "resume": {
+            "interruptions": options.interruptions,
+            "median_bytes_resent": statistics.median(resent),
+            "runs": [
+                {
+                    "bytes_resent": extra,
+                    "refused_resumes": run.refused,
+                    "sha256_verified": True,  # the gateway checked it and so did the bench
+                    "breaks": [
+                        {
+                            "bytes_sent": cut.sent,
+                            "committed_size": cut.committed,
+                            "detach_seconds": cut.detach_seconds,
+                            "status_polls": cut.polls,
+                        }
+                        for cut in run.interruptions
+                    ],
+                }
+                for run, extra in zip(results.resumed, resent, strict=True)
+            ],
         },
         "gateway_memory": {
             "idle_rss_mib": results.gateway_idle_kib / KiB,
@@ -820,6 +1054,7 @@ def print_report(data: dict[str, Any]) -> None:
         "raw_grpc": "raw gRPC ceiling (discarding grpc.aio server)",
         "direct_boto3": f"direct boto3 -> moto ({mode})",
         "gateway": f"gateway -> moto ({config['gateway_parts']} parts, unknown length)",
+        "gateway_resumed": f"gateway -> moto, interrupted {config['interruptions']}x and resumed",
     }
     print()
     print(
@@ -836,6 +1071,14 @@ def print_report(data: dict[str, Any]) -> None:
         print(f"  {labels[kind]:<50} {speeds[kind]['median']:8.1f} MiB/s  (runs: {runs})")
     print(f"  {'gateway / raw gRPC':<50} {ratios['gateway_over_raw_grpc']:8.2f}")
     print(f"  {'gateway / direct boto3':<50} {ratios['gateway_over_direct_boto3']:8.2f}")
+    resume = data["resume"]
+    print(
+        f"  {'gateway resumed / uninterrupted':<50} "
+        f"{ratios['gateway_resumed_over_gateway']:8.2f}  "
+        f"({speeds['gateway_resumed']['median']:.1f} vs {speeds['gateway']['median']:.1f} MiB/s; "
+        f"{resume['interruptions']} breaks, {resume['median_bytes_resent'] / MiB:.1f} MiB re-sent, "
+        f"SHA-256 verified)"
+    )
     print(
         f"  gateway RSS: peak (VmHWM) {memory['peak_rss_mib']:.0f} MiB, "
         f"idle {memory['idle_rss_mib']:.0f} MiB; memory budget {memory['memory_budget_mib']} MiB "
@@ -848,7 +1091,7 @@ def print_report(data: dict[str, Any]) -> None:
     )
     print(f"  CPU cores kept busy (median over runs; the machine has {machine['nproc']}):")
     for kind in KINDS:
-        print(f"    {kind:<13} {format_busy(speeds[kind]['median_cores_busy'])}")
+        print(f"    {kind:<15} {format_busy(speeds[kind]['median_cores_busy'])}")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Options]:
@@ -869,6 +1112,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
         "--memory-budget-mib", type=int, default=512, help="gateway memory budget (512)"
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement (1)")
+    parser.add_argument(
+        "--interruptions",
+        type=int,
+        default=3,
+        help="breaks of the resumed gateway upload, evenly spread over its bytes (3)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with logs")
     parser.add_argument("--sink-port", type=int, default=0, help=argparse.SUPPRESS)
@@ -879,8 +1128,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
         parser.error("--chunk-kib must be between 1 and 4096")
     if size < 1:
         parser.error("--size-mib must be positive")
-    if args.repeat < 1 or args.inflight < 1:
-        parser.error("--repeat and --inflight must be at least 1")
+    if args.repeat < 1 or args.inflight < 1 or args.interruptions < 1:
+        parser.error("--repeat, --inflight and --interruptions must be at least 1")
+    if -(-size // chunk) <= args.interruptions:
+        parser.error("the recording needs more messages than --interruptions")
     options = Options(
         size=size,
         chunk=chunk,
@@ -889,6 +1140,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
         boto3_concurrency=args.boto3_concurrency or args.inflight,
         memory_budget_mib=args.memory_budget_mib,
         repeat=args.repeat,
+        interruptions=args.interruptions,
         json_path=args.json,
         keep_logs=args.keep_logs,
     )
