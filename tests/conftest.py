@@ -105,16 +105,22 @@ def make_gateway(
 
 @pytest.fixture
 def new_tenant(moto: MotoS3) -> Callable[..., Tenant]:
-    """A tenant with its own IAM user holding exactly the given policy (default: the seed's)."""
+    """A tenant with its own IAM user holding exactly the given policy (default: the seed's).
+
+    Unless a bucket is named, the tenant gets a new bucket of its own.
+    """
 
     def make(
         policy: dict[str, Any] | None = None,
-        bucket: str = SHARED_BUCKET,
+        bucket: str = "",
         prefix: str = "uploads/",
         gateway: GatewayThread | None = None,
         **target: Any,
     ) -> Tenant:
         suffix = uuid.uuid4().hex[:10]
+        if not bucket:  # a bucket of its own, so object names never clash between tests
+            bucket = f"recgw-{suffix}"
+            moto.create_bucket(bucket)
         keys = moto.create_user(f"tenant-{suffix}", policy or seed_policy(bucket))
         tenant = Tenant(f"t-{suffix}", bucket, keys, prefix)
         if gateway is not None:

@@ -16,6 +16,7 @@ from recgw.v1 import upload_pb2
 
 from recgw_server.devstack import AwsKeys, MotoS3, free_port, seed_policy
 from recgw_server.domain import Secret
+from tests.conftest import SHARED_BUCKET
 from tests.harness import (
     UPLOADER,
     GatewayThread,
@@ -228,14 +229,19 @@ def test_prefix_outside_policy_is_permission_denied(
     gateway: GatewayThread, moto: MotoS3, new_tenant: Callable[..., Tenant]
 ) -> None:
     tenant = new_tenant(
-        policy=seed_policy("recgw-test-bucket", "uploads/*"), prefix="elsewhere/", gateway=gateway
+        policy=seed_policy(SHARED_BUCKET, "uploads/*"),
+        bucket=SHARED_BUCKET,
+        prefix="elsewhere/",
+        gateway=gateway,
     )
     error = expect_error(gateway, upload_messages(tenant.tenant_id, "x.bin", b"abc"))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "recgw-test-bucket" in details(error)
+    assert SHARED_BUCKET in details(error)
     assert "elsewhere/x.bin" in details(error)
     # ...while the same policy lets a tenant under uploads/ write
-    allowed = new_tenant(policy=seed_policy("recgw-test-bucket", "uploads/*"), gateway=gateway)
+    allowed = new_tenant(
+        policy=seed_policy(SHARED_BUCKET, "uploads/*"), bucket=SHARED_BUCKET, gateway=gateway
+    )
     assert upload(gateway, upload_messages(allowed.tenant_id, "x.bin", b"abc")).size == 3
 
 
@@ -243,7 +249,10 @@ def test_access_denied_on_multipart(
     gateway: GatewayThread, moto: MotoS3, new_tenant: Callable[..., Tenant]
 ) -> None:
     tenant = new_tenant(
-        policy=seed_policy("recgw-test-bucket", "uploads/*"), prefix="elsewhere/", gateway=gateway
+        policy=seed_policy(SHARED_BUCKET, "uploads/*"),
+        bucket=SHARED_BUCKET,
+        prefix="elsewhere/",
+        gateway=gateway,
     )
     error = expect_error(gateway, upload_messages(tenant.tenant_id, "mp.bin", os.urandom(11 * MiB)))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -11,6 +11,7 @@ from recgw.v1 import credentials_pb2, upload_pb2
 
 from recgw_server.devstack import AwsKeys, MotoS3, OpenBao, seed_policy
 from recgw_server.domain import Secret
+from tests.conftest import SHARED_BUCKET
 from tests.harness import (
     ADMIN,
     UPLOADER,
@@ -133,7 +134,9 @@ def test_verify_reports_the_s3_error_code(
     assert not report.ok
     assert report.error_code == "SignatureDoesNotMatch"
     assert "SetCredentials" in report.error_message
-    denied = new_tenant(policy=seed_policy("recgw-test-bucket", "uploads/*"), prefix="other/")
+    denied = new_tenant(
+        policy=seed_policy(SHARED_BUCKET, "uploads/*"), bucket=SHARED_BUCKET, prefix="other/"
+    )
     set_credentials(gateway, denied, endpoint_url=moto.endpoint_url)
     report = verify(gateway, denied.tenant_id)
     assert (report.ok, report.error_code) == (False, "AccessDenied")

@@ -15,6 +15,7 @@ import pytest
 from recgw.v1 import credentials_pb2, upload_pb2
 
 from recgw_server.devstack import MotoS3, wait_until
+from tests.conftest import SHARED_BUCKET
 from tests.harness import (
     UPLOADER,
     CapturedLogs,
@@ -150,11 +151,11 @@ def test_abort_upload_with_abort_permission(
             {
                 "Effect": "Allow",
                 "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
-                "Resource": "arn:aws:s3:::recgw-test-bucket/uploads/*",
+                "Resource": f"arn:aws:s3:::{SHARED_BUCKET}/uploads/*",
             }
         ],
     }
-    tenant = new_tenant(policy=policy, gateway=gateway)
+    tenant = new_tenant(policy=policy, bucket=SHARED_BUCKET, gateway=gateway)
     held = HeldStream(gateway, tenant, "abortable.bin", os.urandom(6 * MiB))
     wait_for_status(gateway, held.upload_id, lambda s: s.committed_size >= 5 * MiB, "a part")
     report = gateway.uploads.AbortUpload(

@@ -15,6 +15,7 @@ from awscrt import checksums
 from recgw.v1 import credentials_pb2, upload_pb2
 
 from recgw_server.devstack import MotoS3, free_port
+from tests.conftest import SHARED_BUCKET
 from tests.harness import (
     ADMIN,
     GatewayThread,
@@ -89,8 +90,8 @@ def test_the_setup_guides_policy_is_all_it_takes(
     gateway: GatewayThread, moto: MotoS3, new_tenant: Callable[..., Tenant]
 ) -> None:
     """The customer pastes the guide's policy as it is; single, multipart and verify all work."""
-    policy = json.loads(SEED_POLICY_VERBATIM.replace("<REPLACE_BUCKET_NAME>", "recgw-test-bucket"))
-    tenant = new_tenant(policy=policy, gateway=gateway)
+    policy = json.loads(SEED_POLICY_VERBATIM.replace("<REPLACE_BUCKET_NAME>", SHARED_BUCKET))
+    tenant = new_tenant(policy=policy, bucket=SHARED_BUCKET, gateway=gateway)
     small = upload(gateway, upload_messages(tenant.tenant_id, "seed/small.bin", b"x" * 10))
     data = os.urandom(6 * MiB)
     large = upload(gateway, upload_messages(tenant.tenant_id, "seed/large.bin", data))

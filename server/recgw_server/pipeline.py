@@ -259,6 +259,13 @@ class Upload:
 
     async def stream_failed(self, error: RecgwError) -> None:
         """The attached stream ended with `error`: keep the upload resumable unless it cannot be."""
+        if self._finish_task is not None and not self._finish_task.done():
+            # Finishing runs to its end by itself and cleans up after itself if it fails.
+            await asyncio.gather(self._finish_task, return_exceptions=True)
+            return
+        await self._end_stream(error)
+
+    async def _end_stream(self, error: RecgwError) -> None:
         if self.state is UploadState.COMPLETE:
             return
         if self._fail_task is not None or self.abort_requested.is_set() or _is_terminal(error):
@@ -601,11 +608,11 @@ class Upload:
                 part_count = len(parts)
         except RecgwError as error:
             self.state = UploadState.OPEN
-            await self.stream_failed(error)
+            await self._end_stream(error)
             raise
         except BaseException as exc:
             self.state = UploadState.OPEN
-            await self.stream_failed(
+            await self._end_stream(
                 RecgwError(ErrorKind.INTERNAL, f"finishing failed ({type(exc).__name__})")
             )
             raise
