@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,18 +10,23 @@ from typing import Any
 
 import pytest
 
+from recgw_server.auth import hash_token
 from recgw_server.devstack import (
     MotoS3,
     OpenBao,
     VaultIdentities,
     bootstrap_vault,
+    free_port,
     seed_policy,
     start_moto,
     start_openbao,
 )
 from tests.harness import (
+    ADMIN_TOKEN,
+    UPLOADER_TOKEN,
     CapturedLogs,
     GatewayThread,
+    ServedGateway,
     Tenant,
     assert_no_secrets,
     make_settings,
@@ -135,3 +141,53 @@ def canaries_never_logged(captured_logs: CapturedLogs) -> Iterator[None]:
     """After the whole session: no secret any test used appears in any captured log line."""
     yield
     assert_no_secrets(captured_logs.text())
+
+
+@pytest.fixture
+def served(
+    tmp_path: Path, openbao: OpenBao, identities: VaultIdentities
+) -> Iterator[ServedGateway]:
+    port = free_port()
+    config = tmp_path / "recgw.toml"
+    config.write_text(
+        f"""
+listen = "127.0.0.1:{port}"
+data_dir = "{tmp_path / "data"}"
+shutdown_grace_seconds = 2
+
+[[tokens]]
+name = "uploader"
+role = "uploader"
+sha256 = "{hash_token(UPLOADER_TOKEN)}"
+
+[[tokens]]
+name = "admin"
+role = "admin"
+sha256 = "{hash_token(ADMIN_TOKEN)}"
+
+[vault]
+address = "{openbao.address}"
+
+[vault.writer]
+method = "approle"
+role_id = "{identities.writer.role_id}"
+
+[vault.reader]
+method = "approle"
+role_id = "{identities.reader.role_id}"
+
+[uploads]
+part_size_mib = 5
+"""
+    )
+    assert identities.writer.secret_id and identities.reader.secret_id
+    env = {
+        **os.environ,
+        "RECGW_VAULT__WRITER__SECRET_ID": identities.writer.secret_id.reveal(),
+        "RECGW_VAULT__READER__SECRET_ID": identities.reader.secret_id.reveal(),
+    }
+    gateway = ServedGateway(config, env, port, tmp_path / "serve.log")
+    gateway.start()
+    yield gateway
+    gateway.stop()
+    assert_no_secrets(gateway.log.read_text())

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import uuid
@@ -15,12 +18,13 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
 
 from recgw_server.app import Adapters, Gateway
 from recgw_server.auth import hash_token
 from recgw_server.config import Settings
-from recgw_server.devstack import AwsKeys, MotoS3, OpenBao, VaultIdentities
+from recgw_server.devstack import AwsKeys, MotoS3, OpenBao, VaultIdentities, wait_until
 
 T = TypeVar("T")
 MiB = 1024 * 1024
@@ -272,3 +276,50 @@ def object_exists(moto: MotoS3, bucket: str, key: str) -> bool:
 def read_object(moto: MotoS3, bucket: str, key: str) -> bytes:
     body: bytes = moto.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
     return body
+
+
+RECGW = str(Path(sys.executable).parent / "recgw")
+
+
+@dataclass
+class ServedGateway:
+    """`recgw serve` as a separate process that can be killed and started again."""
+
+    config: Path
+    env: dict[str, str]
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [RECGW, "serve", "--config", str(self.config)],
+                env=self.env,
+                stdout=out,
+                stderr=out,
+            )
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def serving() -> bool:
+                assert self.process is not None and self.process.poll() is None, self.log
+                request = health_pb2.HealthCheckRequest(service="recgw.v1.UploadService")
+                reply = health.Check(request, timeout=1)
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+            wait_until(serving, 30, "recgw serve")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -8,22 +8,18 @@ import re
 import signal
 import subprocess
 import sys
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import grpc
-import pytest
 import requests
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from recgw_server.auth import hash_token
-from recgw_server.devstack import MotoS3, OpenBao, VaultIdentities, free_port, wait_until
+from recgw_server.devstack import MotoS3, free_port
 from tests.harness import (
     ADMIN_TOKEN,
     UPLOADER_TOKEN,
     GatewayThread,
     MiB,
+    ServedGateway,
     Tenant,
     assert_no_secrets,
     read_object,
@@ -152,73 +148,12 @@ def test_creds_set_reads_the_secret_from_the_environment(
     assert json.loads(described.stdout)["bucket"] == tenant.bucket
 
 
-@pytest.fixture
-def served_gateway(
-    tmp_path: Path, openbao: OpenBao, identities: VaultIdentities
-) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
-    """`recgw serve` in its own process: TOML for settings, environment for secrets."""
-    port = free_port()
-    token = "serve-CANARY-" + uuid.uuid4().hex
-    register_canary(token)
-    config = tmp_path / "recgw.toml"
-    config.write_text(
-        f"""
-listen = "127.0.0.1:{port}"
-shutdown_grace_seconds = 5
-data_dir = "{tmp_path / "data"}"
-
-[[tokens]]
-name = "ops"
-role = "uploader"
-sha256 = "{hash_token(token)}"
-
-[vault]
-address = "{openbao.address}"
-
-[vault.writer]
-method = "approle"
-role_id = "{identities.writer.role_id}"
-
-[vault.reader]
-method = "approle"
-role_id = "{identities.reader.role_id}"
-"""
-    )
-    assert identities.writer.secret_id and identities.reader.secret_id
-    env = {
-        **os.environ,
-        "RECGW_VAULT__WRITER__SECRET_ID": identities.writer.secret_id.reveal(),
-        "RECGW_VAULT__READER__SECRET_ID": identities.reader.secret_id.reveal(),
-    }
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [RECGW, "serve", "--config", str(config)], env=env, stdout=out, stderr=out
-        )
-    try:
-        yield process, port, log
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-def test_serve_runs_and_stops_gracefully(
-    served_gateway: tuple[subprocess.Popen[bytes], int, Path],
-) -> None:
-    process, port, log = served_gateway
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-
-        def serving() -> bool:
-            request = health_pb2.HealthCheckRequest(service="recgw.v1.UploadService")
-            status = health.Check(request, timeout=1).status
-            return bool(status == health_pb2.HealthCheckResponse.SERVING)
-
-        wait_until(serving, 30, "recgw serve")
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=30) == 0
-    text = log.read_text()
+def test_serve_runs_and_stops_gracefully(served: ServedGateway) -> None:
+    """`recgw serve` with TOML settings and secrets from the environment; SIGTERM is graceful."""
+    assert served.process is not None
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(timeout=30) == 0
+    text = served.log.read_text()
     assert "shutting down" in text
     assert_no_secrets(text)
 
