@@ -8,6 +8,7 @@ loop) talk to it over loopback gRPC.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import io
 import json
@@ -17,10 +18,11 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import pytest
@@ -31,6 +33,7 @@ from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_p
 import recgw_client
 import recgw_client.sync
 from recgw_client import (
+    UPLOAD_ID_HEADER,
     CredentialsAdmin,
     RecgwError,
     UploadClient,
@@ -60,39 +63,315 @@ def crc32c_bitwise(data: bytes) -> int:
 
 # --- the fake gateway --------------------------------------------------------------------
 
+OPEN = upload_pb2.UPLOAD_STATE_OPEN
+FINISHING = upload_pb2.UPLOAD_STATE_FINISHING
+COMPLETE = upload_pb2.UPLOAD_STATE_COMPLETE
+ABORTED = upload_pb2.UPLOAD_STATE_ABORTED
+EXPIRED = upload_pb2.UPLOAD_STATE_EXPIRED
+
 
 @dataclass
 class RecordedUpload:
+    """One Upload stream as the fake received it."""
+
     metadata: dict[str, str | bytes]
     requests: list[upload_pb2.UploadRequest] = field(default_factory=list)
     ended: threading.Event = field(default_factory=threading.Event)
+    broken: bool = False
+    # The status the fake ended the stream with, if it refused or broke it.
+    refused: grpc.StatusCode | None = None
 
     @property
     def data(self) -> bytes:
         return b"".join(r.data for r in self.requests)
 
 
+@dataclass
+class Break:
+    """How the fake ends one accepted stream early (streams take the breaks in order).
+
+    ``at``: once the gateway has received this many bytes of the object; None: at
+    finish_write, after doing ``at_finish`` to the upload: "complete" (only the reply
+    is lost), "open" (the bytes after the committed size are lost), "finishing"
+    (everything committed; the upload completes when the next stream opens).
+    ``code``: the status to abort with; None cuts the TCP connection instead (the
+    client must then connect through ``FakeServer.proxy_address``).
+    ``before_header``: break on the start message, before the upload id header.
+    ``stays_attached``: the next streams of the upload find the broken one still
+    attached, as a gateway that has not yet noticed it is gone.
+    ``forget``: the gateway forgets the upload (a restart without a session store).
+    ``expire``: the upload expires instead of staying open.
+    ``status_failures``: the next this many unary calls fail with UNAVAILABLE.
+    """
+
+    at: int | None = 0
+    code: grpc.StatusCode | None = grpc.StatusCode.UNAVAILABLE
+    message: str = "the gateway went away"
+    at_finish: str = "complete"
+    before_header: bool = False
+    stays_attached: int = 0
+    forget: bool = False
+    expire: bool = False
+    status_failures: int = 0
+
+
+@dataclass
+class FakeSession:
+    """An upload as the fake gateway's session store holds it."""
+
+    start: upload_pb2.UploadStart
+    state: int = OPEN
+    committed: bytearray = field(default_factory=bytearray)
+    # Received after the committed bytes; the first `in_flight` whole parts are being written.
+    pending: bytearray = field(default_factory=bytearray)
+    in_flight: int = 0
+    # In-flight parts of a broken stream that land only when the next stream opens.
+    late: bool = False
+    writer: RecordedUpload | None = None
+    stale_writers: int = 0
+    finish_request: upload_pb2.UploadRequest | None = None
+    result: upload_pb2.UploadResponse | None = None
+    error_message: str = ""
+
+    @property
+    def received(self) -> int:
+        return len(self.committed) + len(self.pending)
+
+
+def _seeded_session() -> FakeSession:
+    """A finished upload `u-1` for the status and abort tests."""
+    session = FakeSession(
+        start=upload_pb2.UploadStart(tenant_id="acme", object_name="a.webm", upload_id="u-1"),
+        state=COMPLETE,
+        committed=bytearray(b"hello world"),
+    )
+    session.result = upload_pb2.UploadResponse(
+        upload_id="u-1", bucket="customer-bucket", key="uploads/a.webm", size=11
+    )
+    return session
+
+
 class FakeGateway(
     upload_pb2_grpc.UploadServiceServicer, credentials_pb2_grpc.CredentialsServiceServicer
 ):
-    """Checks the bearer token, records every message and answers like the gateway."""
+    """Checks the bearer token, records every message and answers like the gateway.
+
+    Uploads are resumable: bytes become committed a whole part (``part_size``)
+    at a time; up to ``max_in_flight`` whole parts wait uncommitted ("being
+    written to S3"), one of which lands every ``polls_per_landing`` status
+    queries. A broken stream loses its uncommitted bytes; its in-flight parts
+    land at once, or with ``late_landing`` only when the next stream opens.
+    """
 
     def __init__(self) -> None:
         self.uploads: list[RecordedUpload] = []
+        self.sessions: dict[str, FakeSession] = {"u-1": _seeded_session()}
         self.unary_metadata: list[dict[str, str | bytes]] = []
         self.unary_requests: list[protobuf_message.Message] = []
         self.send_header = True
         # (number of messages received, code, details): abort after that message.
         self.fail_after: tuple[int, grpc.StatusCode, str] | None = None
         self.unary_error: tuple[grpc.StatusCode, str] | None = None
+        # The next this many unary calls fail with UNAVAILABLE.
+        self.unary_failures = 0
         self.upload_started = threading.Event()
         self.data_received = threading.Event()
+        self.part_size = 1 << 40  # by default nothing commits before finish_write
+        self.max_in_flight = 0
+        self.polls_per_landing = 1
+        self.late_landing = False
+        self.breaks: collections.deque[Break] = collections.deque()
+        self.status_queries = 0
+        self.max_lag = 0  # the most bytes received but not committed at any time
+        self.cut: Callable[[], None] = lambda: None
+        self._polls = 0
 
     async def _check(self, context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str | bytes]:
         metadata = dict(context.invocation_metadata() or ())
         if metadata.get("authorization") != f"Bearer {TOKEN}":
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         return metadata
+
+    # --- parts --------------------------------------------------------------------------
+
+    def _land(self, session: FakeSession, parts: int = 1) -> None:
+        """In-flight parts become durable."""
+        for _ in range(min(parts, session.in_flight)):
+            session.committed += session.pending[: self.part_size]
+            del session.pending[: self.part_size]
+            session.in_flight -= 1
+
+    def _take(self, session: FakeSession, data: bytes) -> None:
+        session.pending += data
+        while len(session.pending) >= (session.in_flight + 1) * self.part_size:
+            session.in_flight += 1
+        self.max_lag = max(self.max_lag, len(session.pending))
+        self._land(session, session.in_flight - self.max_in_flight)
+
+    def _detach(self, session: FakeSession, record: RecordedUpload, brk: Break | None) -> None:
+        """The stream is gone: what was not committed is lost."""
+        if session.writer is not record:
+            return
+        session.writer = None
+        if session.state != OPEN:
+            return
+        if self.late_landing and session.in_flight:
+            del session.pending[session.in_flight * self.part_size :]
+            session.late = True
+        else:
+            self._land(session, session.in_flight)
+            session.pending.clear()
+        if brk is not None and record.broken:
+            session.stale_writers = brk.stays_attached
+            if brk.expire:
+                session.state = EXPIRED
+                session.error_message = "idle for too long"
+
+    async def _break(
+        self,
+        brk: Break,
+        session: FakeSession,
+        record: RecordedUpload,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> NoReturn:
+        record.broken = True
+        self.unary_failures += brk.status_failures
+        self._detach(session, record, brk)
+        if brk.forget:
+            del self.sessions[session.start.upload_id]
+        if brk.code is None:
+            self.cut()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "connection cut")
+        await context.abort(brk.code, brk.message)
+
+    # --- Upload -------------------------------------------------------------------------
+
+    async def _refuse(
+        self,
+        record: RecordedUpload,
+        context: grpc.aio.ServicerContext[Any, Any],
+        code: grpc.StatusCode,
+        message: str,
+    ) -> NoReturn:
+        record.refused = code
+        await context.abort(code, message)
+
+    async def _open(
+        self,
+        request: upload_pb2.UploadRequest,
+        record: RecordedUpload,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> FakeSession:
+        if not request.HasField("start"):
+            await self._refuse(
+                record, context, grpc.StatusCode.INVALID_ARGUMENT, "send 'start' first"
+            )
+        start = upload_pb2.UploadStart()
+        start.CopyFrom(request.start)
+        upload_id = start.upload_id or UPLOAD_ID
+        start.upload_id = upload_id
+        session = self.sessions.get(upload_id)
+        if session is None:
+            session = FakeSession(start=start)
+            self.sessions[upload_id] = session
+        elif session.start != start:
+            await self._refuse(
+                record,
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the start message differs from the one that opened upload {upload_id}",
+            )
+        if session.state == FINISHING and session.finish_request is not None:
+            self._complete(session, session.finish_request)  # finished in the background
+        if session.state == COMPLETE:
+            if request.finish_write and request.write_offset == len(session.committed):
+                return session
+            await self._refuse(
+                record,
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"upload {upload_id} is already complete",
+            )
+        if session.state in (ABORTED, EXPIRED):
+            await self._refuse(
+                record, context, grpc.StatusCode.ABORTED, f"upload {upload_id} was aborted"
+            )
+        if session.writer is not None or session.stale_writers:
+            session.stale_writers = max(session.stale_writers - 1, 0)
+            await self._refuse(
+                record,
+                context,
+                grpc.StatusCode.ABORTED,
+                f"another stream is writing upload {upload_id}; retry later",
+            )
+        if session.late:
+            self._land(session, session.in_flight)
+            session.late = False
+        if request.write_offset != session.received:
+            await self._refuse(
+                record,
+                context,
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"write_offset {request.write_offset} does not match the committed size "
+                f"{session.received} of upload {upload_id}",
+            )
+        session.writer = record
+        return session
+
+    def _complete(self, session: FakeSession, request: upload_pb2.UploadRequest) -> None:
+        self._land(session, session.in_flight)
+        session.committed += session.pending
+        session.pending.clear()
+        data = bytes(session.committed)
+        start = session.start
+        if start.HasField("expected_size") and start.expected_size != len(data):
+            session.state = ABORTED
+            raise ValueError(f"expected_size is {start.expected_size} but {len(data)} arrived")
+        crc, sha = crc32c(data), hashlib.sha256(data).digest()
+        if request.HasField("object_checksums"):
+            sums = request.object_checksums
+            if sums.crc32c != crc or sums.sha256 != sha:
+                session.state = ABORTED
+                raise ValueError("the object checksums do not match the bytes received")
+        session.result = upload_pb2.UploadResponse(
+            upload_id=start.upload_id,
+            bucket="customer-bucket",
+            key="uploads/" + start.object_name,
+            size=len(data),
+            etag='"0123abcd-2"',
+            version_id="v1",
+            part_count=2,
+            checksums=upload_pb2.ObjectChecksums(crc32c=crc, sha256=sha),
+        )
+        session.state = COMPLETE
+        session.writer = None
+
+    async def _finish(
+        self,
+        session: FakeSession,
+        request: upload_pb2.UploadRequest,
+        record: RecordedUpload,
+        brk: Break | None,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> upload_pb2.UploadResponse:
+        if brk is not None and brk.at is None and brk.at_finish == "open":
+            await self._break(brk, session, record, context)
+        if brk is not None and brk.at is None and brk.at_finish == "finishing":
+            self._land(session, session.in_flight)
+            session.committed += session.pending
+            session.pending.clear()
+            session.state = FINISHING
+            session.finish_request = request
+            session.writer = None
+            await self._break(brk, session, record, context)
+        try:
+            self._complete(session, request)
+        except ValueError as err:
+            await self._refuse(record, context, grpc.StatusCode.DATA_LOSS, str(err))
+        if brk is not None and brk.at is None:
+            await self._break(brk, session, record, context)
+        assert session.result is not None
+        return session.result
 
     async def Upload(
         self,
@@ -101,63 +380,89 @@ class FakeGateway(
     ) -> upload_pb2.UploadResponse:
         record = RecordedUpload(metadata=dict(context.invocation_metadata() or ()))
         self.uploads.append(record)
+        session: FakeSession | None = None
+        brk: Break | None = None
         try:
             await self._check(context)
             async for request in request_iterator:
                 record.requests.append(request)
                 if request.data:
                     self.data_received.set()
-                if len(record.requests) == 1:
+                if session is None:
                     self.upload_started.set()
+                    session = await self._open(request, record, context)
+                    if session.writer is record and self.breaks:
+                        brk = self.breaks.popleft()
+                    if brk is not None and brk.before_header:
+                        await self._break(brk, session, record, context)
                     if self.send_header:
-                        upload_id = request.start.upload_id or UPLOAD_ID
-                        await context.send_initial_metadata((("x-recgw-upload-id", upload_id),))
+                        await context.send_initial_metadata(
+                            ((UPLOAD_ID_HEADER, session.start.upload_id),)
+                        )
+                    if session.state == COMPLETE:  # finishing again is idempotent
+                        assert session.result is not None
+                        return session.result
+                elif request.HasField("start"):
+                    await self._refuse(
+                        record, context, grpc.StatusCode.INVALID_ARGUMENT, "a second start"
+                    )
                 if self.fail_after is not None and len(record.requests) >= self.fail_after[0]:
                     await context.abort(self.fail_after[1], self.fail_after[2])
+                if request.write_offset != session.received:
+                    await self._refuse(
+                        record,
+                        context,
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"write_offset {request.write_offset}, expected {session.received}",
+                    )
+                self._take(session, request.data)
+                if brk is not None and brk.at is not None and session.received >= brk.at:
+                    await self._break(brk, session, record, context)
                 if request.finish_write:
-                    break
-            else:
-                await context.abort(
-                    grpc.StatusCode.ABORTED, "the stream ended without finish_write"
-                )
-            data = record.data
-            start = record.requests[0].start
-            return upload_pb2.UploadResponse(
-                upload_id=start.upload_id or UPLOAD_ID,
-                bucket="customer-bucket",
-                key="uploads/" + start.object_name,
-                size=len(data),
-                etag='"0123abcd-2"',
-                version_id="v1",
-                part_count=2,
-                checksums=upload_pb2.ObjectChecksums(
-                    crc32c=crc32c(data), sha256=hashlib.sha256(data).digest()
-                ),
-            )
+                    return await self._finish(session, request, record, brk, context)
+            await context.abort(grpc.StatusCode.ABORTED, "the stream ended without finish_write")
         finally:
+            if session is not None:
+                self._detach(session, record, brk)
             record.ended.set()
+
+    # --- unary calls --------------------------------------------------------------------
 
     async def _unary(self, request: protobuf_message.Message, context: Any) -> None:
         self.unary_metadata.append(await self._check(context))
         self.unary_requests.append(request)
+        if self.unary_failures > 0:
+            self.unary_failures -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "status briefly unavailable")
         if self.unary_error is not None:
             await context.abort(*self.unary_error)
 
     async def GetUploadStatus(
-        self, request: upload_pb2.GetUploadStatusRequest, context: Any
+        self,
+        request: upload_pb2.GetUploadStatusRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> upload_pb2.GetUploadStatusResponse:
         await self._unary(request, context)
+        self.status_queries += 1
+        session = self.sessions.get(request.upload_id)
+        if session is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no upload {request.upload_id}")
+        if session.state == OPEN and session.in_flight and not session.late:
+            self._polls += 1
+            if self._polls >= self.polls_per_landing:
+                self._polls = 0
+                self._land(session)
         response = upload_pb2.GetUploadStatusResponse(
             upload_id=request.upload_id,
-            state=upload_pb2.UPLOAD_STATE_COMPLETE,
-            committed_size=11,
-            received_size=11,
-            tenant_id="acme",
-            key="uploads/a.webm",
-            result=upload_pb2.UploadResponse(
-                upload_id=request.upload_id, bucket="customer-bucket", key="uploads/a.webm", size=11
-            ),
+            state=session.state,  # type: ignore[arg-type]
+            committed_size=len(session.committed),
+            received_size=session.received,
+            tenant_id=session.start.tenant_id,
+            key="uploads/" + session.start.object_name,
+            error_message=session.error_message,
         )
+        if session.result is not None:
+            response.result.CopyFrom(session.result)
         response.create_time.FromSeconds(1_800_000_000)
         return response
 
@@ -165,6 +470,10 @@ class FakeGateway(
         self, request: upload_pb2.AbortUploadRequest, context: Any
     ) -> upload_pb2.AbortUploadResponse:
         await self._unary(request, context)
+        session = self.sessions.get(request.upload_id)
+        if session is not None and session.state != COMPLETE:
+            session.state = ABORTED
+            session.error_message = "aborted by AbortUpload"
         return upload_pb2.AbortUploadResponse(
             state=upload_pb2.UPLOAD_STATE_ABORTED,
             storage_aborted=False,
@@ -222,32 +531,106 @@ class FakeGateway(
         return credentials_pb2.VerifyCredentialsResponse(ok=True, key="uploads/.recgw-verify")
 
 
+class TcpProxy:
+    """Forwards TCP connections to the fake; cut() drops them all, like a lost network."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self.cuts = 0
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.ensure_future(self._forward(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(
+                "127.0.0.1", self._port
+            )
+        except OSError:
+            writer.transport.abort()
+            return
+        pair = (writer, upstream_writer)
+        self._pairs.add(pair)
+        try:
+            await asyncio.gather(
+                self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer)
+            )
+        finally:
+            self._pairs.discard(pair)
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.transport.abort()
+
+    def cut(self) -> None:
+        self.cuts += 1
+        for client, upstream in list(self._pairs):
+            client.transport.abort()
+            upstream.transport.abort()
+        self._pairs.clear()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        self.cut()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
 class FakeServer:
-    """The fake gateway on its own event loop thread."""
+    """The fake gateway on its own event loop thread, directly and through a TCP proxy."""
 
     def __init__(self) -> None:
         self.gateway = FakeGateway()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: grpc.aio.Server | None = None
+        self._proxy: TcpProxy | None = None
         self.address = ""
+        self.proxy_address = ""
 
-    async def _start(self) -> int:
+    async def _start(self) -> tuple[int, int]:
         self._server = grpc.aio.server()
         upload_pb2_grpc.add_UploadServiceServicer_to_server(self.gateway, self._server)
         credentials_pb2_grpc.add_CredentialsServiceServicer_to_server(self.gateway, self._server)
         port = self._server.add_insecure_port("127.0.0.1:0")
         await self._server.start()
-        return port
+        self._proxy = TcpProxy(port)
+        self.gateway.cut = self._proxy.cut
+        return port, await self._proxy.start()
+
+    async def _stop(self) -> None:
+        if self._proxy is not None:
+            await self._proxy.stop()
+        if self._server is not None:
+            await self._server.stop(None)
 
     def start(self) -> None:
         self._thread.start()
-        port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(WAIT)
+        port, proxy_port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(WAIT)
         self.address = f"127.0.0.1:{port}"
+        self.proxy_address = f"127.0.0.1:{proxy_port}"
 
     def stop(self) -> None:
-        if self._server is not None:
-            asyncio.run_coroutine_threadsafe(self._server.stop(None), self._loop).result(WAIT)
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(WAIT)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(WAIT)
         self._loop.close()
@@ -266,6 +649,13 @@ def upload_bytes(fake: FakeServer, source: recgw_client.Source, **kwargs: Any) -
         return await recgw_client.upload(fake.address, TOKEN, source, "acme", "a.webm", **kwargs)
 
     return asyncio.run(run())
+
+
+def chosen_id(upload: RecordedUpload) -> str:
+    """The upload id the client chose for a stream: a uuid4."""
+    upload_id = upload.requests[0].start.upload_id
+    assert uuid.UUID(upload_id).version == 4
+    return upload_id
 
 
 def check_stream(
@@ -346,8 +736,8 @@ def test_bytes_upload_sends_the_protocol_and_returns_the_result(fake: FakeServer
         "video/webm",
     )
     assert dict(start.metadata) == {"call-id": "42"}
-    assert start.upload_id == ""
-    assert result.upload_id == UPLOAD_ID
+    # The client chose the id, so it could ask about the upload even before the header.
+    assert result.upload_id == chosen_id(upload)
     assert (result.bucket, result.key, result.size) == ("customer-bucket", "uploads/a.webm", 10_000)
     assert (result.etag, result.version_id, result.part_count) == ('"0123abcd-2"', "v1", 2)
     assert result.checksums.crc32c == crc32c_bitwise(data)
@@ -381,7 +771,7 @@ def test_file_source_sets_expected_size_and_reports_progress(
     )
     [upload] = fake.gateway.uploads
     check_stream(upload, data, expected_size=20_000)
-    assert ids == [UPLOAD_ID]
+    assert ids == [chosen_id(upload)]
     assert result.size == 20_000
     sent = [s for s, _ in calls]
     assert sent == sorted(sent)
@@ -445,7 +835,7 @@ def test_async_iterator_source_is_a_live_recording(fake: FakeServer) -> None:
     check_stream(upload, data, expected_size=None)
     # Chunks larger than chunk_size are split; small ones are sent at once, not held back.
     assert [len(r.data) for r in upload.requests] == [0, 10, 4096, 4096, 808, 5, 3, 0]
-    assert ids == [UPLOAD_ID]
+    assert ids == [chosen_id(upload)]
     assert result.size == len(data)
 
 
@@ -489,8 +879,9 @@ def test_sync_iterable_source_and_sync_wrapper(fake: FakeServer) -> None:
     result = recgw_client.sync.upload(fake.address, TOKEN, chunks(), "acme", "a.txt")
     check_stream(fake.gateway.uploads[0], b"one two", expected_size=None)
     assert result.size == 7
-    status = recgw_client.sync.get_upload_status(fake.address, TOKEN, UPLOAD_ID)
+    status = recgw_client.sync.get_upload_status(fake.address, TOKEN, result.upload_id)
     assert status.state is UploadState.COMPLETE
+    assert status.committed_size == 7 and status.result == result
 
 
 def test_bad_sources_and_arguments(fake: FakeServer) -> None:
@@ -505,9 +896,11 @@ def test_bad_sources_and_arguments(fake: FakeServer) -> None:
     with pytest.raises(ValueError, match="token") as caught:
         asyncio.run(recgw_client.upload(fake.address, "bad token", b"x", "acme", "a"))
     assert "bad token" not in str(caught.value)
-    # The reading errors ended their streams unfinished; the bad token never reached the gateway.
-    assert len(fake.gateway.uploads) == 2
+    # The reading errors ended their streams unfinished (a stream cancelled right after
+    # it opened may not even reach the gateway); the bad token never reached it.
+    assert len(fake.gateway.uploads) <= 2
     for upload in fake.gateway.uploads:
+        assert upload.metadata["authorization"] == f"Bearer {TOKEN}"
         assert upload.ended.wait(WAIT)
         assert not any(r.finish_write for r in upload.requests)
 
@@ -523,7 +916,9 @@ def test_gateway_error_mid_stream_becomes_recgw_error(fake: FakeServer) -> None:
     assert error.code is grpc.StatusCode.OUT_OF_RANGE
     assert error.message == "more bytes than expected_size"
     assert str(error) == "OUT_OF_RANGE: more bytes than expected_size"
-    assert error.upload_id == UPLOAD_ID
+    assert error.upload_id == chosen_id(fake.gateway.uploads[0])
+    # Not the resume handshake (the first stream starts at 0): no retry, no status query.
+    assert len(fake.gateway.uploads) == 1 and fake.gateway.status_queries == 0
 
 
 def test_gateway_error_is_reported_while_a_live_source_is_idle(fake: FakeServer) -> None:
@@ -571,21 +966,34 @@ def test_unreachable_gateway_is_unavailable() -> None:
     server.start()
     address = server.address
     server.stop()
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    policy = recgw_client.RetryPolicy(max_attempts=3, jitter=0, sleep=sleep)
     with pytest.raises(RecgwError) as caught:
-        asyncio.run(recgw_client.upload(address, TOKEN, b"data", "acme", "a"))
+        asyncio.run(recgw_client.upload(address, TOKEN, b"data", "acme", "a", retry_policy=policy))
     assert caught.value.code is grpc.StatusCode.UNAVAILABLE
+    # Retried with backoff (its status queries fail too), then given up.
+    assert waits == [0.2, 0.4]
+    assert caught.value.attempts == 1 and caught.value.upload_id is not None
 
 
 def test_failing_source_cancels_the_stream(fake: FakeServer) -> None:
     async def recording() -> AsyncIterator[bytes]:
         yield b"some bytes"
+        # The next chunk is read while this one is sent: let it reach the gateway first.
+        await asyncio.to_thread(fake.gateway.data_received.wait, WAIT)
         raise RuntimeError("recorder crashed")
 
     with pytest.raises(RuntimeError, match="recorder crashed"):
         upload_bytes(fake, recording())
     [upload] = fake.gateway.uploads
     assert upload.ended.wait(WAIT)
+    assert upload.data == b"some bytes"
     assert not any(r.finish_write for r in upload.requests)
+    assert fake.gateway.status_queries == 0  # a source error is not retried
 
 
 def test_failing_upload_id_callback_cancels_the_stream(fake: FakeServer) -> None:
@@ -735,8 +1143,8 @@ def test_cli_upload_file_json(
     assert out["key"] == "uploads/2026/call.webm" and out["size"] == 5000
     assert out["sha256"] == hashlib.sha256(data).hexdigest()
     assert out["crc32c"] == f"{crc32c_bitwise(data):08x}"
-    assert out["upload_id"] == UPLOAD_ID
     [upload] = fake.gateway.uploads
+    assert out["upload_id"] == chosen_id(upload)
     check_stream(upload, data, expected_size=5000)
     start = upload.requests[0].start
     assert dict(start.metadata) == {"call-id": "42", "agent": "bob"}
@@ -771,8 +1179,8 @@ def test_cli_upload_stdin_with_token_file(
     )
     assert result.exit_code == 0, result.output
     assert "uploaded s3://customer-bucket/uploads/live.bin" in result.stdout
-    assert f"upload id: {UPLOAD_ID}" in result.stderr
     [upload] = fake.gateway.uploads
+    assert f"upload id: {chosen_id(upload)}" in result.stderr
     check_stream(upload, b"streamed from a recorder", expected_size=None)
     assert upload.requests[0].start.content_type == "audio/ogg"
 
@@ -941,8 +1349,9 @@ def test_cli_streams_a_live_pipe_and_prints_the_upload_id_at_once(fake: FakeServ
     try:
         process.stdin.write(b"first bytes of the call")
         process.stdin.flush()
-        assert process.stderr.readline() == f"upload id: {UPLOAD_ID}\n".encode()
+        line = process.stderr.readline()
         assert fake.gateway.upload_started.is_set()
+        assert line == f"upload id: {chosen_id(fake.gateway.uploads[0])}\n".encode()
         process.stdin.write(b", and the rest")
         process.stdin.close()
         out = process.stdout.read()

@@ -3,6 +3,7 @@
 The asyncio API (grpc.aio) is primary; ``recgw_client.sync`` wraps it for
 blocking code. Every call needs a bearer token: role ``uploader`` for uploads,
 ``admin`` for credentials. Failures raise ``RecgwError`` with the gRPC code.
+Uploads resume by themselves after connection losses (``RetryPolicy``).
 """
 
 from recgw_client._sources import Readable, Source
@@ -15,8 +16,10 @@ from recgw_client.admin import (
 )
 from recgw_client.checksums import Checksummer, ObjectChecksums, crc32c
 from recgw_client.errors import RecgwError
+from recgw_client.retry import RetryCallback, RetryPolicy, is_retryable
 from recgw_client.uploads import (
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_RETAIN_LIMIT,
     MAX_CHUNK_SIZE,
     UPLOAD_ID_HEADER,
     AbortResult,
@@ -33,6 +36,7 @@ from recgw_client.uploads import (
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_RETAIN_LIMIT",
     "MAX_CHUNK_SIZE",
     "UPLOAD_ID_HEADER",
     "AbortResult",
@@ -43,6 +47,8 @@ __all__ = [
     "ProgressCallback",
     "Readable",
     "RecgwError",
+    "RetryCallback",
+    "RetryPolicy",
     "ServerSideEncryption",
     "Source",
     "StorageTarget",
@@ -55,5 +61,6 @@ __all__ = [
     "abort_upload",
     "crc32c",
     "get_upload_status",
+    "is_retryable",
     "upload",
 ]

@@ -15,17 +15,25 @@ class RecgwError(Exception):
     """The gateway (or the channel) refused or failed a call.
 
     ``code`` is the ``grpc.StatusCode``, ``message`` the gateway's explanation.
-    ``upload_id`` is set for uploads whose id was already known, so that the
-    upload can be inspected or aborted later.
+    ``upload_id`` is set for upload errors (the client chooses every upload's
+    id), so that the upload can be inspected or aborted later. ``attempts`` is
+    the number of streams an upload opened before it gave up (1 for every
+    other call).
     """
 
     def __init__(
-        self, code: grpc.StatusCode, message: str, *, upload_id: str | None = None
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        upload_id: str | None = None,
+        attempts: int = 1,
     ) -> None:
         super().__init__(code, message)
         self.code = code
         self.message = message
         self.upload_id = upload_id
+        self.attempts = attempts
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}" if self.message else self.code.name

@@ -14,9 +14,11 @@ import grpc
 
 from recgw_client._channel import DEFAULT_TIMEOUT
 from recgw_client._sources import Buffer, Readable
+from recgw_client.retry import RetryCallback, RetryPolicy
 from recgw_client.uploads import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CONTENT_TYPE,
+    DEFAULT_RETAIN_LIMIT,
     AbortResult,
     ProgressCallback,
     UploadIdCallback,
@@ -48,9 +50,13 @@ def upload(
     progress: ProgressCallback | None = None,
     compute_checksums: bool = True,
     on_upload_id: UploadIdCallback | None = None,
+    max_attempts: int | None = None,
+    retain_limit: int = DEFAULT_RETAIN_LIMIT,
+    on_retry: RetryCallback | None = None,
+    retry_policy: RetryPolicy | None = None,
     channel_credentials: grpc.ChannelCredentials | None = None,
 ) -> UploadResult:
-    """Blocking ``recgw_client.upload``."""
+    """Blocking ``recgw_client.upload``; it resumes after connection losses the same way."""
     return asyncio.run(
         _upload(
             target,
@@ -66,6 +72,10 @@ def upload(
             progress=progress,
             compute_checksums=compute_checksums,
             on_upload_id=on_upload_id,
+            max_attempts=max_attempts,
+            retain_limit=retain_limit,
+            on_retry=on_retry,
+            retry_policy=retry_policy,
             channel_credentials=channel_credentials,
         )
     )
