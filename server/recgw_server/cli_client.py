@@ -45,6 +45,7 @@ from recgw_client import (
     CredentialsAdmin,
     CredentialsView,
     RecgwError,
+    RetryPolicy,
     ServerSideEncryption,
     UploadClient,
     UploadResult,
@@ -162,8 +163,13 @@ def _run(coroutine: Coroutine[Any, Any, T], *, json_output: bool = False) -> T:
             error: dict[str, object] = {"code": err.code.name, "message": err.message}
             if err.upload_id:
                 error["upload_id"] = err.upload_id
+            if err.attempts > 1:
+                error["attempts"] = err.attempts
             typer.echo(json.dumps({"error": error}))
-        suffix = f" (upload id {err.upload_id})" if err.upload_id else ""
+        notes = [f"upload id {err.upload_id}"] if err.upload_id else []
+        if err.attempts > 1:
+            notes.append(f"{err.attempts} attempts")
+        suffix = f" ({', '.join(notes)})" if notes else ""
         _fail(f"{err}{suffix}")
     except ValueError as err:
         _fail(str(err), EXIT_USAGE)
@@ -278,12 +284,26 @@ def _known_size(file: str, size: int | None) -> int | None:
     return info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
+def _retry_policy(max_attempts: int) -> RetryPolicy:
+    """The backoff of `recgw upload` (tests replace it with one that does not sleep)."""
+    return RetryPolicy(max_attempts=max_attempts)
+
+
+def _resume_line(attempt: int, error: RecgwError, committed: int, max_attempts: int) -> str:
+    return (
+        f"connection lost ({error.code.name}); resuming at byte {committed}, "
+        f"attempt {attempt}/{max_attempts}"
+    )
+
+
 async def _upload(
     connection: _Connection,
     file: str,
     *,
     progress: Progress,
     announce: Callable[[str], None],
+    notify: Callable[[str], None],
+    max_attempts: int,
     **options: Any,
 ) -> UploadResult:
     source = _stdin() if file == "-" else file
@@ -292,12 +312,20 @@ async def _upload(
     def on_progress(sent: int, total: int | None) -> None:
         progress.update(task, completed=sent, total=total)
 
+    def on_retry(attempt: int, error: RecgwError, committed: int) -> None:
+        notify(_resume_line(attempt, error, committed, max_attempts))
+
     async with UploadClient(
         connection.address, connection.token, channel_credentials=connection.credentials
     ) as client:
         with progress:
             return await client.upload(
-                source, progress=on_progress, on_upload_id=announce, **options
+                source,
+                progress=on_progress,
+                on_upload_id=announce,
+                on_retry=on_retry,
+                retry_policy=_retry_policy(max_attempts),
+                **options,
             )
 
 
@@ -429,6 +457,15 @@ def upload_command(
             help="Send CRC32C and SHA-256 for the gateway to verify (costs CPU).",
         ),
     ] = True,
+    max_attempts: Annotated[
+        int,
+        typer.Option(
+            "--max-attempts",
+            min=1,
+            help="Streams to try in a row without progress before giving up; after a lost "
+            "connection the upload resumes where the gateway's committed bytes end. 1: never.",
+        ),
+    ] = 8,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_output: JsonOption = False,
     address: AddressOption = DEFAULT_ADDRESS,
@@ -436,7 +473,11 @@ def upload_command(
     tls: TlsOption = False,
     ca_file: CaFileOption = None,
 ) -> None:
-    """Stream a file or stdin into the tenant's bucket (role uploader)."""
+    """Stream a file or stdin into the tenant's bucket (role uploader).
+
+    A lost connection does not lose the upload: it resumes on a new stream from
+    the gateway's committed size, printing one line to stderr per retry.
+    """
     _reject_extra_args(ctx)
     expected_size = _parse_size(size, "--size") if size is not None else None
     chunk = _parse_size(chunk_size, "--chunk-size")
@@ -455,12 +496,21 @@ def upload_command(
         # Printed at once so that an interrupted upload can be looked up later.
         progress.console.print(f"upload id: {new_id}", markup=False, highlight=False)
 
+    def notify(line: str) -> None:
+        # A warning, printed also with --quiet; above the progress bar otherwise.
+        if quiet:
+            typer.echo(line, err=True)
+        else:
+            progress.console.print(line, markup=False, highlight=False)
+
     result = _run(
         _upload(
             connection,
             file,
             progress=progress,
             announce=announce,
+            notify=notify,
+            max_attempts=max_attempts,
             tenant_id=tenant,
             object_name=name,
             content_type=content_type,
