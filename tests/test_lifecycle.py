@@ -79,7 +79,7 @@ def wait_for_status(
                 return False
             raise
 
-    wait_until(ready, 30, what)
+    wait_until(ready, 60, what)
     return status(gateway, upload_id)
 
 

@@ -126,6 +126,9 @@ class Gateway:
                 ("grpc.keepalive_timeout_ms", 5_000),
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # Let clients ping every 10 s or more (recgw_client pings every 20 s) to notice
+                # dead connections themselves.
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.max_send_message_length", 4 * MiB),
                 ("grpc.so_reuseport", 0),
             ],

@@ -5,6 +5,12 @@ from __future__ import annotations
 import grpc
 
 DEFAULT_TIMEOUT = 30.0
+# HTTP/2 pings while a stream is open, so a connection that dies silently (no reset) is noticed
+# within seconds and the upload resumes; the gateway accepts pings this often.
+CHANNEL_OPTIONS = (
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+)
 
 ChannelOrTarget = grpc.aio.Channel | str
 
@@ -16,8 +22,8 @@ def open_channel(
     """The channel to use, and whether the caller owns (must close) it."""
     if isinstance(channel_or_target, str):
         if credentials is None:
-            return grpc.aio.insecure_channel(channel_or_target), True
-        return grpc.aio.secure_channel(channel_or_target, credentials), True
+            return grpc.aio.insecure_channel(channel_or_target, CHANNEL_OPTIONS), True
+        return grpc.aio.secure_channel(channel_or_target, credentials, CHANNEL_OPTIONS), True
     if credentials is not None:
         raise ValueError("channel_credentials only apply when a target address is given")
     return channel_or_target, False
