@@ -20,6 +20,7 @@ from recgw_server.devstack import (
     seed_policy,
     start_moto,
     start_openbao,
+    wait_until,
 )
 from tests.harness import (
     ADMIN_TOKEN,
@@ -191,3 +192,14 @@ part_size_mib = 5
     yield gateway
     gateway.stop()
     assert_no_secrets(gateway.log.read_text())
+
+
+@pytest.fixture(autouse=True)
+def no_memory_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After every test that used the shared gateway, all buffer memory is back in the budget."""
+    yield
+    if "gateway" not in request.fixturenames:
+        return
+    shared: GatewayThread = request.getfixturevalue("gateway")
+    budget = shared.gateway.budget
+    wait_until(lambda: budget.in_use == 0, 30, f"the memory budget to drain ({budget.in_use} B)")

@@ -31,6 +31,9 @@ from tests.harness import (
 )
 
 
+_HELD: dict[str, HeldStream] = {}
+
+
 class HeldStream:
     """An upload stream that sends some data, then waits until released or cancelled."""
 
@@ -49,6 +52,7 @@ class HeldStream:
         self.future: Any = gateway.uploads.Upload.future(
             self._generate(), metadata=UPLOADER, timeout=120
         )
+        _HELD[self.upload_id] = self
 
     def _generate(self) -> Iterator[upload_pb2.UploadRequest]:
         yield from self._messages
@@ -75,11 +79,29 @@ def wait_for_status(
         try:
             return check(status(gateway, upload_id))
         except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.NOT_FOUND:
-                return False
-            raise
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            held = _HELD.get(upload_id)
+            if held is not None and held.future.done():
+                held.future.result()  # the stream ended before its start: say why
+            return False
 
-    wait_until(ready, 60, what)
+    try:
+        wait_until(ready, 60, what)
+    except TimeoutError as timeout:
+        held = _HELD.get(upload_id)
+        if held is not None and held.future.done():
+            held.future.result()  # the stream failed: that error is the one to see
+        # Say where the upload stood, to tell a stuck stream from a slow machine.
+        budget = gateway.gateway.budget
+        try:
+            last = str(status(gateway, upload_id)).replace("\n", " ")
+        except grpc.RpcError as error:
+            last = f"status failed: {error.code()}"
+        raise TimeoutError(
+            f"{timeout}; last status: {last}; budget in use {budget.in_use} of "
+            f"{budget.capacity}, {budget.waiting} waiting"
+        ) from None
     return status(gateway, upload_id)
 
 

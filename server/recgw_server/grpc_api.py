@@ -68,6 +68,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 async def _abort(context: Context, metrics: GatewayMetrics, error: RecgwError) -> NoReturn:
     code = STATUS_CODES[error.kind]
     metrics.rpc_errors.labels(code.name).inc()
+    log.info("%s: %s", code.name, error.message)  # messages never hold secrets
     await context.abort(code, error.message)
     raise AssertionError("context.abort returned")  # pragma: no cover
 
@@ -151,6 +152,7 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
         self, request_iterator: AsyncIterator[upload_pb2.UploadRequest], context: Context
     ) -> upload_pb2.UploadResponse:
         upload: ActiveUpload | None = None
+        log.debug("upload stream opened by %s", context.peer())
         try:
             first = await anext(request_iterator, None)
             if first is None:

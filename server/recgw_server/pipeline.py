@@ -284,18 +284,11 @@ class Upload:
     async def _detach(self) -> None:
         try:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
-            self._chunks.clear()
-            self._buffered = 0
-            self._release_reservation()
             beyond = [n for n in self._parts if n > self._prefix]
             for number in beyond:
                 del self._parts[number]
             if beyond:
                 await self._manager.sessions.drop_parts_after(self.upload_id, self._prefix)
-            self._next_part = self._prefix + 1
-            self.received = self.committed
-            self._digest = self._digest_at_prefix()
-            self._background_error = None
             if self.state is UploadState.FINISHING:
                 self.state = UploadState.OPEN
             self.updated_at = time.time()
@@ -304,9 +297,18 @@ class Upload:
                     self.upload_id, self.updated_at, state=UploadState.OPEN.value
                 )
         finally:
+            # No await from here on: once GetUploadStatus shows received == committed, the
+            # upload is ready for the next stream.
+            self._chunks.clear()
+            self._buffered = 0
+            self._release_reservation()
+            self._next_part = self._prefix + 1
+            self._digest = self._digest_at_prefix()
+            self._background_error = None
             self.attached = False
             self.abort_requested = asyncio.Event()
             self._detach_task = None
+            self.received = self.committed
 
     # -- driven by the transport -------------------------------------------------------------
 
@@ -712,6 +714,7 @@ class UploadManager:
         self.settings = settings or PipelineSettings()
         self._uploads: OrderedDict[str, Upload] = OrderedDict()
         self._loading: dict[str, asyncio.Future[Upload | None]] = {}
+        self._starting: set[str] = set()
         self._cleanups: set[asyncio.Task[None]] = set()
 
     async def _credentials(self, tenant_id: str) -> TenantCredentials:
@@ -730,6 +733,10 @@ class UploadManager:
         """Open a new upload, or attach to the existing one named by `request.upload_id`."""
         upload_id = _validate_start(request)
         existing = await self.find(upload_id)
+        if upload_id in self._starting:
+            raise RecgwError(
+                ErrorKind.ABORTED, f"another stream is starting upload {upload_id}; retry"
+            )
         if existing is not None:
             if (existing.tenant_id, existing.record.object_name) != (
                 request.tenant_id,
@@ -745,6 +752,22 @@ class UploadManager:
                 self.metrics.uploads_resumed.inc()
                 log.info("upload %s resumed at byte %d", upload_id, existing.committed)
             return existing
+        if upload_id in self._uploads or upload_id in self._starting:
+            raise RecgwError(
+                ErrorKind.ABORTED, f"another stream is starting upload {upload_id}; retry"
+            )
+        self._starting.add(upload_id)
+        try:
+            upload = await self._open(upload_id, request)
+        finally:
+            self._starting.discard(upload_id)
+        self.metrics.uploads_started.inc()
+        log.info(
+            "upload %s started: tenant=%s key=%s", upload_id, request.tenant_id, upload.spec.key
+        )
+        return upload
+
+    async def _open(self, upload_id: str, request: StartRequest) -> Upload:
         credentials = await self._credentials(request.tenant_id)
         target = credentials.target
         key = build_object_key(target.prefix, request.object_name)
@@ -774,20 +797,11 @@ class UploadManager:
             created_at=now,
             updated_at=now,
         )
-        if upload_id in self._uploads or upload_id in self._loading:
-            raise RecgwError(
-                ErrorKind.ABORTED, f"another stream is starting upload {upload_id}; retry"
-            )
+        # Durable before the stream may write: a restart must find every upload it acknowledged.
+        await self.sessions.create(record)
         upload = Upload(self, record, writer)
         upload.attach()
         self._remember(upload)
-        try:
-            await self.sessions.create(record)
-        except BaseException:
-            self._uploads.pop(upload_id, None)
-            raise
-        self.metrics.uploads_started.inc()
-        log.info("upload %s started: tenant=%s key=%s", upload_id, request.tenant_id, key)
         return upload
 
     def _remember(self, upload: Upload) -> None:
@@ -813,8 +827,11 @@ class UploadManager:
         self._loading[upload_id] = future
         try:
             record = await self.sessions.get(upload_id)
-            upload = Upload(self, record, None) if record is not None else None
-            if upload is not None:
+            # A stream may have opened this upload while the record was being read: the object
+            # in memory is the one that counts.
+            upload = self._uploads.get(upload_id)
+            if upload is None and record is not None:
+                upload = Upload(self, record, None)
                 self._remember(upload)
             future.set_result(upload)
             return upload
