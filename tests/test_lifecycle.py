@@ -30,7 +30,6 @@ from tests.harness import (
     upload_messages,
 )
 
-
 _HELD: dict[str, HeldStream] = {}
 
 
