@@ -34,6 +34,7 @@ from tests.harness import (
     register_canary,
     set_credentials,
 )
+from tests.proxy import CuttableProxy
 
 SHARED_BUCKET = "recgw-test-bucket"
 
@@ -203,3 +204,11 @@ def no_memory_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     shared: GatewayThread = request.getfixturevalue("gateway")
     budget = shared.gateway.budget
     wait_until(lambda: budget.in_use == 0, 30, f"the memory budget to drain ({budget.in_use} B)")
+
+
+@pytest.fixture
+def proxy(gateway: GatewayThread) -> Iterator[CuttableProxy]:
+    """A loopback TCP proxy in front of the shared gateway; the test can cut its connections."""
+    cuttable = CuttableProxy(gateway.port)
+    yield cuttable
+    cuttable.close()

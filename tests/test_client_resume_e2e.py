@@ -11,8 +11,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import pytest
-
 from recgw_client import UploadResult
 from recgw_client import sync as client
 from recgw_client.retry import RetryPolicy
@@ -50,13 +48,6 @@ class GatedSource:
                 assert self.gates[offset].wait(60)
             self.reads += 1
             yield self.data[offset : offset + MiB]
-
-
-@pytest.fixture
-def proxy(gateway: GatewayThread) -> Iterator[CuttableProxy]:
-    cuttable = CuttableProxy(gateway.port)
-    yield cuttable
-    cuttable.close()
 
 
 def start_upload(

@@ -25,13 +25,6 @@ from tests.proxy import CuttableProxy
 from tests.test_lifecycle import status, wait_for_status
 
 
-@pytest.fixture
-def proxy(gateway: GatewayThread) -> Iterator[CuttableProxy]:
-    cuttable = CuttableProxy(gateway.port)
-    yield cuttable
-    cuttable.close()
-
-
 def test_dropped_connection_then_resume(
     gateway: GatewayThread,
     moto: MotoS3,
