@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import threading
@@ -164,3 +165,15 @@ def test_cli_resumes_a_stdin_stream(
     assert "resuming at byte" in stderr.decode()
     assert read_object(moto, tenant.bucket, "uploads/cli.bin") == data
     assert UPLOADER_TOKEN not in (stdout + stderr).decode()
+    shown = subprocess.run(
+        [RECGW, "status", upload_id, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    session = json.loads(shown.stdout)
+    assert session["state"] == "COMPLETE"
+    assert session["committed_size"] == len(data)
