@@ -285,3 +285,18 @@ def test_session_store_survives_reopening(tmp_path: Path) -> None:
         not in ("store_upload_id", "parts", "committed_size", "state", "result", "updated_at")
     }
     assert {name: getattr(loaded, name) for name in expected} == expected
+
+
+def test_equal_part_sizes_tenant_setting(
+    make_gateway: Callable[..., GatewayThread],
+    moto: MotoS3,
+    new_tenant: Callable[..., Tenant],
+) -> None:
+    growing = make_gateway(uploads={"growth_interval_parts": 2, "memory_budget_mib": 64})
+    equal = new_tenant(gateway=growing, equal_part_sizes=True)
+    data = os.urandom(26 * MiB)
+    response = upload(growing, upload_messages(equal.tenant_id, "equal.bin", data))
+    assert response.part_count == 6  # 5 MiB each and 1 MiB: no growth for this tenant
+    assert read_object(moto, equal.bucket, response.key) == data
+    grows = new_tenant(gateway=growing)
+    assert upload(growing, upload_messages(grows.tenant_id, "g.bin", data)).part_count == 4
