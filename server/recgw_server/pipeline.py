@@ -446,10 +446,16 @@ class Upload:
                 f"upload {self.upload_id} is {self.state.value}; no more data is accepted",
             )
 
+    def _extended_prefix(self) -> tuple[int, int]:
+        """The committed prefix (part count, bytes) once every contiguous new part counts."""
+        prefix, committed = self._prefix, self.committed
+        while prefix + 1 in self._parts:
+            prefix += 1
+            committed += self._parts[prefix].size
+        return prefix, committed
+
     def _advance_prefix(self) -> None:
-        while self._prefix + 1 in self._parts:
-            self._prefix += 1
-            self.committed += self._parts[self._prefix].size
+        self._prefix, self.committed = self._extended_prefix()
 
     def _digest_at_prefix(self) -> ObjectDigest:
         if self._prefix == 0:
@@ -529,12 +535,7 @@ class Upload:
                 sha256_state=digest_after.sha256_state,
             )
             self._parts[number] = record
-            before = self.committed
-            prefix = self._prefix
-            committed = before
-            while prefix + 1 in self._parts:
-                prefix += 1
-                committed += self._parts[prefix].size
+            _, committed = self._extended_prefix()
             # Durable first, then reported: GetUploadStatus never shows uncommitted bytes.
             await self._manager.sessions.save_part(self.upload_id, record, committed, time.time())
             self._advance_prefix()
