@@ -143,7 +143,7 @@ class Gateway:
                 self.adapters.source,
                 self.manager,
                 self.metrics,
-                forget_clients=getattr(store, "forget", None),
+                forget_clients=store.forget,
             ),
             server,
         )
@@ -195,9 +195,7 @@ class Gateway:
         await self.manager.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
-        close = getattr(self.adapters.store, "close", None)
-        if close is not None:
-            close()
+        self.adapters.store.close()
         await self.adapters.sessions.close()
 
     async def wait(self) -> None:

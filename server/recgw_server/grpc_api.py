@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -319,7 +319,7 @@ class CredentialsService(credentials_pb2_grpc.CredentialsServiceServicer):
         source: CredentialsSource,
         manager: UploadManager,
         metrics: GatewayMetrics,
-        forget_clients: Any = None,
+        forget_clients: Callable[[str], None] | None = None,
     ) -> None:
         self._admin = admin
         self._source = source

@@ -73,3 +73,11 @@ class ObjectStore(Protocol):
     """Hands out writers bound to a tenant's credentials."""
 
     async def writer_for(self, credentials: TenantCredentials) -> ObjectWriter: ...
+
+    def forget(self, tenant_id: str) -> None:
+        """Drop anything cached for a tenant whose credentials changed."""
+        ...
+
+    def close(self) -> None:
+        """Release threads and connections (after the last writer call)."""
+        ...
