@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
 
@@ -259,6 +260,15 @@ def upload(
         iter(messages), metadata=UPLOADER, timeout=timeout
     )
     return response
+
+
+def expect_error(
+    gateway: GatewayThread, messages: Iterable[upload_pb2.UploadRequest]
+) -> grpc.RpcError:
+    """The error an upload stream of these messages ends with (it must fail)."""
+    with pytest.raises(grpc.RpcError) as caught:
+        upload(gateway, messages)
+    return caught.value
 
 
 def object_exists(moto: MotoS3, bucket: str, key: str) -> bool:

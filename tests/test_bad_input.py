@@ -6,8 +6,7 @@ import http.server
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -23,6 +22,7 @@ from tests.harness import (
     MiB,
     Tenant,
     details,
+    expect_error,
     object_exists,
     set_credentials,
     upload,
@@ -34,14 +34,6 @@ def assert_healthy(gateway: GatewayThread) -> None:
     health = health_pb2_grpc.HealthStub(gateway.channel)
     response = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
     assert response.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def expect_error(
-    gateway: GatewayThread, messages: Iterator[upload_pb2.UploadRequest] | list[Any]
-) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as caught:
-        upload(gateway, iter(messages))
-    return caught.value
 
 
 def start_message(tenant_id: str, name: str, **start: object) -> upload_pb2.UploadRequest:

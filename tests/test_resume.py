@@ -23,6 +23,7 @@ from tests.harness import (
     MiB,
     Tenant,
     details,
+    expect_error,
     object_exists,
     read_object,
     resume_messages,
@@ -50,12 +51,6 @@ def interrupted(
     )
     assert after.state == upload_pb2.UPLOAD_STATE_OPEN
     return held.upload_id, after.committed_size
-
-
-def expect_error(gateway: GatewayThread, messages: object) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as caught:
-        upload(gateway, messages)  # type: ignore[arg-type]
-    return caught.value
 
 
 def test_resume_needs_the_committed_offset(
