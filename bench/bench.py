@@ -611,7 +611,7 @@ async def measure_resumed(
 
 
 def s3_client(stack: Stack, options: Options) -> Any:
-    """A boto3 client configured as the gateway configures its own (see recgw_server.s3)."""
+    """A boto3 client configured as the gateway configures its own (see recgw_server.storage.s3)."""
     import boto3
     import botocore.config
 
@@ -642,8 +642,8 @@ def direct_upload(
     Parts are cut and checksummed while earlier ones are on their way, like the gateway does;
     timed from CreateMultipartUpload to the CompleteMultipartUpload response.
     """
-    from recgw_server.digest import crc32c
-    from recgw_server.s3 import crc32c_header
+    from recgw_server.pipeline.digest import crc32c
+    from recgw_server.storage.s3 import crc32c_header
 
     def send(number: int, body: bytes) -> dict[str, Any]:
         part_crc = crc32c_header(crc32c(body))
@@ -891,8 +891,8 @@ def machine_facts() -> dict[str, Any]:
 
 
 def run_bench(options: Options) -> dict[str, Any]:
-    from recgw_server.auth import hash_token
-    from recgw_server.devstack import (
+    from recgw_server.auth.tokens import hash_token
+    from recgw_server.dev.stack import (
         bootstrap_vault,
         free_port,
         seed_policy,

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from recgw_server.auth import hash_token
-from recgw_server.devstack import (
+from recgw_server.auth.tokens import hash_token
+from recgw_server.dev.stack import (
     MotoS3,
     OpenBao,
     VaultIdentities,

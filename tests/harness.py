@@ -23,9 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
 
 from recgw_server.app import Adapters, Gateway
-from recgw_server.auth import hash_token
+from recgw_server.auth.tokens import hash_token
 from recgw_server.config import Settings
-from recgw_server.devstack import AwsKeys, MotoS3, OpenBao, VaultIdentities, wait_until
+from recgw_server.dev.stack import AwsKeys, MotoS3, OpenBao, VaultIdentities, wait_until
 
 T = TypeVar("T")
 MiB = 1024 * 1024

@@ -9,7 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recgw.v1 import credentials_pb2, upload_pb2
 
-from recgw_server.auth import Role, TokenEntry, TokenVerifier, hash_token
+from recgw_server.auth.tokens import Role, TokenEntry, TokenVerifier, hash_token
 from tests.harness import ADMIN, UPLOADER, GatewayThread, Metadata, bearer, details, upload_messages
 
 

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recgw.v1 import upload_pb2
 
-from recgw_server.devstack import AwsKeys, MotoS3, free_port, seed_policy
+from recgw_server.dev.stack import AwsKeys, MotoS3, free_port, seed_policy
 from recgw_server.domain import Secret
 from tests.conftest import SHARED_BUCKET
 from tests.harness import (

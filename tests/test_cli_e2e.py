@@ -13,7 +13,7 @@ from pathlib import Path
 
 import requests
 
-from recgw_server.devstack import MotoS3, free_port
+from recgw_server.dev.stack import MotoS3, free_port
 from tests.harness import (
     ADMIN_TOKEN,
     UPLOADER_TOKEN,

@@ -15,7 +15,7 @@ from typing import Any
 from recgw_client import UploadResult
 from recgw_client import sync as client
 from recgw_client.retry import RetryPolicy
-from recgw_server.devstack import MotoS3, wait_until
+from recgw_server.dev.stack import MotoS3, wait_until
 from tests.harness import (
     RECGW,
     UPLOADER_TOKEN,

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from recgw.v1 import credentials_pb2, upload_pb2
 
-from recgw_server.devstack import AwsKeys, MotoS3, OpenBao, seed_policy
+from recgw_server.dev.stack import AwsKeys, MotoS3, OpenBao, seed_policy
 from recgw_server.domain import Secret
 from tests.conftest import SHARED_BUCKET
 from tests.harness import (

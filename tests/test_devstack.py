@@ -5,7 +5,7 @@ from __future__ import annotations
 import botocore.exceptions
 import pytest
 
-from recgw_server.devstack import MotoS3, OpenBao, seed_policy
+from recgw_server.dev.stack import MotoS3, OpenBao, seed_policy
 
 
 def test_moto_enforces_the_seed_policy(moto: MotoS3) -> None:

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from recgw.v1 import upload_pb2, upload_pb2_grpc
 
-from recgw_server.devstack import MotoS3
+from recgw_server.dev.stack import MotoS3
 from tests.harness import (
     UPLOADER,
     GatewayThread,

@@ -19,7 +19,7 @@ import pytest
 import typer.testing
 
 from recgw_server.cli import app
-from recgw_server.devstack import AwsKeys, MotoS3
+from recgw_server.dev.stack import AwsKeys, MotoS3
 from recgw_server.policy import (
     PRINCIPAL_PLACEHOLDER,
     bucket_policy,

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from recgw.v1 import credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
 
-from recgw_server.devstack import MotoS3, wait_until
+from recgw_server.dev.stack import MotoS3, wait_until
 from tests.harness import (
     UPLOADER,
     MiB,

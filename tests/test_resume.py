@@ -15,8 +15,9 @@ import pytest
 from awscrt import checksums
 from recgw.v1 import upload_pb2
 
-from recgw_server.devstack import MotoS3
-from recgw_server.sessions import PartRecord, SessionRecord, SqliteSessionStore
+from recgw_server.dev.stack import MotoS3
+from recgw_server.sessions.base import PartRecord, SessionRecord
+from recgw_server.sessions.sqlite import SqliteSessionStore
 from tests.harness import (
     UPLOADER,
     GatewayThread,

@@ -9,7 +9,7 @@ import grpc
 from prometheus_client import generate_latest
 from recgw.v1 import credentials_pb2
 
-from recgw_server.devstack import AwsKeys, MotoS3, free_port
+from recgw_server.dev.stack import AwsKeys, MotoS3, free_port
 from recgw_server.domain import Secret
 from tests.harness import (
     ADMIN,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from recgw_server.budget import MemoryBudget
 from recgw_server.config import ConfigError, load_settings
 from recgw_server.domain import ErrorKind, RecgwError, Secret, build_object_key
-from recgw_server.parts import (
+from recgw_server.pipeline.budget import MemoryBudget
+from recgw_server.pipeline.parts import (
     MAX_OBJECT_SIZE,
     MAX_PART_SIZE,
     MAX_PARTS,

@@ -19,7 +19,14 @@ import hvac
 import hvac.exceptions
 import pytest
 
-from recgw_server.devstack import (
+from recgw_server.credentials.vault import (
+    CachedCredentialsSource,
+    VaultAuth,
+    VaultConnection,
+    VaultCredentialsAdmin,
+    VaultCredentialsSource,
+)
+from recgw_server.dev.stack import (
     OpenBao,
     VaultIdentities,
     bootstrap_vault,
@@ -35,13 +42,6 @@ from recgw_server.domain import (
     Secret,
     StorageTarget,
     TenantCredentials,
-)
-from recgw_server.vault import (
-    CachedCredentialsSource,
-    VaultAuth,
-    VaultConnection,
-    VaultCredentialsAdmin,
-    VaultCredentialsSource,
 )
 
 BASE = "recgw/tenants"

@@ -12,25 +12,26 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
 
-from recgw_server.auth import AuthInterceptor, TokenVerifier
-from recgw_server.budget import MemoryBudget
+from recgw_server.api.services import CredentialsService, UploadService
+from recgw_server.auth.tokens import AuthInterceptor, TokenVerifier
 from recgw_server.config import Settings, VaultAuthSetting
-from recgw_server.credentials import CredentialsAdmin, CredentialsSource
-from recgw_server.domain import Secret
-from recgw_server.grpc_api import CredentialsService, UploadService
-from recgw_server.metrics import GatewayMetrics
-from recgw_server.parts import MiB
-from recgw_server.pipeline import PipelineSettings, UploadManager
-from recgw_server.s3 import S3ObjectStore, S3Settings
-from recgw_server.sessions import SessionStore, SqliteSessionStore
-from recgw_server.storage import ObjectStore
-from recgw_server.vault import (
+from recgw_server.credentials.base import CredentialsAdmin, CredentialsSource
+from recgw_server.credentials.vault import (
     CachedCredentialsSource,
     VaultAuth,
     VaultConnection,
     VaultCredentialsAdmin,
     VaultCredentialsSource,
 )
+from recgw_server.domain import Secret
+from recgw_server.metrics import GatewayMetrics
+from recgw_server.pipeline.budget import MemoryBudget
+from recgw_server.pipeline.parts import MiB
+from recgw_server.pipeline.uploads import PipelineSettings, UploadManager
+from recgw_server.sessions.base import SessionStore
+from recgw_server.sessions.sqlite import SqliteSessionStore
+from recgw_server.storage.base import ObjectStore
+from recgw_server.storage.s3 import S3ObjectStore, S3Settings
 
 log = logging.getLogger(__name__)
 

@@ -68,7 +68,7 @@ def dev(
     ),
 ) -> None:
     """Start a local stack: OpenBao, moto (S3 with IAM on), a demo tenant and the gateway."""
-    from recgw_server.dev import DevOptions, run_dev
+    from recgw_server.dev.command import DevOptions, run_dev
 
     _configure_logging("INFO")
     options = DevOptions(

@@ -17,7 +17,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from recgw_server.auth import Role, TokenEntry
+from recgw_server.auth.tokens import Role, TokenEntry
 
 
 class TokenSetting(BaseModel):

@@ -12,7 +12,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
 
-from recgw_server.credentials import CredentialsAdmin, CredentialsSource
+from recgw_server.credentials.base import CredentialsAdmin, CredentialsSource
 from recgw_server.domain import (
     CredentialsInfo,
     EncryptionMode,
@@ -27,8 +27,8 @@ from recgw_server.domain import (
     validate_tenant_id,
 )
 from recgw_server.metrics import GatewayMetrics
-from recgw_server.pipeline import StartRequest, UploadManager, UploadState, UploadStatus
-from recgw_server.pipeline import Upload as ActiveUpload
+from recgw_server.pipeline.uploads import StartRequest, UploadManager, UploadState, UploadStatus
+from recgw_server.pipeline.uploads import Upload as ActiveUpload
 
 log = logging.getLogger(__name__)
 

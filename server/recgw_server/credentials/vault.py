@@ -26,7 +26,7 @@ import hvac
 import hvac.exceptions
 import requests
 
-from recgw_server.credentials import CredentialsSource
+from recgw_server.credentials.base import CredentialsSource
 from recgw_server.domain import (
     CredentialsInfo,
     EncryptionMode,

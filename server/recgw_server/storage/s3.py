@@ -17,7 +17,7 @@ import botocore.config
 import botocore.exceptions
 
 from recgw_server.domain import EncryptionMode, ErrorKind, RecgwError, TenantCredentials
-from recgw_server.storage import AbortOutcome, ObjectSpec, WrittenObject, WrittenPart
+from recgw_server.storage.base import AbortOutcome, ObjectSpec, WrittenObject, WrittenPart
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

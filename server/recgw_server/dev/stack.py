@@ -24,8 +24,8 @@ import boto3
 import hvac
 import requests
 
+from recgw_server.credentials.vault import VaultAuth
 from recgw_server.domain import Secret
-from recgw_server.vault import VaultAuth
 
 SEED_POLICY_SID = "16933222-fba4-4de3-bf3e-427759b73a9d"
 

@@ -18,9 +18,9 @@ import grpc
 from recgw.v1 import credentials_pb2, credentials_pb2_grpc
 
 from recgw_server.app import Gateway
-from recgw_server.auth import hash_token
+from recgw_server.auth.tokens import hash_token
 from recgw_server.config import Settings
-from recgw_server.devstack import (
+from recgw_server.dev.stack import (
     MotoS3,
     OpenBao,
     bootstrap_vault,

@@ -23,9 +23,7 @@ from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from recgw_server.budget import MemoryBudget
-from recgw_server.credentials import CredentialsSource
-from recgw_server.digest import DigestState, ObjectDigest, crc32c
+from recgw_server.credentials.base import CredentialsSource
 from recgw_server.domain import (
     ErrorKind,
     ObjectChecksums,
@@ -37,9 +35,11 @@ from recgw_server.domain import (
     validate_tenant_id,
 )
 from recgw_server.metrics import GatewayMetrics
-from recgw_server.parts import GROWTH_INTERVAL, MiB, PartPlan, plan_parts
-from recgw_server.sessions import PartRecord, SessionRecord, SessionStore
-from recgw_server.storage import (
+from recgw_server.pipeline.budget import MemoryBudget
+from recgw_server.pipeline.digest import DigestState, ObjectDigest, crc32c
+from recgw_server.pipeline.parts import GROWTH_INTERVAL, MiB, PartPlan, plan_parts
+from recgw_server.sessions.base import PartRecord, SessionRecord, SessionStore
+from recgw_server.storage.base import (
     AbortOutcome,
     ObjectSpec,
     ObjectStore,

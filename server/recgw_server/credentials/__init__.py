@@ -1,0 +1,1 @@
+"""Tenant credentials: the interfaces in `base`, Vault/OpenBao in `vault`."""

@@ -1,0 +1,1 @@
+"""Durable upload sessions: the contract in `base`, one module per implementation."""
