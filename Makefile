@@ -26,7 +26,7 @@ test: lint pytest
 lint: install proto-lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy server tests bench clients/python/src/recgw_client
+	$(BIN)/mypy server tests bench testdata clients/python/src/recgw_client
 
 # Buf's STANDARD lint, via the npm package of the buf binary (skipped without npx).
 proto-lint:

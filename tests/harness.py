@@ -154,6 +154,22 @@ def details(error: grpc.RpcError) -> str:
     return str(error.details() or "")
 
 
+def error_info(error: grpc.RpcError) -> tuple[str, dict[str, str]]:
+    """The ErrorInfo reason and metadata of a failed call ("" and {} when it has none)."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    trailers: Any = error.trailing_metadata()
+    for key, value in trailers or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    assert info.domain == "recgw.v1"
+                    return info.reason, dict(info.metadata)
+    return "", {}
+
+
 UPLOADER = bearer(UPLOADER_TOKEN)
 ADMIN = bearer(ADMIN_TOKEN)
 

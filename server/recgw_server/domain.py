@@ -37,18 +37,114 @@ class ErrorKind(enum.Enum):
     INTERNAL = "internal"
 
 
-class RecgwError(Exception):
-    """An error with a message meant for the caller. Never put a secret in it."""
+class Reason(enum.Enum):
+    """Why a call failed: the `ErrorInfo.reason` clients act on (protos/recgw/v1/errors.proto).
 
-    def __init__(self, kind: ErrorKind, message: str, store_code: str = "") -> None:
+    The names are the proto's `ErrorReason` values without their `ERROR_REASON_` prefix.
+    """
+
+    INVALID_FIELD = "INVALID_FIELD"
+    STREAM_OUT_OF_ORDER = "STREAM_OUT_OF_ORDER"
+    MESSAGE_UNDECODABLE = "MESSAGE_UNDECODABLE"
+    TOKEN_INVALID = "TOKEN_INVALID"
+    ROLE_NOT_ALLOWED = "ROLE_NOT_ALLOWED"
+    TENANT_NOT_ALLOWED = "TENANT_NOT_ALLOWED"
+    UPLOAD_NOT_FOUND = "UPLOAD_NOT_FOUND"
+    CREDENTIALS_NOT_FOUND = "CREDENTIALS_NOT_FOUND"
+    OFFSET_MISMATCH = "OFFSET_MISMATCH"
+    SIZE_LIMIT_EXCEEDED = "SIZE_LIMIT_EXCEEDED"
+    SIZE_INCOMPLETE = "SIZE_INCOMPLETE"
+    CHUNK_CHECKSUM_MISMATCH = "CHUNK_CHECKSUM_MISMATCH"
+    OBJECT_CHECKSUM_MISMATCH = "OBJECT_CHECKSUM_MISMATCH"
+    STORAGE_CHECKSUM_REJECTED = "STORAGE_CHECKSUM_REJECTED"
+    ANOTHER_WRITER = "ANOTHER_WRITER"
+    STREAM_TAKEN_OVER = "STREAM_TAKEN_OVER"
+    WRITER_FENCED = "WRITER_FENCED"
+    STREAM_ENDED_WITHOUT_FINISH = "STREAM_ENDED_WITHOUT_FINISH"
+    UPLOAD_ABORTED = "UPLOAD_ABORTED"
+    UPLOAD_ENDED = "UPLOAD_ENDED"
+    UPLOAD_COMPLETE = "UPLOAD_COMPLETE"
+    UPLOAD_FINISHING = "UPLOAD_FINISHING"
+    UPLOAD_ID_CONFLICT = "UPLOAD_ID_CONFLICT"
+    OBJECT_EXISTS = "OBJECT_EXISTS"
+    COMPLETION_UNCONFIRMED = "COMPLETION_UNCONFIRMED"
+    CREDENTIALS_REJECTED = "CREDENTIALS_REJECTED"
+    ACCESS_DENIED = "ACCESS_DENIED"
+    BUCKET_NOT_FOUND = "BUCKET_NOT_FOUND"
+    STORAGE_REJECTED = "STORAGE_REJECTED"
+    STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
+    VAULT_UNAVAILABLE = "VAULT_UNAVAILABLE"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    MEMORY_EXHAUSTED = "MEMORY_EXHAUSTED"
+    TENANT_LIMIT_EXCEEDED = "TENANT_LIMIT_EXCEEDED"
+    RATE_LIMITED = "RATE_LIMITED"
+    SPOOL_EXHAUSTED = "SPOOL_EXHAUSTED"
+    CANCELLED = "CANCELLED"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+# The reason of an error raised without one; every other kind names its reason explicitly.
+_DEFAULT_REASONS = {
+    ErrorKind.INVALID_ARGUMENT: Reason.INVALID_FIELD,
+    ErrorKind.UNAVAILABLE: Reason.STORAGE_UNAVAILABLE,
+    ErrorKind.CANCELLED: Reason.CANCELLED,
+    ErrorKind.INTERNAL: Reason.INTERNAL_ERROR,
+    ErrorKind.RESOURCE_EXHAUSTED: Reason.MEMORY_EXHAUSTED,
+    ErrorKind.DATA_LOSS: Reason.STORAGE_CHECKSUM_REJECTED,
+    ErrorKind.ALREADY_EXISTS: Reason.OBJECT_EXISTS,
+    ErrorKind.NOT_FOUND: Reason.UPLOAD_NOT_FOUND,
+    ErrorKind.PERMISSION_DENIED: Reason.ACCESS_DENIED,
+    ErrorKind.FAILED_PRECONDITION: Reason.STORAGE_REJECTED,
+    ErrorKind.OUT_OF_RANGE: Reason.SIZE_LIMIT_EXCEEDED,
+    ErrorKind.ABORTED: Reason.UPLOAD_ABORTED,
+}
+
+
+class RecgwError(Exception):
+    """An error with a message meant for the caller. Never put a secret in it.
+
+    `reason` and `details` travel to the client as a google.rpc.ErrorInfo; `details` holds
+    facts a client can act on, such as `committed_size`.
+    """
+
+    def __init__(
+        self,
+        kind: ErrorKind,
+        message: str,
+        store_code: str = "",
+        *,
+        reason: Reason | None = None,
+        details: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.store_code = store_code  # the object store's own error code, e.g. "AccessDenied"
+        self.reason = reason or _DEFAULT_REASONS[kind]
+        self.details = dict(details or {})
 
 
-def invalid(message: str) -> RecgwError:
-    return RecgwError(ErrorKind.INVALID_ARGUMENT, message)
+def invalid(message: str, field: str = "") -> RecgwError:
+    return RecgwError(
+        ErrorKind.INVALID_ARGUMENT,
+        message,
+        reason=Reason.INVALID_FIELD,
+        details={"field": field} if field else None,
+    )
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def quote_client(value: str, limit: int = 80) -> str:
+    """A client-supplied string made safe for a log line or an error message.
+
+    Control characters (and line separators) appear as escapes, so no value can forge a log line
+    or put raw control bytes into a status message; long values are cut at `limit` characters.
+    """
+    cut = value[:limit]
+    escaped = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", cut.replace("\\", "\\\\"))
+    return f"'{escaped}'" + ("..." if len(value) > limit else "")
 
 
 class Secret:

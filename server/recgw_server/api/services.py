@@ -6,18 +6,18 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
-from typing import Any, NoReturn
 
-import grpc
 from google.protobuf import timestamp_pb2
 from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
 
+from recgw_server.api.errors import Context, abort_with
 from recgw_server.credentials.base import CredentialsAdmin, CredentialsSource
 from recgw_server.domain import (
     CredentialsInfo,
     EncryptionMode,
     ErrorKind,
     ObjectChecksums,
+    Reason,
     RecgwError,
     Secret,
     StorageTarget,
@@ -34,20 +34,6 @@ log = logging.getLogger(__name__)
 
 UPLOAD_ID_HEADER = "x-recgw-upload-id"
 
-STATUS_CODES = {
-    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorKind.OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
-    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    ErrorKind.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
-    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
-    ErrorKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
-    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorKind.ABORTED: grpc.StatusCode.ABORTED,
-    ErrorKind.DATA_LOSS: grpc.StatusCode.DATA_LOSS,
-    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
-    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
-}
 _STATES = {
     UploadState.OPEN: upload_pb2.UPLOAD_STATE_OPEN,
     UploadState.FINISHING: upload_pb2.UPLOAD_STATE_FINISHING,
@@ -62,15 +48,9 @@ _ENCRYPTION_TO_PROTO = {
 }
 _ENCRYPTION_FROM_PROTO = {v: k for k, v in _ENCRYPTION_TO_PROTO.items()}
 
-Context = grpc.aio.ServicerContext[Any, Any]
 
-
-async def _abort(context: Context, metrics: GatewayMetrics, error: RecgwError) -> NoReturn:
-    code = STATUS_CODES[error.kind]
-    metrics.rpc_errors.labels(code.name).inc()
-    log.info("%s: %s", code.name, error.message)  # messages never hold secrets
-    await context.abort(code, error.message)
-    raise AssertionError("context.abort returned")  # pragma: no cover
+def out_of_order(message: str) -> RecgwError:
+    return RecgwError(ErrorKind.INVALID_ARGUMENT, message, reason=Reason.STREAM_OUT_OF_ORDER)
 
 
 def _timestamp(seconds: float | datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -135,7 +115,9 @@ def _expected_checksums(message: upload_pb2.UploadRequest) -> ObjectChecksums | 
         return None
     sums = message.object_checksums
     if sums.sha256 and len(sums.sha256) != 32:
-        raise invalid("object_checksums.sha256 must be the 32-byte SHA-256 digest")
+        raise invalid(
+            "object_checksums.sha256 must be the 32-byte SHA-256 digest", "object_checksums.sha256"
+        )
     return ObjectChecksums(
         crc32c=sums.crc32c if sums.HasField("crc32c") else None, sha256=sums.sha256 or None
     )
@@ -156,9 +138,9 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
         try:
             first = await anext(request_iterator, None)
             if first is None:
-                raise invalid("the stream ended without a start message; send 'start' first")
+                raise out_of_order("the stream ended without a start message; send 'start' first")
             if not first.HasField("start"):
-                raise invalid(
+                raise out_of_order(
                     "the first message must carry 'start' (tenant_id, object_name, ...); "
                     "data came before start"
                 )
@@ -172,7 +154,7 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
         except RecgwError as error:
             if upload is not None:
                 await upload.stream_failed(error)
-            await _abort(context, self._metrics, error)
+            await abort_with(context, self._metrics, error)
         except asyncio.CancelledError:
             if upload is not None:
                 # The stream is gone; clean up in the background, the upload stays resumable.
@@ -200,9 +182,10 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
                 ErrorKind.FAILED_PRECONDITION,
                 f"upload {upload.upload_id} is already complete; only a repeated finish_write "
                 "(without data) is accepted",
+                reason=Reason.UPLOAD_COMPLETE,
             )
         if await anext(request_iterator, None) is not None:
-            raise invalid("a message followed finish_write; finish_write must come last")
+            raise out_of_order("a message followed finish_write; finish_write must come last")
         return upload.finished_result(first.write_offset, _expected_checksums(first))
 
     async def _receive(
@@ -214,14 +197,16 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
         first = True
         while True:
             if not first and message.HasField("start"):
-                raise invalid("only the first message may carry 'start'; this stream sent two")
+                raise out_of_order("only the first message may carry 'start'; this stream sent two")
             first = False
             crc = message.data_crc32c if message.HasField("data_crc32c") else None
             await upload.guarded(upload.write(message.write_offset, message.data, crc))
             if message.finish_write:
                 expected = _expected_checksums(message)
                 if await upload.guarded(anext(request_iterator, None)) is not None:
-                    raise invalid("a message followed finish_write; finish_write must come last")
+                    raise out_of_order(
+                        "a message followed finish_write; finish_write must come last"
+                    )
                 return await upload.finish(expected)
             following = await upload.guarded(anext(request_iterator, None))
             if following is None:
@@ -230,6 +215,11 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
                     "the stream ended without finish_write, so no object was created; the "
                     f"upload stays open: resume upload_id {upload.upload_id} from its committed "
                     "size (GetUploadStatus), or abort it",
+                    reason=Reason.STREAM_ENDED_WITHOUT_FINISH,
+                    details={
+                        "upload_id": upload.upload_id,
+                        "committed_size": str(upload.committed),
+                    },
                 )
             message = following
 
@@ -239,7 +229,7 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
         try:
             return _status_to_proto(await self._manager.status(request.upload_id))
         except RecgwError as error:
-            await _abort(context, self._metrics, error)
+            await abort_with(context, self._metrics, error)
 
     async def AbortUpload(
         self, request: upload_pb2.AbortUploadRequest, context: Context
@@ -247,7 +237,7 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
         try:
             report = await self._manager.abort(request.upload_id)
         except RecgwError as error:
-            await _abort(context, self._metrics, error)
+            await abort_with(context, self._metrics, error)
         return upload_pb2.AbortUploadResponse(
             state=_STATES[report.state],
             storage_aborted=report.storage_aborted,
@@ -258,7 +248,9 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
 def _target_from_proto(target: credentials_pb2.StorageTarget) -> StorageTarget:
     encryption = _ENCRYPTION_FROM_PROTO.get(target.encryption.mode)
     if encryption is None:
-        raise invalid("encryption.mode is not a known ServerSideEncryptionMode")
+        raise invalid(
+            "encryption.mode is not a known ServerSideEncryptionMode", "target.encryption.mode"
+        )
     return StorageTarget(
         region=target.region,
         bucket=target.bucket,
@@ -299,15 +291,20 @@ def _view(info: CredentialsInfo) -> credentials_pb2.CredentialsView:
 
 def _validate_keys(access_key_id: str, secret_access_key: str) -> None:
     if not (16 <= len(access_key_id) <= 128) or not access_key_id.isascii():
-        raise invalid("access_key_id must be 16 to 128 ASCII characters, e.g. AKIA...")
+        raise invalid(
+            "access_key_id must be 16 to 128 ASCII characters, e.g. AKIA...", "access_key_id"
+        )
     if not access_key_id.isalnum():
-        raise invalid("access_key_id must contain only letters and digits")
+        raise invalid("access_key_id must contain only letters and digits", "access_key_id")
     if not secret_access_key:
-        raise invalid("secret_access_key is required")
+        raise invalid("secret_access_key is required", "secret_access_key")
     if len(secret_access_key) > 256 or not secret_access_key.isascii():
-        raise invalid("secret_access_key must be at most 256 ASCII characters")
+        raise invalid("secret_access_key must be at most 256 ASCII characters", "secret_access_key")
     if any(c.isspace() for c in secret_access_key):
-        raise invalid("secret_access_key must not contain whitespace; check for a pasted newline")
+        raise invalid(
+            "secret_access_key must not contain whitespace; check for a pasted newline",
+            "secret_access_key",
+        )
 
 
 class CredentialsService(credentials_pb2_grpc.CredentialsServiceServicer):
@@ -344,7 +341,7 @@ class CredentialsService(credentials_pb2_grpc.CredentialsServiceServicer):
                 tenant_id, request.access_key_id, Secret(request.secret_access_key), target
             )
         except RecgwError as error:
-            await _abort(context, self._metrics, error)
+            await abort_with(context, self._metrics, error)
         finally:
             self._changed(request.tenant_id, "set")
         log.info(
@@ -362,10 +359,12 @@ class CredentialsService(credentials_pb2_grpc.CredentialsServiceServicer):
             info = await self._admin.describe(validate_tenant_id(request.tenant_id))
             if info is None:
                 raise RecgwError(
-                    ErrorKind.NOT_FOUND, f"tenant '{request.tenant_id}' has no credentials"
+                    ErrorKind.NOT_FOUND,
+                    f"tenant '{request.tenant_id}' has no credentials",
+                    reason=Reason.CREDENTIALS_NOT_FOUND,
                 )
         except RecgwError as error:
-            await _abort(context, self._metrics, error)
+            await abort_with(context, self._metrics, error)
         return credentials_pb2.DescribeCredentialsResponse(credentials=_view(info))
 
     async def DeleteCredentials(
@@ -375,10 +374,12 @@ class CredentialsService(credentials_pb2_grpc.CredentialsServiceServicer):
             existed = await self._admin.delete(validate_tenant_id(request.tenant_id))
             if not existed:
                 raise RecgwError(
-                    ErrorKind.NOT_FOUND, f"tenant '{request.tenant_id}' has no credentials"
+                    ErrorKind.NOT_FOUND,
+                    f"tenant '{request.tenant_id}' has no credentials",
+                    reason=Reason.CREDENTIALS_NOT_FOUND,
                 )
         except RecgwError as error:
-            await _abort(context, self._metrics, error)
+            await abort_with(context, self._metrics, error)
         finally:
             self._changed(request.tenant_id, "delete")
         log.info("credentials of tenant %s deleted", request.tenant_id)
@@ -390,7 +391,7 @@ class CredentialsService(credentials_pb2_grpc.CredentialsServiceServicer):
         try:
             report = await self._manager.verify_write(request.tenant_id)
         except RecgwError as error:
-            await _abort(context, self._metrics, error)
+            await abort_with(context, self._metrics, error)
         return credentials_pb2.VerifyCredentialsResponse(
             ok=report.ok,
             key=report.key,

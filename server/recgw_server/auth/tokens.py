@@ -11,6 +11,9 @@ from typing import Any
 
 import grpc
 
+from recgw_server.api.errors import error_trailers
+from recgw_server.domain import Reason
+
 
 class Role(enum.Enum):
     UPLOADER = "uploader"
@@ -69,15 +72,17 @@ def _bearer_token(metadata: Iterable[tuple[str, Any]]) -> str | None:
 
 
 def _denying_handler(
-    handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str
+    handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str, reason: Reason
 ) -> grpc.RpcMethodHandler[Any, Any]:
+    trailers = error_trailers(code, message, reason)
+
     async def deny_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata=trailers)
 
     async def deny_stream(
         request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata=trailers)
 
     deserializer = handler.request_deserializer
     serializer = handler.response_serializer
@@ -113,14 +118,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         token = _bearer_token(handler_call_details.invocation_metadata or ())
         entry = self._verifier.verify(token) if token is not None else None
         if entry is None:
-            code, message = (
+            code, reason, message = (
                 grpc.StatusCode.UNAUTHENTICATED,
+                Reason.TOKEN_INVALID,
                 "missing or unknown bearer token; send metadata 'authorization: Bearer <token>'",
             )
         elif required is None or entry.role is not required:
             needed = required.value if required else "none"
-            code, message = (
+            code, reason, message = (
                 grpc.StatusCode.PERMISSION_DENIED,
+                Reason.ROLE_NOT_ALLOWED,
                 f"token '{entry.name}' has role '{entry.role.value}'; {method} needs role "
                 f"'{needed}'",
             )
@@ -128,4 +135,4 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if self._on_denied is not None:
             self._on_denied(code.name)
-        return _denying_handler(handler, code, message)
+        return _denying_handler(handler, code, message, reason)

@@ -31,6 +31,7 @@ from recgw_server.domain import (
     CredentialsInfo,
     EncryptionMode,
     ErrorKind,
+    Reason,
     RecgwError,
     Secret,
     StorageTarget,
@@ -77,7 +78,9 @@ class VaultAuth:
 
 def _unavailable(detail: str) -> RecgwError:
     return RecgwError(
-        ErrorKind.UNAVAILABLE, f"credential store (Vault) is unavailable ({detail}); retry later"
+        ErrorKind.UNAVAILABLE,
+        f"credential store (Vault) is unavailable ({detail}); retry later",
+        reason=Reason.VAULT_UNAVAILABLE,
     )
 
 
@@ -424,6 +427,7 @@ class VaultCredentialsAdmin:
                 ErrorKind.ABORTED,
                 f"the credentials of tenant {tenant_id!r} are being changed, or an earlier change "
                 "was interrupted; retry, and if this persists set them again",
+                reason=Reason.VAULT_UNAVAILABLE,
             )
         try:
             target = _target_from_fields(custom)

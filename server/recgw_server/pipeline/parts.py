@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from recgw_server.domain import ErrorKind, RecgwError
+from recgw_server.domain import ErrorKind, Reason, RecgwError, invalid
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -59,12 +59,13 @@ def plan_parts(
     base = min(max(configured_size, MIN_PART_SIZE), MAX_PART_SIZE)
     if expected_size is not None:
         if expected_size < 0:
-            raise RecgwError(ErrorKind.INVALID_ARGUMENT, "expected_size must not be negative")
+            raise invalid("expected_size must not be negative", "start.expected_size")
         if expected_size > MAX_OBJECT_SIZE:
             raise RecgwError(
                 ErrorKind.OUT_OF_RANGE,
                 f"expected_size {expected_size} exceeds the S3 object limit of 5 TiB "
                 f"({MAX_OBJECT_SIZE} bytes)",
+                reason=Reason.SIZE_LIMIT_EXCEEDED,
             )
         needed = -(-expected_size // MAX_PARTS)
         needed = -(-needed // MiB) * MiB  # whole MiB keep parts aligned and readable

@@ -27,11 +27,13 @@ from recgw_server.credentials.base import CredentialsSource
 from recgw_server.domain import (
     ErrorKind,
     ObjectChecksums,
+    Reason,
     RecgwError,
     TenantCredentials,
     UploadResult,
     build_object_key,
     invalid,
+    quote_client,
     validate_tenant_id,
 )
 from recgw_server.metrics import GatewayMetrics
@@ -127,26 +129,40 @@ def _validate_start(request: StartRequest) -> str:
     if request.content_type and (
         len(request.content_type) > 255 or not _CONTENT_TYPE.fullmatch(request.content_type)
     ):
-        raise invalid("content_type must be a MIME type such as 'video/webm' (at most 255 chars)")
+        raise invalid(
+            "content_type must be a MIME type such as 'video/webm' (at most 255 chars)",
+            "start.content_type",
+        )
     size = 0
     for key, value in request.metadata.items():
         if not _METADATA_KEY.fullmatch(key):
             raise invalid(
-                f"metadata key {key[:40]!r} is invalid: use lowercase letters, digits and '-'"
+                f"metadata key {quote_client(key, 40)} is invalid: use lowercase letters, digits "
+                "and '-'",
+                "start.metadata",
             )
         if any(ord(c) < 0x20 or ord(c) > 0x7E for c in value):
-            raise invalid(f"metadata value of {key!r} must be printable ASCII")
+            raise invalid(
+                f"metadata value of {quote_client(key, 40)} must be printable ASCII",
+                "start.metadata",
+            )
         size += len(key) + len(value)
     if size > _MAX_METADATA_BYTES:
-        raise invalid(f"metadata is {size} bytes; S3 allows at most {_MAX_METADATA_BYTES}")
+        raise invalid(
+            f"metadata is {size} bytes; S3 allows at most {_MAX_METADATA_BYTES}", "start.metadata"
+        )
     if not request.upload_id:
         return str(uuid.uuid4())
     try:
         parsed = uuid.UUID(request.upload_id)
     except ValueError:
-        raise invalid("upload_id must be a UUID, or empty to let the gateway choose") from None
+        raise invalid(
+            "upload_id must be a UUID, or empty to let the gateway choose", "start.upload_id"
+        ) from None
     if str(parsed) != request.upload_id.lower():
-        raise invalid("upload_id must be a UUID in canonical form (8-4-4-4-12 hex digits)")
+        raise invalid(
+            "upload_id must be a UUID in canonical form (8-4-4-4-12 hex digits)", "start.upload_id"
+        )
     return str(parsed)
 
 
@@ -247,12 +263,15 @@ class Upload:
                 ErrorKind.FAILED_PRECONDITION,
                 f"upload {self.upload_id} is {self.state.value} ({self.error_message}); start a "
                 "new upload with a new upload id",
+                reason=Reason.UPLOAD_ENDED,
             )
         if self.attached or self._fail_task is not None or self._detach_task is not None:
             raise RecgwError(
                 ErrorKind.ABORTED,
                 f"another stream is writing upload {self.upload_id}; retry after it has ended "
                 "(a dropped connection is noticed within seconds)",
+                reason=Reason.ANOTHER_WRITER,
+                details={"upload_id": self.upload_id, "committed_size": str(self.committed)},
             )
         self.attached = True
         self._background_error = None
@@ -339,12 +358,21 @@ class Upload:
                 ErrorKind.OUT_OF_RANGE,
                 f"write_offset is {write_offset} but the upload is at byte {self.received} "
                 f"(committed size {self.committed}); send the bytes from offset {self.received}",
+                reason=Reason.OFFSET_MISMATCH,
+                details={
+                    "upload_id": self.upload_id,
+                    "committed_size": str(self.committed),
+                    "received_size": str(self.received),
+                    "write_offset": str(write_offset),
+                },
             )
         if data_crc32c is not None and crc32c(data) != data_crc32c:
             raise RecgwError(
                 ErrorKind.DATA_LOSS,
                 f"data_crc32c does not match the {len(data)} bytes at offset {write_offset}; "
                 "the chunk was corrupted in transit, send it again",
+                reason=Reason.CHUNK_CHECKSUM_MISMATCH,
+                details={"upload_id": self.upload_id, "committed_size": str(self.committed)},
             )
         expected = self._plan.expected_size
         if expected is not None and self.received + len(data) > expected:
@@ -352,6 +380,7 @@ class Upload:
                 ErrorKind.OUT_OF_RANGE,
                 f"the upload declared expected_size {expected} but this message would bring it "
                 f"to {self.received + len(data)} bytes",
+                reason=Reason.SIZE_LIMIT_EXCEEDED,
             )
         capacity = self._plan.capacity
         if self.received + len(data) > capacity:
@@ -359,6 +388,7 @@ class Upload:
                 ErrorKind.OUT_OF_RANGE,
                 f"the upload would exceed {capacity} bytes, the most this tenant's part plan "
                 "fits in 10,000 S3 parts; declare expected_size for very large objects",
+                reason=Reason.SIZE_LIMIT_EXCEEDED,
             )
         view = memoryview(data)
         position = 0
@@ -386,6 +416,7 @@ class Upload:
                 f"finish_write after {self.received} bytes, but the upload declared "
                 f"expected_size {self._plan.expected_size}; send the remaining "
                 f"{self._plan.expected_size - self.received} bytes first",
+                reason=Reason.SIZE_INCOMPLETE,
             )
         self._finish_task = asyncio.ensure_future(self._finish(expected))
         # Completing an object must not be interrupted halfway: shield it from cancellation of
@@ -400,6 +431,12 @@ class Upload:
                 ErrorKind.OUT_OF_RANGE,
                 f"upload {self.upload_id} is complete with {self.result.size} bytes; a repeated "
                 f"finish_write must have write_offset {self.result.size}",
+                reason=Reason.OFFSET_MISMATCH,
+                details={
+                    "upload_id": self.upload_id,
+                    "committed_size": str(self.result.size),
+                    "write_offset": str(write_offset),
+                },
             )
         self._verify(expected, self.result.checksums)
         return self.result
@@ -429,7 +466,11 @@ class Upload:
     # -- internals ---------------------------------------------------------------------------
 
     def _aborted_error(self) -> RecgwError:
-        return RecgwError(ErrorKind.ABORTED, f"upload {self.upload_id} was aborted by AbortUpload")
+        return RecgwError(
+            ErrorKind.ABORTED,
+            f"upload {self.upload_id} was aborted by AbortUpload",
+            reason=Reason.UPLOAD_ABORTED,
+        )
 
     def _check_writable(self) -> None:
         if self._background_error is not None:
@@ -438,12 +479,17 @@ class Upload:
             raise self._aborted_error()
         if self._fail_task is not None:
             raise RecgwError(
-                ErrorKind.ABORTED, f"upload {self.upload_id} has ended: {self.error_message}"
+                ErrorKind.ABORTED,
+                f"upload {self.upload_id} has ended: {self.error_message}",
+                reason=Reason.UPLOAD_ABORTED,
             )
         if self.state is not UploadState.OPEN:
             raise RecgwError(
                 ErrorKind.FAILED_PRECONDITION,
                 f"upload {self.upload_id} is {self.state.value}; no more data is accepted",
+                reason=Reason.UPLOAD_FINISHING
+                if self.state is UploadState.FINISHING
+                else Reason.UPLOAD_ENDED,
             )
 
     def _extended_prefix(self) -> tuple[int, int]:
@@ -565,6 +611,7 @@ class Upload:
                 f"object CRC32C mismatch: the client sent {expected.crc32c:08x}, the gateway "
                 f"received bytes with CRC32C {computed.crc32c or 0:08x}; the object was not "
                 "created and the upload is still open (resume or abort it)",
+                reason=Reason.OBJECT_CHECKSUM_MISMATCH,
             )
         if expected.sha256 and expected.sha256 != computed.sha256:
             raise RecgwError(
@@ -572,6 +619,7 @@ class Upload:
                 "object SHA-256 mismatch between what the client sent and what the gateway "
                 "received; the object was not created and the upload is still open (resume or "
                 "abort it)",
+                reason=Reason.OBJECT_CHECKSUM_MISMATCH,
             )
 
     async def _finish(self, expected: ObjectChecksums | None) -> UploadResult:
@@ -724,6 +772,7 @@ class UploadManager:
             raise RecgwError(
                 ErrorKind.FAILED_PRECONDITION,
                 f"tenant '{tenant_id}' has no S3 credentials; store them with SetCredentials first",
+                reason=Reason.CREDENTIALS_NOT_FOUND,
             )
         return credentials
 
@@ -736,7 +785,9 @@ class UploadManager:
         existing = await self.find(upload_id)
         if upload_id in self._starting:
             raise RecgwError(
-                ErrorKind.ABORTED, f"another stream is starting upload {upload_id}; retry"
+                ErrorKind.ABORTED,
+                f"another stream is starting upload {upload_id}; retry",
+                reason=Reason.ANOTHER_WRITER,
             )
         if existing is not None:
             if (existing.tenant_id, existing.record.object_name) != (
@@ -747,6 +798,7 @@ class UploadManager:
                     ErrorKind.FAILED_PRECONDITION,
                     f"upload id {upload_id} belongs to another tenant or object name; resume "
                     "with the same tenant_id and object_name, or choose a new upload id",
+                    reason=Reason.UPLOAD_ID_CONFLICT,
                 )
             existing.attach()
             if existing.state is UploadState.OPEN:
@@ -755,7 +807,9 @@ class UploadManager:
             return existing
         if upload_id in self._uploads or upload_id in self._starting:
             raise RecgwError(
-                ErrorKind.ABORTED, f"another stream is starting upload {upload_id}; retry"
+                ErrorKind.ABORTED,
+                f"another stream is starting upload {upload_id}; retry",
+                reason=Reason.ANOTHER_WRITER,
             )
         self._starting.add(upload_id)
         try:
@@ -846,18 +900,27 @@ class UploadManager:
     async def status(self, upload_id: str) -> UploadStatus:
         upload = await self.find(upload_id)
         if upload is None:
-            raise RecgwError(ErrorKind.NOT_FOUND, f"no upload with id '{upload_id[:64]}'")
+            raise RecgwError(
+                ErrorKind.NOT_FOUND,
+                f"no upload with id {quote_client(upload_id, 64)}",
+                reason=Reason.UPLOAD_NOT_FOUND,
+            )
         return upload.status()
 
     async def abort(self, upload_id: str) -> AbortReport:
         """Abort an upload that is not complete; report what is left in S3."""
         upload = await self.find(upload_id)
         if upload is None:
-            raise RecgwError(ErrorKind.NOT_FOUND, f"no upload with id '{upload_id[:64]}'")
+            raise RecgwError(
+                ErrorKind.NOT_FOUND,
+                f"no upload with id {quote_client(upload_id, 64)}",
+                reason=Reason.UPLOAD_NOT_FOUND,
+            )
         if upload.state is UploadState.FINISHING:
             raise RecgwError(
                 ErrorKind.FAILED_PRECONDITION,
                 f"upload {upload_id} is already finishing and can no longer be aborted",
+                reason=Reason.UPLOAD_FINISHING,
             )
         if upload.state is UploadState.OPEN:
             upload.abort_requested.set()
@@ -899,7 +962,9 @@ class UploadManager:
         credentials = await self.credentials.get(tenant_id)
         if credentials is None:
             raise RecgwError(
-                ErrorKind.NOT_FOUND, f"tenant '{tenant_id}' has no S3 credentials to verify"
+                ErrorKind.NOT_FOUND,
+                f"tenant '{tenant_id}' has no S3 credentials to verify",
+                reason=Reason.CREDENTIALS_NOT_FOUND,
             )
         key = credentials.target.prefix + VERIFY_OBJECT_NAME
         spec = ObjectSpec(key, "text/plain", {}, if_none_match=False)
@@ -924,7 +989,9 @@ class UploadManager:
         Open uploads stay open in the session store, to be resumed after the restart. Only
         after this may the object store's threads be shut down.
         """
-        shutting_down = RecgwError(ErrorKind.UNAVAILABLE, "the gateway is shutting down")
+        shutting_down = RecgwError(
+            ErrorKind.UNAVAILABLE, "the gateway is shutting down", reason=Reason.SHUTTING_DOWN
+        )
         while any(u.attached for u in self._uploads.values()) or self._cleanups:
             for upload in [u for u in self._uploads.values() if u.attached]:
                 if upload.state is UploadState.OPEN:

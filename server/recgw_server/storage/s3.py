@@ -16,7 +16,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from recgw_server.domain import EncryptionMode, ErrorKind, RecgwError, TenantCredentials
+from recgw_server.domain import EncryptionMode, ErrorKind, Reason, RecgwError, TenantCredentials
 from recgw_server.storage.base import AbortOutcome, ObjectSpec, WrittenObject, WrittenPart
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ def translate_error(exc: Exception, operation: str, bucket: str, key: str) -> Re
         error.store_code = str(exc.response.get("Error", {}).get("Code", ""))
     else:
         error.store_code = type(exc).__name__
+    error.details.update(store_code=error.store_code, operation=operation)
     return error
 
 
@@ -73,47 +74,58 @@ def _translate(exc: Exception, operation: str, bucket: str, key: str) -> RecgwEr
                 ErrorKind.PERMISSION_DENIED,
                 f"S3 denied {operation} on {where} ({code}); the tenant's IAM policy must allow "
                 "s3:PutObject on this key: check the prefix and the bucket policy",
+                reason=Reason.ACCESS_DENIED,
             )
         if code in _REJECTED_CREDENTIALS:
             return RecgwError(
                 ErrorKind.FAILED_PRECONDITION,
                 f"credentials were rejected by S3 ({code}); overwrite them with SetCredentials",
+                reason=Reason.CREDENTIALS_REJECTED,
             )
         if code == "NoSuchBucket":
             return RecgwError(
                 ErrorKind.FAILED_PRECONDITION,
                 f"bucket '{bucket}' does not exist (NoSuchBucket); fix the bucket with "
                 "SetCredentials",
+                reason=Reason.BUCKET_NOT_FOUND,
             )
         if code in _CONFLICT:
             return RecgwError(
                 ErrorKind.ALREADY_EXISTS,
                 f"an object already exists at {where}; choose another object_name "
                 "(overwriting is off for this tenant)",
+                reason=Reason.OBJECT_EXISTS,
             )
         if code in _CORRUPT:
             return RecgwError(
-                ErrorKind.DATA_LOSS, f"S3 refused corrupted data for {where} ({code})"
+                ErrorKind.DATA_LOSS,
+                f"S3 refused corrupted data for {where} ({code})",
+                reason=Reason.STORAGE_CHECKSUM_REJECTED,
             )
         if code == "NoSuchUpload":
             return RecgwError(
                 ErrorKind.ABORTED,
                 f"the multipart upload for {where} no longer exists in S3 (NoSuchUpload)",
+                reason=Reason.UPLOAD_ENDED,
             )
         if code.startswith("KMS") or code in ("InvalidArgument", "InvalidEncryptionAlgorithmError"):
             return RecgwError(
                 ErrorKind.FAILED_PRECONDITION,
                 f"S3 refused {operation} on {where} ({code}); check the tenant's encryption "
                 "and bucket settings with DescribeCredentials",
+                reason=Reason.STORAGE_REJECTED,
             )
         if code in _UNAVAILABLE or status >= 500:
             return RecgwError(
                 ErrorKind.UNAVAILABLE,
                 f"S3 is unavailable or throttling ({code}) for {operation} on {where} after "
                 "retries; retry later",
+                reason=Reason.STORAGE_UNAVAILABLE,
             )
         return RecgwError(
-            ErrorKind.FAILED_PRECONDITION, f"S3 refused {operation} on {where} ({code})"
+            ErrorKind.FAILED_PRECONDITION,
+            f"S3 refused {operation} on {where} ({code})",
+            reason=Reason.STORAGE_REJECTED,
         )
     if isinstance(
         exc,
@@ -127,6 +139,7 @@ def _translate(exc: Exception, operation: str, bucket: str, key: str) -> RecgwEr
             ErrorKind.UNAVAILABLE,
             f"cannot reach the S3 endpoint for {operation} on {where} "
             f"({type(exc).__name__}); retry later",
+            reason=Reason.STORAGE_UNAVAILABLE,
         )
     return RecgwError(
         ErrorKind.INTERNAL, f"unexpected error in {operation} on {where} ({type(exc).__name__})"
