@@ -82,7 +82,12 @@ def make_settings(
     **overrides: Any,
 ) -> Settings:
     """Gateway settings for tests: port 0, the test tokens, small defaults."""
-    uploads = {"part_size_mib": 5, "max_inflight_parts": 2, "memory_budget_mib": 128}
+    uploads = {
+        "part_size_mib": 5,
+        "max_inflight_parts": 2,
+        "memory_budget_mib": 128,
+        "completion_backoff_seconds": 0.05,
+    }
     uploads.update(overrides.pop("uploads", {}))
     values: dict[str, Any] = {
         "listen": "127.0.0.1:0",
@@ -227,14 +232,16 @@ def upload_messages(
     finish: bool = True,
     content_type: str = "application/octet-stream",
     metadata: dict[str, str] | None = None,
+    compute_sha256: bool = True,
 ) -> Iterator[upload_pb2.UploadRequest]:
-    """The messages of a well-formed upload stream."""
+    """The messages of a well-formed upload stream (asking for SHA-256 unless told not to)."""
     start = upload_pb2.UploadStart(
         tenant_id=tenant_id,
         object_name=object_name,
         content_type=content_type,
         metadata=metadata or {},
         upload_id=upload_id,
+        compute_sha256=compute_sha256,
     )
     if expected_size is not None:
         start.expected_size = expected_size

@@ -227,32 +227,54 @@ def test_memory_budget_makes_streams_wait_not_fail(
     moto: MotoS3,
     new_tenant: Callable[..., Tenant],
 ) -> None:
-    small = make_gateway(uploads={"memory_budget_mib": 5, "max_inflight_parts": 1})
+    """Memory is reserved per message; a stream that finds the budget full waits (and stops
+    reading, so HTTP/2 flow control pushes back), and goes on once a part in flight is in S3."""
+    small = make_gateway(
+        uploads={
+            "memory_budget_mib": 5,
+            "max_inflight_parts": 1,
+            "tenant_memory_share": 1.0,
+            "spill_after_seconds": 60,  # no spilling in this test
+        }
+    )
     tenant = new_tenant(gateway=small)
     budget = small.gateway.budget
-    first = HeldStream(small, tenant, "budget-1.bin", b"1" * MiB)
-    wait_until(lambda: budget.in_use == 5 * MiB, 30, "the first stream to reserve the budget")
+    first = HeldStream(small, tenant, "budget-1.bin", b"1" * (5 * MiB))
+    wait_until(lambda: budget.in_use == 5 * MiB, 30, "the first stream to fill the budget")
     second = HeldStream(small, tenant, "budget-2.bin", b"2" * MiB)
     wait_until(lambda: budget.waiting == 1, 30, "the second stream to wait for memory")
     assert status(small, second.upload_id).received_size == 0  # it has stopped reading
     second.release.set()
-    first.rest = b"!"
-    assert first.finish().size == MiB + 1
+    first.rest = b"!"  # the first part is full: it goes to S3, and its memory comes back
+    assert first.finish().size == 5 * MiB + 1
     assert second.finish().size == MiB
     assert budget.high_water <= budget.capacity
     assert budget.in_use == 0
     assert read_object(moto, tenant.bucket, "uploads/budget-2.bin") == b"2" * MiB
 
 
-def test_part_larger_than_budget_is_resource_exhausted(
-    make_gateway: Callable[..., GatewayThread], new_tenant: Callable[..., Tenant]
+def test_part_larger_than_budget_goes_through_the_spool(
+    make_gateway: Callable[..., GatewayThread], moto: MotoS3, new_tenant: Callable[..., Tenant]
 ) -> None:
-    small = make_gateway(uploads={"memory_budget_mib": 5, "part_size_mib": 8})
+    """A part that cannot fit in memory waits only until the spiller moves it to disk."""
+    small = make_gateway(
+        uploads={
+            "memory_budget_mib": 5,
+            "part_size_mib": 8,
+            "tenant_memory_share": 1.0,
+            "spill_after_seconds": 0.2,
+        }
+    )
     tenant = new_tenant(gateway=small)
-    with pytest.raises(grpc.RpcError) as caught:
-        upload(small, upload_messages(tenant.tenant_id, "too-big.bin", b"abc"))
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "memory budget" in details(caught.value)
+    data = os.urandom(9 * MiB + 5)
+    response = upload(small, upload_messages(tenant.tenant_id, "big-part.bin", data))
+    assert response.size == len(data)
+    assert response.part_count == 2
+    assert small.gateway.spool.spilled_parts >= 1
+    assert small.gateway.budget.high_water <= small.gateway.budget.capacity
+    assert read_object(moto, tenant.bucket, "uploads/big-part.bin") == data
+    assert small.gateway.spool.budget.in_use == 0
+    assert not list(small.gateway.spool.directory.iterdir())  # spool files are gone
 
 
 @pytest.mark.parametrize("size", [100, 7 * MiB])

@@ -78,7 +78,37 @@ class UploadsSetting(BaseModel):
     expiry_check_seconds: float = Field(300, gt=0)
     max_inflight_parts: int = Field(4, ge=1, le=64)
     memory_budget_mib: int = Field(512, ge=5)
+    # The most of the memory budget one tenant's buffers may hold; beyond it they spill to disk.
+    tenant_memory_share: float = Field(0.5, gt=0, le=1)
     max_message_mib: int = Field(4, ge=1, le=64)
+    # A part still filling after this long (a slow live call) moves to the spool disk.
+    spill_after_seconds: float = Field(2.0, gt=0)
+    # A new stream takes over an upload whose writer has sent nothing for this long.
+    takeover_after_seconds: float = Field(5.0, gt=0)
+    # "on_request": SHA-256 only for uploads whose start asks for it; "always": every upload.
+    sha256: Literal["on_request", "always"] = "on_request"
+    # How often the completion request is tried when S3 cannot be reached.
+    completion_attempts: int = Field(5, ge=1, le=20)
+    completion_backoff_seconds: float = Field(0.5, ge=0)
+
+
+class SpoolSetting(BaseModel):
+    """Local disk for the parts of slow streams (private files, deleted once in S3)."""
+
+    # Default: `spool` under data_dir. Emptied at start-up.
+    directory: Path | None = None
+    disk_budget_mib: int = Field(16 * 1024, ge=1)
+    # Encrypt spooled parts with a key that exists only in this process's memory.
+    encrypt: bool = False
+
+
+class ServerSetting(BaseModel):
+    """Transport settings of the gRPC server."""
+
+    # HTTP/2 keepalive pings to clients: a connection whose peer does not answer within the
+    # timeout is closed, which ends its streams (they stay resumable).
+    keepalive_time_seconds: float = Field(10.0, gt=0)
+    keepalive_timeout_seconds: float = Field(5.0, gt=0)
 
 
 class S3Setting(BaseModel):
@@ -88,6 +118,8 @@ class S3Setting(BaseModel):
     io_threads: int = Field(32, ge=1, le=512)
     # Whole-object CRC32C on CompleteMultipartUpload; off for stores that lack it.
     full_object_checksum: bool = True
+    # `Expect: 100-continue` on writes: "auto" = on, except to loopback endpoints.
+    expect_continue: Literal["auto", "on", "off"] = "auto"
 
 
 class Settings(BaseSettings):
@@ -108,6 +140,8 @@ class Settings(BaseSettings):
     vault: VaultSetting
     uploads: UploadsSetting = Field(default_factory=lambda: UploadsSetting())
     s3: S3Setting = Field(default_factory=lambda: S3Setting())
+    spool: SpoolSetting = Field(default_factory=lambda: SpoolSetting())
+    server: ServerSetting = Field(default_factory=lambda: ServerSetting())
 
     @classmethod
     def settings_customise_sources(

@@ -209,6 +209,8 @@ class StorageTarget:
     kms_key_id: str = ""
     allow_overwrite: bool = False
     equal_part_sizes: bool = False
+    # "abort" or "salvage": the fate of an upload whose writer never comes back.
+    abandoned_uploads: str = "abort"
 
     def validated(self) -> StorageTarget:
         """Check every field; return a copy with defaults filled in."""
@@ -231,6 +233,8 @@ class StorageTarget:
             raise invalid("endpoint_url must be at most 512 characters")
         if self.encryption is not EncryptionMode.KMS and self.kms_key_id:
             raise invalid("kms_key_id is only allowed with SSE-KMS encryption")
+        if self.abandoned_uploads not in ("abort", "salvage"):
+            raise invalid("abandoned_uploads must be 'abort' or 'salvage'", "abandoned_uploads")
         if len(self.kms_key_id) > 512:
             raise invalid("kms_key_id must be at most 512 characters")
         return StorageTarget(
@@ -243,6 +247,7 @@ class StorageTarget:
             kms_key_id=self.kms_key_id,
             allow_overwrite=self.allow_overwrite,
             equal_part_sizes=self.equal_part_sizes,
+            abandoned_uploads=self.abandoned_uploads,
         )
 
 
@@ -312,3 +317,5 @@ class UploadResult:
     version_id: str
     part_count: int
     checksums: ObjectChecksums = field(default_factory=ObjectChecksums)
+    # The completion's answer was lost and could not be confirmed; `etag` is the expected one.
+    unconfirmed: bool = False

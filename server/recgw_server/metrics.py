@@ -20,6 +20,19 @@ class GatewayMetrics:
         self.uploads_resumed = Counter(
             "recgw_uploads_resumed", "Streams that resumed an existing upload", registry=r
         )
+        self.takeovers = Counter(
+            "recgw_stream_takeovers",
+            "Streams that took over an upload whose writer had gone silent",
+            registry=r,
+        )
+        self.parts_spilled = Gauge(
+            "recgw_parts_spilled",
+            "Parts moved to the spool disk (they filled slowly or found memory short), in total",
+            registry=r,
+        )
+        self.spool_in_use_bytes = Gauge(
+            "recgw_spool_in_use_bytes", "Bytes of parts spooled to local disk now", registry=r
+        )
         self.uploads_expired = Counter(
             "recgw_uploads_expired", "Open uploads given up after the idle timeout", registry=r
         )

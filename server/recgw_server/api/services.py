@@ -27,7 +27,8 @@ from recgw_server.domain import (
     validate_tenant_id,
 )
 from recgw_server.metrics import GatewayMetrics
-from recgw_server.pipeline.uploads import StartRequest, UploadManager, UploadState, UploadStatus
+from recgw_server.pipeline.manager import UploadManager
+from recgw_server.pipeline.model import DONE_STATES, StartRequest, UploadState, UploadStatus
 from recgw_server.pipeline.uploads import Upload as ActiveUpload
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ _STATES = {
     UploadState.COMPLETE: upload_pb2.UPLOAD_STATE_COMPLETE,
     UploadState.ABORTED: upload_pb2.UPLOAD_STATE_ABORTED,
     UploadState.EXPIRED: upload_pb2.UPLOAD_STATE_EXPIRED,
+    UploadState.COMPLETION_UNCONFIRMED: upload_pb2.UPLOAD_STATE_COMPLETION_UNCONFIRMED,
+    UploadState.SALVAGED: upload_pb2.UPLOAD_STATE_SALVAGED,
 }
 _ENCRYPTION_TO_PROTO = {
     EncryptionMode.NONE: credentials_pb2.SERVER_SIDE_ENCRYPTION_MODE_UNSPECIFIED,
@@ -47,6 +50,24 @@ _ENCRYPTION_TO_PROTO = {
     EncryptionMode.KMS: credentials_pb2.SERVER_SIDE_ENCRYPTION_MODE_KMS,
 }
 _ENCRYPTION_FROM_PROTO = {v: k for k, v in _ENCRYPTION_TO_PROTO.items()}
+_ABANDONED_FROM_PROTO = {
+    credentials_pb2.ABANDONED_UPLOAD_POLICY_UNSPECIFIED: "abort",
+    credentials_pb2.ABANDONED_UPLOAD_POLICY_ABORT: "abort",
+    credentials_pb2.ABANDONED_UPLOAD_POLICY_SALVAGE: "salvage",
+}
+_ABANDONED_TO_PROTO = {
+    "abort": credentials_pb2.ABANDONED_UPLOAD_POLICY_ABORT,
+    "salvage": credentials_pb2.ABANDONED_UPLOAD_POLICY_SALVAGE,
+}
+_ABANDONED_FROM_PROTO = {
+    credentials_pb2.ABANDONED_UPLOAD_POLICY_UNSPECIFIED: "abort",
+    credentials_pb2.ABANDONED_UPLOAD_POLICY_ABORT: "abort",
+    credentials_pb2.ABANDONED_UPLOAD_POLICY_SALVAGE: "salvage",
+}
+_ABANDONED_TO_PROTO = {
+    "abort": credentials_pb2.ABANDONED_UPLOAD_POLICY_ABORT,
+    "salvage": credentials_pb2.ABANDONED_UPLOAD_POLICY_SALVAGE,
+}
 
 
 def out_of_order(message: str) -> RecgwError:
@@ -81,6 +102,7 @@ def _result_to_proto(result: UploadResult) -> upload_pb2.UploadResponse:
         version_id=result.version_id,
         part_count=result.part_count,
         checksums=_checksums_to_proto(result.checksums),
+        unconfirmed=result.unconfirmed,
     )
 
 
@@ -107,6 +129,7 @@ def _start_request(start: upload_pb2.UploadStart) -> StartRequest:
         metadata=dict(start.metadata),
         expected_size=start.expected_size if start.HasField("expected_size") else None,
         upload_id=start.upload_id,
+        compute_sha256=start.compute_sha256,
     )
 
 
@@ -144,9 +167,10 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
                     "the first message must carry 'start' (tenant_id, object_name, ...); "
                     "data came before start"
                 )
-            upload = await self._manager.start(_start_request(first.start))
+            stream = asyncio.current_task()
+            upload = await self._manager.start(_start_request(first.start), stream)
             await context.send_initial_metadata(((UPLOAD_ID_HEADER, upload.upload_id),))
-            if upload.state is UploadState.COMPLETE:
+            if upload.state in DONE_STATES:
                 result = await self._repeat_finish(upload, first, request_iterator)
             else:
                 result = await self._receive(upload, first, request_iterator)
@@ -156,11 +180,16 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
                 await upload.stream_failed(error)
             await abort_with(context, self._metrics, error)
         except asyncio.CancelledError:
-            if upload is not None:
-                # The stream is gone; clean up in the background, the upload stays resumable.
-                reason = RecgwError(ErrorKind.CANCELLED, "the stream was cancelled")
-                self._manager.abandon(upload, reason)
-            raise
+            interruption = upload.interruption() if upload is not None else None
+            if upload is None or interruption is None:
+                if upload is not None:
+                    # The stream is gone; clean up in the background, the upload stays resumable.
+                    reason = RecgwError(ErrorKind.CANCELLED, "the stream was cancelled")
+                    self._manager.abandon(upload, reason)
+                raise
+            # Taken over by a newer stream, or aborted: end this stream with that reason.
+            await upload.stream_failed(interruption)
+            await abort_with(context, self._metrics, interruption)
         except Exception as exc:
             # Includes transport failures while reading (for example a message over the size
             # limit): uncommitted bytes are dropped, the upload stays resumable.
@@ -200,15 +229,15 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
                 raise out_of_order("only the first message may carry 'start'; this stream sent two")
             first = False
             crc = message.data_crc32c if message.HasField("data_crc32c") else None
-            await upload.guarded(upload.write(message.write_offset, message.data, crc))
+            await upload.write(message.write_offset, message.data, crc)
             if message.finish_write:
                 expected = _expected_checksums(message)
-                if await upload.guarded(anext(request_iterator, None)) is not None:
+                if await anext(request_iterator, None) is not None:
                     raise out_of_order(
                         "a message followed finish_write; finish_write must come last"
                     )
                 return await upload.finish(expected)
-            following = await upload.guarded(anext(request_iterator, None))
+            following = await anext(request_iterator, None)
             if following is None:
                 raise RecgwError(
                     ErrorKind.ABORTED,
@@ -230,6 +259,18 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
             return _status_to_proto(await self._manager.status(request.upload_id))
         except RecgwError as error:
             await abort_with(context, self._metrics, error)
+
+    async def SalvageUpload(
+        self, request: upload_pb2.SalvageUploadRequest, context: Context
+    ) -> upload_pb2.SalvageUploadResponse:
+        try:
+            report = await self._manager.salvage(request.upload_id)
+        except RecgwError as error:
+            await abort_with(context, self._metrics, error)
+        return upload_pb2.SalvageUploadResponse(
+            state=_STATES[report.state],
+            result=_result_to_proto(report.result) if report.result else None,
+        )
 
     async def AbortUpload(
         self, request: upload_pb2.AbortUploadRequest, context: Context
@@ -261,6 +302,7 @@ def _target_from_proto(target: credentials_pb2.StorageTarget) -> StorageTarget:
         kms_key_id=target.encryption.kms_key_id,
         allow_overwrite=target.allow_overwrite,
         equal_part_sizes=target.equal_part_sizes,
+        abandoned_uploads=_ABANDONED_FROM_PROTO.get(target.abandoned_uploads, "?"),
     ).validated()
 
 
@@ -276,6 +318,7 @@ def _target_to_proto(target: StorageTarget) -> credentials_pb2.StorageTarget:
         ),
         allow_overwrite=target.allow_overwrite,
         equal_part_sizes=target.equal_part_sizes,
+        abandoned_uploads=_ABANDONED_TO_PROTO[target.abandoned_uploads],
     )
 
 

@@ -284,6 +284,7 @@ def _target_fields(target: StorageTarget) -> dict[str, str]:
         "kms_key_id": target.kms_key_id,
         "allow_overwrite": str(target.allow_overwrite).lower(),
         "equal_part_sizes": str(target.equal_part_sizes).lower(),
+        "abandoned_uploads": target.abandoned_uploads,
     }
     return {key: value for key, value in fields.items() if value}
 
@@ -307,6 +308,7 @@ def _target_from_fields(fields: Mapping[str, Any]) -> StorageTarget:
         kms_key_id=str(fields.get("kms_key_id") or ""),
         allow_overwrite=_parse_bool(fields.get("allow_overwrite")),
         equal_part_sizes=_parse_bool(fields.get("equal_part_sizes")),
+        abandoned_uploads=str(fields.get("abandoned_uploads") or "abort"),
     )
 
 

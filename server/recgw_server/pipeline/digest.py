@@ -68,34 +68,28 @@ def crc32c(data: bytes | memoryview, previous: int = 0) -> int:
     return int(crt_checksums.crc32c(data, previous))
 
 
+def combine_crc32c(first: int, second: int, second_length: int) -> int:
+    """The CRC32C of A + B from the CRC32Cs of A and B: no pass over the bytes again."""
+    return int(crt_checksums.combine_crc32c(first, second, second_length))
+
+
 @dataclass(frozen=True)
 class DigestState:
-    """The whole-object checksums of a prefix of the object, as saved after each part."""
+    """The whole-object checksums of a prefix of the object, as saved after each part.
+
+    `sha256_state` is empty when the upload does not compute SHA-256.
+    """
 
     crc32c: int
     sha256_state: bytes
 
 
-class ObjectDigest:
-    """Running CRC32C and SHA-256 of an object, fed one part at a time, in order."""
+def expected_multipart_etag(part_etags: list[str]) -> str:
+    """The ETag S3 gives a multipart object: MD5 of the parts' MD5s, dash, part count.
 
-    def __init__(self, saved: DigestState | None = None) -> None:
-        self.crc32c = saved.crc32c if saved else 0
-        self._sha256 = ResumableSha256(saved.sha256_state if saved else None)
+    Holds for objects without SSE-KMS or SSE-C, whose part ETags are their MD5s.
+    """
+    import hashlib
 
-    def join_and_add(self, chunks: list[bytes]) -> tuple[bytes, int]:
-        """Join a part's chunks and fold them in; returns the part's bytes and its own CRC32C.
-
-        Runs in a worker thread: joining and hashing a whole part takes milliseconds.
-        """
-        body = b"".join(chunks)
-        part_crc = crc32c(body)
-        self.crc32c = crc32c(body, self.crc32c)
-        self._sha256.update(body)
-        return body, part_crc
-
-    def saved(self) -> DigestState:
-        return DigestState(self.crc32c, self._sha256.state())
-
-    def sha256(self) -> bytes:
-        return self._sha256.digest()
+    joined = b"".join(bytes.fromhex(etag.strip('"')) for etag in part_etags)
+    return f'"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(part_etags)}"'

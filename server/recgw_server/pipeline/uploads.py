@@ -1,11 +1,15 @@
-"""The upload pipeline: from streams of chunks to one object in the tenant's bucket.
+"""One upload: from a stream of chunks to one object in the tenant's bucket.
 
-It knows nothing of gRPC. A transport calls `UploadManager.start` (which opens a new upload or
-attaches to an existing one to resume it), then `Upload.write` for each chunk and `Upload.finish`
-at the end, or `Upload.stream_failed` when its stream breaks. Receiving and sending overlap:
-while one part is on its way to S3 the next one is being filled.
+It knows nothing of gRPC. A transport gets an `Upload` from `UploadManager.start` (which opens a
+new upload or attaches to an existing one to resume it), then calls `Upload.write` for each chunk
+and `Upload.finish` at the end, or `Upload.stream_failed` when its stream breaks.
 
-Every upload is a durable session (see sessions.py). Bytes count as committed only once the part
+Receiving never waits for hashing or sending: a full part is handed to a task that sends it
+(and, if the upload computes SHA-256, to a hasher that runs in a worker thread, in part order),
+while the stream goes on filling the next part; at most `max_inflight_parts` are in flight.
+Each message's CRC32C is computed once; part and object CRC32Cs are combined from those.
+
+Every upload is a durable session (see sessions/). Bytes count as committed only once the part
 that holds them is in S3 and recorded; a broken stream loses only uncommitted bytes, and a new
 stream resumes at the committed size, also after a gateway restart.
 """
@@ -13,183 +17,51 @@ stream resumes at the committed size, also after a gateway restart.
 from __future__ import annotations
 
 import asyncio
-import enum
+import json
 import logging
-import re
 import time
-import uuid
-from collections import OrderedDict
-from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from recgw_server.credentials.base import CredentialsSource
 from recgw_server.domain import (
     ErrorKind,
     ObjectChecksums,
     Reason,
     RecgwError,
-    TenantCredentials,
     UploadResult,
-    build_object_key,
-    invalid,
-    quote_client,
-    validate_tenant_id,
 )
-from recgw_server.metrics import GatewayMetrics
-from recgw_server.pipeline.budget import MemoryBudget
-from recgw_server.pipeline.digest import DigestState, ObjectDigest, crc32c
-from recgw_server.pipeline.parts import GROWTH_INTERVAL, MiB, PartPlan, plan_parts
-from recgw_server.sessions.base import PartRecord, SessionRecord, SessionStore
+from recgw_server.pipeline.buffers import PartBody, PartBuffer
+from recgw_server.pipeline.digest import (
+    ResumableSha256,
+    combine_crc32c,
+    crc32c,
+    expected_multipart_etag,
+)
+from recgw_server.pipeline.model import (
+    DONE_STATES,
+    ENDED_STATES,
+    UploadState,
+    UploadStatus,
+    is_terminal,
+    result_from_record,
+    result_to_record,
+)
+from recgw_server.pipeline.parts import PartPlan
+from recgw_server.sessions.base import PartRecord, SessionRecord
 from recgw_server.storage.base import (
     AbortOutcome,
     ObjectSpec,
-    ObjectStore,
     ObjectWriter,
     WrittenObject,
     WrittenPart,
 )
 
+if TYPE_CHECKING:
+    from recgw_server.pipeline.manager import UploadManager
+
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-_METADATA_KEY = re.compile(r"[a-z0-9][a-z0-9-]{0,127}")
-_MAX_METADATA_BYTES = 2048  # S3's limit for all user metadata
-_CONTENT_TYPE = re.compile(r"[\x21-\x7e]+/[\x21-\x7e]+( *;[\x20-\x7e]*)?")
-
-
-def _is_terminal(error: RecgwError) -> bool:
-    """Errors after which an upload can never complete: it is aborted, not left resumable."""
-    return error.kind is ErrorKind.ALREADY_EXISTS or error.store_code == "NoSuchUpload"
-
-
-class UploadState(enum.Enum):
-    OPEN = "open"
-    FINISHING = "finishing"
-    COMPLETE = "complete"
-    ABORTED = "aborted"
-    EXPIRED = "expired"
-
-
-@dataclass(frozen=True)
-class PipelineSettings:
-    part_size: int = 8 * MiB
-    max_inflight_parts: int = 4
-    growth_interval: int = GROWTH_INTERVAL
-    idle_timeout: float = 24 * 3600.0
-    memory_cache_size: int = 10_000
-
-
-@dataclass(frozen=True)
-class StartRequest:
-    tenant_id: str
-    object_name: str
-    content_type: str = ""
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    expected_size: int | None = None
-    upload_id: str = ""
-
-
-@dataclass(frozen=True)
-class UploadStatus:
-    upload_id: str
-    state: UploadState
-    committed_size: int
-    received_size: int
-    tenant_id: str
-    key: str
-    result: UploadResult | None
-    error_message: str
-    created_at: float
-    updated_at: float
-
-
-@dataclass(frozen=True)
-class AbortReport:
-    state: UploadState
-    storage_aborted: bool
-    detail: str
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    ok: bool
-    key: str
-    error_code: str = ""
-    error_message: str = ""
-
-
-VERIFY_OBJECT_NAME = ".recgw-write-check"
-VERIFY_BODY = b"recgw write check: this object is overwritten by every VerifyCredentials call\n"
-
-
-def _validate_start(request: StartRequest) -> str:
-    """Check a start request; return the upload id to use."""
-    validate_tenant_id(request.tenant_id)
-    if request.content_type and (
-        len(request.content_type) > 255 or not _CONTENT_TYPE.fullmatch(request.content_type)
-    ):
-        raise invalid(
-            "content_type must be a MIME type such as 'video/webm' (at most 255 chars)",
-            "start.content_type",
-        )
-    size = 0
-    for key, value in request.metadata.items():
-        if not _METADATA_KEY.fullmatch(key):
-            raise invalid(
-                f"metadata key {quote_client(key, 40)} is invalid: use lowercase letters, digits "
-                "and '-'",
-                "start.metadata",
-            )
-        if any(ord(c) < 0x20 or ord(c) > 0x7E for c in value):
-            raise invalid(
-                f"metadata value of {quote_client(key, 40)} must be printable ASCII",
-                "start.metadata",
-            )
-        size += len(key) + len(value)
-    if size > _MAX_METADATA_BYTES:
-        raise invalid(
-            f"metadata is {size} bytes; S3 allows at most {_MAX_METADATA_BYTES}", "start.metadata"
-        )
-    if not request.upload_id:
-        return str(uuid.uuid4())
-    try:
-        parsed = uuid.UUID(request.upload_id)
-    except ValueError:
-        raise invalid(
-            "upload_id must be a UUID, or empty to let the gateway choose", "start.upload_id"
-        ) from None
-    if str(parsed) != request.upload_id.lower():
-        raise invalid(
-            "upload_id must be a UUID in canonical form (8-4-4-4-12 hex digits)", "start.upload_id"
-        )
-    return str(parsed)
-
-
-def result_to_record(result: UploadResult) -> dict[str, Any]:
-    return {
-        "bucket": result.bucket,
-        "key": result.key,
-        "size": result.size,
-        "etag": result.etag,
-        "version_id": result.version_id,
-        "part_count": result.part_count,
-        "crc32c": result.checksums.crc32c,
-        "sha256": (result.checksums.sha256 or b"").hex(),
-    }
-
-
-def result_from_record(upload_id: str, data: Mapping[str, Any]) -> UploadResult:
-    return UploadResult(
-        upload_id=upload_id,
-        bucket=data["bucket"],
-        key=data["key"],
-        size=data["size"],
-        etag=data["etag"],
-        version_id=data["version_id"],
-        part_count=data["part_count"],
-        checksums=ObjectChecksums(data["crc32c"], bytes.fromhex(data["sha256"]) or None),
-    )
+_UNCONFIRMED_CODES = {"NoSuchUpload", "PreconditionFailed", "412"}
 
 
 class Upload:
@@ -219,9 +91,12 @@ class Upload:
             record.growth_interval,
         )
         self.state = UploadState(record.state)
+        # FINISHING in the record means a completion request may have reached S3 before the
+        # gateway stopped: finishing again is allowed, and its answer is read with that in mind.
+        self._completion_sent = self.state is UploadState.FINISHING
         if self.state is UploadState.FINISHING:
-            # The gateway stopped while finishing; finishing again is safe to try.
             self.state = UploadState.OPEN
+        self.compute_sha256 = record.compute_sha256
         self.created_at = record.created_at
         self.updated_at = record.updated_at
         self.error_message = record.error_message
@@ -235,17 +110,19 @@ class Upload:
         self.committed = 0
         self._advance_prefix()
         self.received = self.committed
-        self._digest = self._digest_at_prefix()
-        self._chunks: list[bytes] = []
-        self._buffered = 0
-        self._reserved = 0  # budget held by the part being filled
-        self._next_part = self._prefix + 1
+        self._reset_to_prefix()
+        self.tail = record.tail
+        self._salvage_tail = False  # keep the buffered bytes when the stream ends
+        self._part: PartBuffer | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(manager.settings.max_inflight_parts)
         self._background_error: RecgwError | None = None
         self._fail_task: asyncio.Task[None] | None = None
         self._finish_task: asyncio.Task[UploadResult] | None = None
         self._detach_task: asyncio.Task[None] | None = None
+        self._stream: asyncio.Task[object] | None = None
+        self._interruption: RecgwError | None = None
+        self.last_activity = time.monotonic()
         self.attached = False
         self.abort_requested = asyncio.Event()
         self.terminal = asyncio.Event()
@@ -254,27 +131,83 @@ class Upload:
 
     # -- attaching streams -------------------------------------------------------------------
 
-    def attach(self) -> None:
-        """Let one stream write; a second one at the same time is refused."""
-        if self.state is UploadState.COMPLETE:
+    async def attach(self, stream: asyncio.Task[object] | None = None) -> None:
+        """Let one stream write. A second one is refused, unless the first has been silent for
+        longer than the takeover time: then the new stream takes over at once."""
+        if self.state in DONE_STATES:
             return  # only an idempotent finish can follow; the transport checks it
-        if self.state in (UploadState.ABORTED, UploadState.EXPIRED):
+        if self.state in ENDED_STATES:
             raise RecgwError(
                 ErrorKind.FAILED_PRECONDITION,
                 f"upload {self.upload_id} is {self.state.value} ({self.error_message}); start a "
                 "new upload with a new upload id",
                 reason=Reason.UPLOAD_ENDED,
             )
-        if self.attached or self._fail_task is not None or self._detach_task is not None:
-            raise RecgwError(
-                ErrorKind.ABORTED,
-                f"another stream is writing upload {self.upload_id}; retry after it has ended "
-                "(a dropped connection is noticed within seconds)",
-                reason=Reason.ANOTHER_WRITER,
-                details={"upload_id": self.upload_id, "committed_size": str(self.committed)},
-            )
+        if self._fail_task is not None or (
+            self._finish_task is not None and not self._finish_task.done()
+        ):
+            raise self._another_writer()
+        if self.attached or self._detach_task is not None:
+            silent = time.monotonic() - self.last_activity
+            if self._detach_task is None and silent <= self._manager.settings.takeover_after:
+                raise self._another_writer()
+            if self._detach_task is None:
+                log.info(
+                    "upload %s taken over: its stream was silent for %.1f s",
+                    self.upload_id,
+                    silent,
+                )
+                self._manager.metrics.takeovers.inc()
+                self.interrupt(
+                    RecgwError(
+                        ErrorKind.ABORTED,
+                        f"a newer stream took over upload {self.upload_id} after this one was "
+                        f"silent for {silent:.1f} s; its uncommitted bytes were dropped",
+                        reason=Reason.STREAM_TAKEN_OVER,
+                        details={"upload_id": self.upload_id},
+                    )
+                )
+            await self._wait_detached()
+            if self.attached or self.state is not UploadState.OPEN:
+                raise self._another_writer()
         self.attached = True
+        self._stream = stream
+        self._interruption = None
         self._background_error = None
+        self.last_activity = time.monotonic()
+
+    def _another_writer(self) -> RecgwError:
+        return RecgwError(
+            ErrorKind.ABORTED,
+            f"another stream is writing upload {self.upload_id}; retry after it has ended "
+            f"(a silent stream is taken over after {self._manager.settings.takeover_after:g} s)",
+            reason=Reason.ANOTHER_WRITER,
+            details={"upload_id": self.upload_id, "committed_size": str(self.committed)},
+        )
+
+    async def _wait_detached(self) -> None:
+        deadline = time.monotonic() + 30
+        while (self.attached or self._detach_task is not None) and time.monotonic() < deadline:
+            if self._detach_task is not None:
+                await asyncio.shield(self._detach_task)
+            else:
+                await asyncio.sleep(0.01)  # the interrupted handler is unwinding
+
+    def adopt_sha256(self, compute: bool) -> None:
+        """Before any byte is committed, a resuming stream may switch SHA-256 on or off."""
+        assert self.committed == 0
+        self.compute_sha256 = compute
+        self._reset_to_prefix()
+
+    def interrupt(self, error: RecgwError) -> None:
+        """End the attached stream's handler at once with `error` (takeover, AbortUpload)."""
+        self._interruption = error
+        if self._stream is not None and not self._stream.done():
+            self._stream.cancel()
+
+    def interruption(self) -> RecgwError | None:
+        """Why the attached stream was interrupted, if it was."""
+        return self._interruption
 
     async def stream_failed(self, error: RecgwError) -> None:
         """The attached stream ended with `error`: keep the upload resumable unless it cannot be."""
@@ -285,9 +218,9 @@ class Upload:
         await self._end_stream(error)
 
     async def _end_stream(self, error: RecgwError) -> None:
-        if self.state is UploadState.COMPLETE:
+        if self.state in DONE_STATES:
             return
-        if self._fail_task is not None or self.abort_requested.is_set() or _is_terminal(error):
+        if self._fail_task is not None or self.abort_requested.is_set() or is_terminal(error):
             await self.fail(error)
         else:
             await self.detach()
@@ -303,6 +236,7 @@ class Upload:
     async def _detach(self) -> None:
         try:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
+            await self._keep_tail()
             beyond = [n for n in self._parts if n > self._prefix]
             for number in beyond:
                 del self._parts[number]
@@ -318,41 +252,63 @@ class Upload:
         finally:
             # No await from here on: once GetUploadStatus shows received == committed, the
             # upload is ready for the next stream.
-            self._chunks.clear()
-            self._buffered = 0
-            self._release_reservation()
-            self._next_part = self._prefix + 1
-            self._digest = self._digest_at_prefix()
+            self._drop_part()
+            self._reset_to_prefix()
             self._background_error = None
             self.attached = False
+            self._stream = None
             self.abort_requested = asyncio.Event()
             self._detach_task = None
             self.received = self.committed
 
-    # -- driven by the transport -------------------------------------------------------------
-
-    async def guarded(self, awaitable: Awaitable[T]) -> T:
-        """Await something on behalf of this upload, but stop at once when it is aborted."""
-        if self.abort_requested.is_set():
-            if asyncio.iscoroutine(awaitable):
-                awaitable.close()
-            raise self._aborted_error()
-        work = asyncio.ensure_future(awaitable)
-        abort = asyncio.ensure_future(self.abort_requested.wait())
+    async def _keep_tail(self) -> None:
+        """Under the salvage policy, upload the bytes after the committed prefix as a short part,
+        so that a salvage can keep them; a resuming stream writes that part again."""
+        part = self._part
+        if part is None or not part.size or part.number != self._prefix + 1:
+            return  # nothing buffered, or a hole before it: it could not be the last part
+        if not (self._salvage_tail or await self._manager.salvages(self.tenant_id)):
+            return
         try:
-            await asyncio.wait({work, abort}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            abort.cancel()
-            if not work.done():
-                work.cancel()
-                await asyncio.gather(work, return_exceptions=True)
-        if work.cancelled():
-            raise self._aborted_error()
-        return work.result()
+            writer = await self._writer_for_upload()
+            if not self._store_upload_id:
+                self._store_upload_id = await writer.create_multipart_upload(self.spec)
+                await self._manager.sessions.update(
+                    self.upload_id, time.time(), store_upload_id=self._store_upload_id
+                )
+            body = await part.seal()
+            digest = self._hash(body)
+            written = await writer.upload_part(
+                self.spec.key, self._store_upload_id, part.number, body, part.crc32c
+            )
+            tail = PartRecord(
+                number=part.number,
+                etag=written.etag,
+                size=written.size,
+                crc32c=part.crc32c,
+                object_crc32c=combine_crc32c(self._object_crc, part.crc32c, part.size),
+                sha256_state=await digest if digest is not None else b"",
+            )
+            await self._manager.sessions.update(self.upload_id, time.time(), tail=tail)
+            self.tail = tail
+            log.info(
+                "upload %s: kept %d bytes after the committed size for salvaging",
+                self.upload_id,
+                part.size,
+            )
+        except RecgwError as error:
+            log.warning(
+                "upload %s: the bytes after the committed size could not be kept: %s",
+                self.upload_id,
+                error.message,
+            )
+
+    # -- driven by the transport -------------------------------------------------------------
 
     async def write(self, write_offset: int, data: bytes, data_crc32c: int | None = None) -> None:
         """Accept the next chunk of the object."""
         self._check_writable()
+        self.last_activity = time.monotonic()
         if write_offset != self.received:
             raise RecgwError(
                 ErrorKind.OUT_OF_RANGE,
@@ -366,45 +322,54 @@ class Upload:
                     "write_offset": str(write_offset),
                 },
             )
-        if data_crc32c is not None and crc32c(data) != data_crc32c:
+        size = len(data)
+        if not size:
+            return  # a heartbeat
+        crc = crc32c(data)
+        if data_crc32c is not None and crc != data_crc32c:
             raise RecgwError(
                 ErrorKind.DATA_LOSS,
-                f"data_crc32c does not match the {len(data)} bytes at offset {write_offset}; "
+                f"data_crc32c does not match the {size} bytes at offset {write_offset}; "
                 "the chunk was corrupted in transit, send it again",
                 reason=Reason.CHUNK_CHECKSUM_MISMATCH,
                 details={"upload_id": self.upload_id, "committed_size": str(self.committed)},
             )
         expected = self._plan.expected_size
-        if expected is not None and self.received + len(data) > expected:
+        if expected is not None and self.received + size > expected:
             raise RecgwError(
                 ErrorKind.OUT_OF_RANGE,
                 f"the upload declared expected_size {expected} but this message would bring it "
-                f"to {self.received + len(data)} bytes",
+                f"to {self.received + size} bytes",
                 reason=Reason.SIZE_LIMIT_EXCEEDED,
             )
         capacity = self._plan.capacity
-        if self.received + len(data) > capacity:
+        if self.received + size > capacity:
             raise RecgwError(
                 ErrorKind.OUT_OF_RANGE,
                 f"the upload would exceed {capacity} bytes, the most this tenant's part plan "
                 "fits in 10,000 S3 parts; declare expected_size for very large objects",
                 reason=Reason.SIZE_LIMIT_EXCEEDED,
             )
-        view = memoryview(data)
         position = 0
-        while position < len(view):
-            if self._chunks and self._buffered == self._part_capacity():
-                await self._send_buffered_part()
-            if not self._chunks:
-                await self._reserve_part()
-            room = self._part_capacity() - self._buffered
-            piece = view[position : position + room]
-            # Whole messages are kept as they are; only a message that straddles parts is copied.
-            self._chunks.append(data if len(piece) == len(data) else bytes(piece))
-            self._buffered += len(piece)
+        while position < size:
+            part = self._part
+            if part is not None and part.room == 0:
+                await self._send_part()  # more bytes follow a full part: it is not the last
+                part = None
+            if part is None:
+                part = self._part = self._new_part()
+            room = part.room
+            if position == 0 and size <= room:
+                piece: bytes | memoryview = data
+                piece_crc = crc
+            else:
+                # Only a message that straddles parts is split (views, not copies).
+                piece = memoryview(data)[position : position + room]
+                piece_crc = crc32c(piece)
+            await part.append(piece, piece_crc)
             position += len(piece)
             self.received += len(piece)
-        self._manager.metrics.bytes_received.inc(len(data))
+        self._manager.metrics.bytes_received.inc(size)
         self.updated_at = time.time()
 
     async def finish(self, expected: ObjectChecksums | None = None) -> UploadResult:
@@ -417,6 +382,14 @@ class Upload:
                 f"expected_size {self._plan.expected_size}; send the remaining "
                 f"{self._plan.expected_size - self.received} bytes first",
                 reason=Reason.SIZE_INCOMPLETE,
+            )
+        if expected is not None and expected.sha256 and self._sha256 is None:
+            raise RecgwError(
+                ErrorKind.INVALID_ARGUMENT,
+                "object_checksums.sha256 was sent, but this upload does not compute SHA-256; "
+                "set start.compute_sha256 when the upload starts, or send only the CRC32C",
+                reason=Reason.INVALID_FIELD,
+                details={"field": "object_checksums.sha256"},
             )
         self._finish_task = asyncio.ensure_future(self._finish(expected))
         # Completing an object must not be interrupted halfway: shield it from cancellation of
@@ -443,11 +416,136 @@ class Upload:
 
     async def fail(self, error: RecgwError, final: UploadState = UploadState.ABORTED) -> None:
         """End the upload without an object; safe to call more than once and concurrently."""
-        if self.state in (UploadState.COMPLETE, UploadState.FINISHING):
+        if self.state in DONE_STATES or self.state is UploadState.FINISHING:
             return
         if self._fail_task is None:
             self._fail_task = asyncio.ensure_future(self._fail(error, final))
         await asyncio.shield(self._fail_task)
+
+    async def salvage(self, reason: str) -> UploadResult:
+        """Keep what was recorded: complete the committed parts (and the kept tail) as the
+        object, and write `<key>.salvaged.json` beside it. Needs nothing but PutObject."""
+        if self.state in DONE_STATES or self.state is UploadState.SALVAGED:
+            assert self.result is not None
+            return self.result
+        if self.state in ENDED_STATES or self._fail_task is not None:
+            raise RecgwError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"upload {self.upload_id} is {self.state.value}; nothing is left to salvage",
+                reason=Reason.UPLOAD_ENDED,
+            )
+        if self._finish_task is not None and not self._finish_task.done():
+            raise self._another_writer()
+        if self.attached:
+            silent = time.monotonic() - self.last_activity
+            if silent <= self._manager.settings.takeover_after:
+                raise self._another_writer()
+            self._salvage_tail = True
+            self.interrupt(
+                RecgwError(
+                    ErrorKind.ABORTED,
+                    f"upload {self.upload_id} was salvaged after this stream was silent for "
+                    f"{silent:.1f} s",
+                    reason=Reason.UPLOAD_ENDED,
+                )
+            )
+            await self._wait_detached()
+        self._finish_task = asyncio.ensure_future(self._complete_recorded(reason))
+        return await asyncio.shield(self._finish_task)
+
+    @property
+    def completion_sent(self) -> bool:
+        """A completion may have reached S3 before the gateway stopped."""
+        return self._completion_sent
+
+    async def complete_again(self) -> UploadResult:
+        """Repeat a completion whose answer was lost (found after a restart by expiry)."""
+        self._finish_task = asyncio.ensure_future(self._complete_recorded(None))
+        return await asyncio.shield(self._finish_task)
+
+    async def _complete_recorded(self, salvage_reason: str | None) -> UploadResult:
+        """Complete the recorded parts: as a salvage (with its note) or as a repeated finish."""
+        parts = [self._parts[n] for n in range(1, self._prefix + 1)]
+        if self.tail is not None and self.tail.number == self._prefix + 1:
+            parts.append(self.tail)
+        if not parts or not self._store_upload_id:
+            raise RecgwError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"upload {self.upload_id} has no bytes in S3 to salvage",
+                reason=Reason.UPLOAD_ENDED,
+            )
+        last = parts[-1]
+        writer = await self._writer_for_upload()
+        written_parts = [WrittenPart(p.number, p.etag, p.size, p.crc32c) for p in parts]
+        expected_etag = expected_multipart_etag([p.etag for p in parts])
+        self.state = UploadState.FINISHING
+        try:
+            written = await self._complete(
+                lambda: writer.complete_multipart_upload(
+                    self.spec, self._store_upload_id, written_parts, last.object_crc32c
+                )
+            )
+        except RecgwError:
+            self.state = UploadState.OPEN
+            raise
+        self._object_crc = last.object_crc32c
+        if written is None:
+            written = await self._confirm(writer, expected_etag)
+        size = sum(p.size for p in parts)
+        sha = ResumableSha256(last.sha256_state).digest() if last.sha256_state else None
+        self.received = self.committed = size
+        result = self._result(
+            writer, written, ObjectChecksums(last.object_crc32c, sha), len(parts), expected_etag
+        )
+        if salvage_reason is not None:
+            await self._write_salvage_note(writer, result, salvage_reason)
+            self.state = UploadState.SALVAGED
+            self.error_message = salvage_reason
+        else:
+            self.state = (
+                UploadState.COMPLETION_UNCONFIRMED if result.unconfirmed else UploadState.COMPLETE
+            )
+        self.result = result
+        self.updated_at = time.time()
+        await self._manager.sessions.update(
+            self.upload_id,
+            self.updated_at,
+            state=self.state.value,
+            committed_size=size,
+            error_message=self.error_message,
+            result=result_to_record(result),
+        )
+        self.terminal.set()
+        self._manager.metrics.uploads_finished.labels(self.state.value).inc()
+        log.info("upload %s %s: %d bytes", self.upload_id, self.state.value, size)
+        return result
+
+    async def _write_salvage_note(
+        self, writer: ObjectWriter, result: UploadResult, reason: str
+    ) -> None:
+        note = json.dumps(
+            {
+                "salvaged": True,
+                "upload_id": self.upload_id,
+                "key": result.key,
+                "size": result.size,
+                "part_count": result.part_count,
+                "crc32c": f"{result.checksums.crc32c or 0:08x}",
+                "sha256": (result.checksums.sha256 or b"").hex(),
+                "etag": result.etag,
+                "reason": reason,
+            },
+            indent=1,
+        ).encode()
+        spec = ObjectSpec(result.key + ".salvaged.json", "application/json", {}, False)
+        try:
+            await writer.put_object(spec, PartBody([note], None, len(note)), crc32c(note))
+        except RecgwError as error:
+            log.warning(
+                "upload %s: the salvage note could not be written: %s",
+                self.upload_id,
+                error.message,
+            )
 
     def status(self) -> UploadStatus:
         return UploadStatus(
@@ -463,9 +561,19 @@ class Upload:
             updated_at=self.updated_at,
         )
 
+    async def spill_if_slow(self, now: float) -> None:
+        """Move the part being filled to disk if it has been filling for too long."""
+        part = self._part
+        if part is not None and not part.spilled and part.size and part.slow(now):
+            try:
+                await part.spill()
+            except RecgwError as error:
+                log.warning("cannot spill upload %s: %s", self.upload_id, error.message)
+                self.interrupt(error)
+
     # -- internals ---------------------------------------------------------------------------
 
-    def _aborted_error(self) -> RecgwError:
+    def aborted_error(self) -> RecgwError:
         return RecgwError(
             ErrorKind.ABORTED,
             f"upload {self.upload_id} was aborted by AbortUpload",
@@ -476,7 +584,7 @@ class Upload:
         if self._background_error is not None:
             raise self._background_error
         if self.abort_requested.is_set():
-            raise self._aborted_error()
+            raise self.aborted_error()
         if self._fail_task is not None:
             raise RecgwError(
                 ErrorKind.ABORTED,
@@ -503,40 +611,68 @@ class Upload:
     def _advance_prefix(self) -> None:
         self._prefix, self.committed = self._extended_prefix()
 
-    def _digest_at_prefix(self) -> ObjectDigest:
-        if self._prefix == 0:
-            return ObjectDigest()
-        last = self._parts[self._prefix]
-        return ObjectDigest(DigestState(last.object_crc32c, last.sha256_state))
+    def _reset_to_prefix(self) -> None:
+        """Checksum state and part numbering as they were at the end of the committed prefix."""
+        last = self._parts.get(self._prefix)
+        self._object_crc = last.object_crc32c if last else 0
+        self._sha256: ResumableSha256 | None = None
+        if self.compute_sha256:
+            self._sha256 = ResumableSha256(last.sha256_state if last else None)
+        self._hash_tail: asyncio.Future[bytes] | None = None
+        self._next_part = self._prefix + 1
 
-    def _part_capacity(self) -> int:
-        return self._plan.size_of(self._next_part)
-
-    async def _reserve_part(self) -> None:
-        size = self._part_capacity()
+    def _new_part(self) -> PartBuffer:
+        number = self._next_part
+        self._next_part += 1
+        capacity = self._plan.size_of(number)
         if self._plan.expected_size is not None:
-            size = min(size, self._plan.expected_size - self.received)
-        await self._manager.budget.acquire(size)
-        self._reserved = size
+            capacity = min(capacity, self._plan.expected_size - self.received) or capacity
+        manager = self._manager
+        return PartBuffer(
+            number,
+            capacity,
+            manager.budget,
+            manager.spool,
+            self.tenant_id,
+            manager.settings.spill_after,
+        )
 
-    def _release_reservation(self) -> None:
-        if self._reserved:
-            self._manager.budget.release(self._reserved)
-            self._reserved = 0
+    def _drop_part(self) -> None:
+        if self._part is not None:
+            self._part.release()
+            self._part = None
 
-    async def _take_buffered(self) -> tuple[bytes, int, DigestState]:
-        chunks = list(self._chunks)
-        body, part_crc = await asyncio.to_thread(self._digest.join_and_add, chunks)
-        self._chunks.clear()
-        self._buffered = 0
-        return body, part_crc, self._digest.saved()
+    def _hash(self, body: PartBody) -> asyncio.Future[bytes] | None:
+        """Fold the part into the object's SHA-256 in a worker thread, after the parts before."""
+        sha = self._sha256
+        if sha is None:
+            return None
+        previous = self._hash_tail
+
+        async def run() -> bytes:
+            if previous is not None:
+                await previous
+            await asyncio.to_thread(_update_all, sha, body)
+            return sha.state()
+
+        self._hash_tail = asyncio.ensure_future(run())
+        return self._hash_tail
+
+    async def _sha256_digest(self) -> bytes | None:
+        if self._sha256 is None:
+            return None
+        if self._hash_tail is not None:
+            await self._hash_tail
+        return self._sha256.digest()
 
     async def _writer_for_upload(self) -> ObjectWriter:
         if self._writer is None:
             self._writer = await self._manager.writer_for_tenant(self.tenant_id)
         return self._writer
 
-    async def _send_buffered_part(self) -> None:
+    async def _send_part(self) -> None:
+        part = self._part
+        assert part is not None
         writer = await self._writer_for_upload()
         if not self._store_upload_id:
             self._store_upload_id = await writer.create_multipart_upload(self.spec)
@@ -545,15 +681,15 @@ class Upload:
             )
         await self._slots.acquire()
         try:
-            body, part_crc, digest_after = await self._take_buffered()
+            body = await part.seal()
         except BaseException:
             self._slots.release()
             raise
-        number = self._next_part
-        self._next_part += 1
-        reserved, self._reserved = self._reserved, 0  # the task owns the memory from here on
+        self._part = None  # the task owns the part's memory and spool file from here on
+        self._object_crc = combine_crc32c(self._object_crc, part.crc32c, part.size)
+        digest = self._hash(body)
         task = asyncio.ensure_future(
-            self._upload_part(writer, number, body, part_crc, digest_after, reserved)
+            self._upload_part(writer, part, body, self._object_crc, digest)
         )
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
@@ -561,45 +697,48 @@ class Upload:
     async def _upload_part(
         self,
         writer: ObjectWriter,
-        number: int,
-        body: bytes,
-        part_crc: int,
-        digest_after: DigestState,
-        reserved: int,
+        part: PartBuffer,
+        body: PartBody,
+        object_crc: int,
+        digest: asyncio.Future[bytes] | None,
     ) -> None:
         started = time.monotonic()
         try:
-            part = await writer.upload_part(
-                self.spec.key, self._store_upload_id, number, body, part_crc
+            written = await writer.upload_part(
+                self.spec.key, self._store_upload_id, part.number, body, part.crc32c
             )
             record = PartRecord(
-                number=number,
-                etag=part.etag,
-                size=part.size,
+                number=part.number,
+                etag=written.etag,
+                size=written.size,
                 crc32c=part.crc32c,
-                object_crc32c=digest_after.crc32c,
-                sha256_state=digest_after.sha256_state,
+                object_crc32c=object_crc,
+                sha256_state=await digest if digest is not None else b"",
             )
-            self._parts[number] = record
+            self._parts[part.number] = record
+            if self.tail is not None and self.tail.number == part.number:
+                self.tail = None  # rewritten as a regular part: the kept tail is gone
             _, committed = self._extended_prefix()
             # Durable first, then reported: GetUploadStatus never shows uncommitted bytes.
             await self._manager.sessions.save_part(self.upload_id, record, committed, time.time())
             self._advance_prefix()
             self.updated_at = time.time()
             self._manager.metrics.parts_uploaded.inc()
-            self._manager.metrics.bytes_committed.inc(part.size)
+            self._manager.metrics.bytes_committed.inc(written.size)
             self._manager.metrics.part_seconds.observe(time.monotonic() - started)
         except RecgwError as error:
             if self._background_error is None:
                 self._background_error = error
         except Exception as exc:
-            log.exception("part %d of upload %s failed", number, self.upload_id)
+            log.exception("part %d of upload %s failed", part.number, self.upload_id)
             if self._background_error is None:
                 self._background_error = RecgwError(
-                    ErrorKind.INTERNAL, f"writing part {number} failed ({type(exc).__name__})"
+                    ErrorKind.INTERNAL, f"writing part {part.number} failed ({type(exc).__name__})"
                 )
         finally:
-            self._manager.budget.release(reserved)
+            if digest is not None:
+                await asyncio.gather(digest, return_exceptions=True)
+            part.release()
             self._slots.release()
 
     def _verify(self, expected: ObjectChecksums | None, computed: ObjectChecksums) -> None:
@@ -613,7 +752,7 @@ class Upload:
                 "created and the upload is still open (resume or abort it)",
                 reason=Reason.OBJECT_CHECKSUM_MISMATCH,
             )
-        if expected.sha256 and expected.sha256 != computed.sha256:
+        if expected.sha256 and computed.sha256 and expected.sha256 != computed.sha256:
             raise RecgwError(
                 ErrorKind.DATA_LOSS,
                 "object SHA-256 mismatch between what the client sent and what the gateway "
@@ -622,39 +761,80 @@ class Upload:
                 reason=Reason.OBJECT_CHECKSUM_MISMATCH,
             )
 
-    async def _finish(self, expected: ObjectChecksums | None) -> UploadResult:
-        started = time.monotonic()
-        self.state = UploadState.FINISHING
-        try:
-            writer = await self._writer_for_upload()
+    async def _complete(self, send: Callable[[], Awaitable[WrittenObject]]) -> WrittenObject | None:
+        """Send the completion, retrying when S3 cannot be reached.
+
+        FINISHING is durable before the first attempt. Once a completion may have reached S3, a
+        refusal that a completed object would cause (NoSuchUpload; 412 for If-None-Match) means
+        "completed, not confirmed", returned as None, never "aborted".
+        """
+        settings = self._manager.settings
+        if not self._completion_sent:
             await self._manager.sessions.update(
                 self.upload_id, time.time(), state=UploadState.FINISHING.value
             )
+        for attempt in range(1, settings.completion_attempts + 1):
+            sent_before = self._completion_sent
+            self._completion_sent = True
+            try:
+                return await send()
+            except RecgwError as error:
+                if sent_before and error.store_code in _UNCONFIRMED_CODES:
+                    return None
+                if error.kind is not ErrorKind.UNAVAILABLE or (
+                    attempt == settings.completion_attempts
+                ):
+                    raise
+                log.info(
+                    "completing upload %s: attempt %d failed (%s); retrying",
+                    self.upload_id,
+                    attempt,
+                    error.store_code,
+                )
+                await asyncio.sleep(settings.completion_backoff * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _finish(self, expected: ObjectChecksums | None) -> UploadResult:
+        started = time.monotonic()
+        self.state = UploadState.FINISHING
+        expected_etag = ""
+        try:
+            writer = await self._writer_for_upload()
             if not self._store_upload_id:
                 # Everything fits in one part: a single PutObject, no multipart upload at all.
-                body, body_crc, _ = await self._take_buffered()
-                computed = ObjectChecksums(self._digest.crc32c, self._digest.sha256())
+                part = self._part or self._new_part()
+                body = await part.seal()
+                digest = self._hash(body)
+                if digest is not None:
+                    await digest
+                self._object_crc = part.crc32c
+                computed = ObjectChecksums(part.crc32c, await self._sha256_digest())
                 self._verify(expected, computed)
-                written = await writer.put_object(self.spec, body, body_crc)
-                self._release_reservation()
-                self.committed = len(body)
-                self._manager.metrics.bytes_committed.inc(len(body))
+                written = await self._complete(
+                    lambda: writer.put_object(self.spec, body, part.crc32c)
+                )
+                self.committed = part.size
+                self._drop_part()
+                self._manager.metrics.bytes_committed.inc(self.committed)
                 self._manager.metrics.part_seconds.observe(time.monotonic() - started)
                 part_count = 0
             else:
-                if self._chunks:
-                    await self._send_buffered_part()
+                if self._part is not None and self._part.size:
+                    await self._send_part()
                 await asyncio.gather(*self._in_flight)
                 if self._background_error is not None:
                     raise self._background_error
-                computed = ObjectChecksums(self._digest.crc32c, self._digest.sha256())
+                computed = ObjectChecksums(self._object_crc, await self._sha256_digest())
                 self._verify(expected, computed)
                 parts = [
                     WrittenPart(p.number, p.etag, p.size, p.crc32c)
                     for p in sorted(self._parts.values(), key=lambda p: p.number)
                 ]
-                written = await writer.complete_multipart_upload(
-                    self.spec, self._store_upload_id, parts, self._digest.crc32c
+                expected_etag = expected_multipart_etag([p.etag for p in parts])
+                written = await self._complete(
+                    lambda: writer.complete_multipart_upload(
+                        self.spec, self._store_upload_id, parts, self._object_crc
+                    )
                 )
                 part_count = len(parts)
         except RecgwError as error:
@@ -667,44 +847,72 @@ class Upload:
                 RecgwError(ErrorKind.INTERNAL, f"finishing failed ({type(exc).__name__})")
             )
             raise
-        self.result = self._result(writer, written, computed, part_count)
-        self.state = UploadState.COMPLETE
+        if written is None:
+            written = await self._confirm(writer, expected_etag)
+        self.result = self._result(writer, written, computed, part_count, expected_etag)
+        self.state = (
+            UploadState.COMPLETION_UNCONFIRMED if self.result.unconfirmed else UploadState.COMPLETE
+        )
         self.updated_at = time.time()
         await self._manager.sessions.update(
             self.upload_id,
             self.updated_at,
-            state=UploadState.COMPLETE.value,
+            state=self.state.value,
             committed_size=self.result.size,
             result=result_to_record(self.result),
         )
         self.attached = False
         self.terminal.set()
-        self._manager.metrics.uploads_finished.labels("complete").inc()
+        self._manager.metrics.uploads_finished.labels(self.state.value).inc()
         return self.result
+
+    async def _confirm(self, writer: ObjectWriter, expected_etag: str) -> WrittenObject | None:
+        """After a lost completion answer: look at the object if the tenant allows a metadata
+        read (HeadObject); None when it cannot be confirmed that way."""
+        try:
+            found = await writer.head_object(self.spec.key)
+        except RecgwError as error:
+            log.info(
+                "completion of upload %s not confirmed: no metadata read (%s)",
+                self.upload_id,
+                error.store_code or error.kind.value,
+            )
+            return None
+        if found is None:
+            return None
+        # A composite checksum ("...-N") cannot be compared with the whole object's CRC32C.
+        crc_ok = (
+            not found.crc32c or "-" in found.crc32c or found.crc32c == crc32c_b64(self._object_crc)
+        )
+        etag_ok = not expected_etag or found.etag == expected_etag
+        if crc_ok and etag_ok:
+            log.info("completion of upload %s confirmed by HeadObject", self.upload_id)
+            return found
+        return None
 
     def _result(
         self,
         writer: ObjectWriter,
-        written: WrittenObject,
+        written: WrittenObject | None,
         computed: ObjectChecksums,
         part_count: int,
+        expected_etag: str,
     ) -> UploadResult:
         return UploadResult(
             upload_id=self.upload_id,
             bucket=writer.bucket,
             key=self.spec.key,
             size=self.received,
-            etag=written.etag,
-            version_id=written.version_id,
+            etag=written.etag if written is not None else expected_etag,
+            version_id=written.version_id if written is not None else "",
             part_count=part_count,
             checksums=computed,
+            unconfirmed=written is None,
         )
 
     async def _fail(self, error: RecgwError, final: UploadState) -> None:
         self.error_message = error.message
-        self._chunks.clear()
-        self._buffered = 0
-        self._release_reservation()
+        self._drop_part()
         # Parts already on their way finish (their memory is in use until they do); then abort.
         await asyncio.gather(*self._in_flight, return_exceptions=True)
         if self._store_upload_id:
@@ -743,276 +951,12 @@ class Upload:
         self.terminal.set()
 
 
-class UploadManager:
-    """Opens, resumes, aborts and expires uploads; keeps recent ones in memory."""
-
-    def __init__(
-        self,
-        credentials: CredentialsSource,
-        store: ObjectStore,
-        sessions: SessionStore,
-        budget: MemoryBudget,
-        metrics: GatewayMetrics,
-        settings: PipelineSettings | None = None,
-    ) -> None:
-        self.credentials = credentials
-        self.store = store
-        self.sessions = sessions
-        self.budget = budget
-        self.metrics = metrics
-        self.settings = settings or PipelineSettings()
-        self._uploads: OrderedDict[str, Upload] = OrderedDict()
-        self._loading: dict[str, asyncio.Future[Upload | None]] = {}
-        self._starting: set[str] = set()
-        self._cleanups: set[asyncio.Task[None]] = set()
-
-    async def _credentials(self, tenant_id: str) -> TenantCredentials:
-        credentials = await self.credentials.get(tenant_id)
-        if credentials is None:
-            raise RecgwError(
-                ErrorKind.FAILED_PRECONDITION,
-                f"tenant '{tenant_id}' has no S3 credentials; store them with SetCredentials first",
-                reason=Reason.CREDENTIALS_NOT_FOUND,
-            )
-        return credentials
-
-    async def writer_for_tenant(self, tenant_id: str) -> ObjectWriter:
-        return await self.store.writer_for(await self._credentials(tenant_id))
-
-    async def start(self, request: StartRequest) -> Upload:
-        """Open a new upload, or attach to the existing one named by `request.upload_id`."""
-        upload_id = _validate_start(request)
-        existing = await self.find(upload_id)
-        if upload_id in self._starting:
-            raise RecgwError(
-                ErrorKind.ABORTED,
-                f"another stream is starting upload {upload_id}; retry",
-                reason=Reason.ANOTHER_WRITER,
-            )
-        if existing is not None:
-            if (existing.tenant_id, existing.record.object_name) != (
-                request.tenant_id,
-                request.object_name,
-            ):
-                raise RecgwError(
-                    ErrorKind.FAILED_PRECONDITION,
-                    f"upload id {upload_id} belongs to another tenant or object name; resume "
-                    "with the same tenant_id and object_name, or choose a new upload id",
-                    reason=Reason.UPLOAD_ID_CONFLICT,
-                )
-            existing.attach()
-            if existing.state is UploadState.OPEN:
-                self.metrics.uploads_resumed.inc()
-                log.info("upload %s resumed at byte %d", upload_id, existing.committed)
-            return existing
-        if upload_id in self._uploads or upload_id in self._starting:
-            raise RecgwError(
-                ErrorKind.ABORTED,
-                f"another stream is starting upload {upload_id}; retry",
-                reason=Reason.ANOTHER_WRITER,
-            )
-        self._starting.add(upload_id)
-        try:
-            upload = await self._open(upload_id, request)
-        finally:
-            self._starting.discard(upload_id)
-        self.metrics.uploads_started.inc()
-        log.info(
-            "upload %s started: tenant=%s key=%s", upload_id, request.tenant_id, upload.spec.key
-        )
-        return upload
-
-    async def _open(self, upload_id: str, request: StartRequest) -> Upload:
-        credentials = await self._credentials(request.tenant_id)
-        target = credentials.target
-        key = build_object_key(target.prefix, request.object_name)
-        plan = plan_parts(
-            self.settings.part_size,
-            request.expected_size,
-            target.equal_part_sizes,
-            self.settings.growth_interval,
-        )
-        writer = await self.store.writer_for(credentials)
-        now = time.time()
-        record = SessionRecord(
-            upload_id=upload_id,
-            tenant_id=request.tenant_id,
-            object_name=request.object_name,
-            key=key,
-            bucket=target.bucket,
-            content_type=request.content_type,
-            metadata=dict(request.metadata),
-            if_none_match=not target.allow_overwrite,
-            expected_size=request.expected_size,
-            credentials_version=credentials.version,
-            part_base_size=plan.base_size,
-            part_growing=plan.growing,
-            growth_interval=plan.growth_interval,
-            state=UploadState.OPEN.value,
-            created_at=now,
-            updated_at=now,
-        )
-        # Durable before the stream may write: a restart must find every upload it acknowledged.
-        await self.sessions.create(record)
-        upload = Upload(self, record, writer)
-        upload.attach()
-        self._remember(upload)
-        return upload
-
-    def _remember(self, upload: Upload) -> None:
-        self._uploads[upload.upload_id] = upload
-        self._uploads.move_to_end(upload.upload_id)
-        # Forget idle uploads beyond the cache size; the session store still has them.
-        while len(self._uploads) > self.settings.memory_cache_size:
-            oldest_id, oldest = next(iter(self._uploads.items()))
-            if oldest.attached or (oldest._fail_task is not None and not oldest.terminal.is_set()):
-                self._uploads.move_to_end(oldest_id)
-                break
-            del self._uploads[oldest_id]
-
-    async def find(self, upload_id: str) -> Upload | None:
-        """The upload with this id, from memory or from the session store."""
-        upload = self._uploads.get(upload_id)
-        if upload is not None:
-            return upload
-        loading = self._loading.get(upload_id)
-        if loading is not None:
-            return await asyncio.shield(loading)
-        future: asyncio.Future[Upload | None] = asyncio.get_running_loop().create_future()
-        self._loading[upload_id] = future
-        try:
-            record = await self.sessions.get(upload_id)
-            # A stream may have opened this upload while the record was being read: the object
-            # in memory is the one that counts.
-            upload = self._uploads.get(upload_id)
-            if upload is None and record is not None:
-                upload = Upload(self, record, None)
-                self._remember(upload)
-            future.set_result(upload)
-            return upload
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters get it, nobody else should log it
-            raise
-        finally:
-            del self._loading[upload_id]
-
-    async def status(self, upload_id: str) -> UploadStatus:
-        upload = await self.find(upload_id)
-        if upload is None:
-            raise RecgwError(
-                ErrorKind.NOT_FOUND,
-                f"no upload with id {quote_client(upload_id, 64)}",
-                reason=Reason.UPLOAD_NOT_FOUND,
-            )
-        return upload.status()
-
-    async def abort(self, upload_id: str) -> AbortReport:
-        """Abort an upload that is not complete; report what is left in S3."""
-        upload = await self.find(upload_id)
-        if upload is None:
-            raise RecgwError(
-                ErrorKind.NOT_FOUND,
-                f"no upload with id {quote_client(upload_id, 64)}",
-                reason=Reason.UPLOAD_NOT_FOUND,
-            )
-        if upload.state is UploadState.FINISHING:
-            raise RecgwError(
-                ErrorKind.FAILED_PRECONDITION,
-                f"upload {upload_id} is already finishing and can no longer be aborted",
-                reason=Reason.UPLOAD_FINISHING,
-            )
-        if upload.state is UploadState.OPEN:
-            upload.abort_requested.set()
-            # The stream that drives the upload (if any) notices at once and ends.
-            await upload.fail(upload._aborted_error())
-            await upload.terminal.wait()
-        return _abort_report(upload)
-
-    async def expire_idle(self, now: float | None = None) -> list[str]:
-        """Expire open uploads idle longer than the idle timeout; returns their ids."""
-        now = time.time() if now is None else now
-        cutoff = now - self.settings.idle_timeout
-        expired: list[str] = []
-        for upload_id in await self.sessions.idle(
-            (UploadState.OPEN.value, UploadState.FINISHING.value), cutoff
-        ):
-            upload = await self.find(upload_id)
-            if upload is None or upload.attached or upload.updated_at >= cutoff:
-                continue
-            idle_hours = (now - upload.updated_at) / 3600
-            await upload.fail(
-                RecgwError(
-                    ErrorKind.ABORTED,
-                    f"expired after {idle_hours:.1f} h without data",
-                ),
-                final=UploadState.EXPIRED,
-            )
-            self.metrics.uploads_expired.inc()
-            expired.append(upload_id)
-        return expired
-
-    async def verify_write(self, tenant_id: str) -> VerifyReport:
-        """Prove the stored credentials can write, with one PutObject at a fixed key.
-
-        The key is the same every time and the write is unconditional, so nothing accumulates;
-        PutObject is all the seed's least-privilege policy needs to allow.
-        """
-        validate_tenant_id(tenant_id)
-        credentials = await self.credentials.get(tenant_id)
-        if credentials is None:
-            raise RecgwError(
-                ErrorKind.NOT_FOUND,
-                f"tenant '{tenant_id}' has no S3 credentials to verify",
-                reason=Reason.CREDENTIALS_NOT_FOUND,
-            )
-        key = credentials.target.prefix + VERIFY_OBJECT_NAME
-        spec = ObjectSpec(key, "text/plain", {}, if_none_match=False)
-        try:
-            writer = await self.store.writer_for(credentials)
-            await writer.put_object(spec, VERIFY_BODY, crc32c(VERIFY_BODY))
-        except RecgwError as error:
-            if error.kind is ErrorKind.INTERNAL:
-                raise
-            return VerifyReport(False, key, error.store_code or error.kind.value, error.message)
-        return VerifyReport(True, key)
-
-    def abandon(self, upload: Upload, error: RecgwError) -> None:
-        """Handle a stream that is gone, in the background (its handler is being cancelled)."""
-        task = asyncio.ensure_future(upload.stream_failed(error))
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
-
-    async def close(self) -> None:
-        """Detach every stream and wait for all clean-up (on shutdown).
-
-        Open uploads stay open in the session store, to be resumed after the restart. Only
-        after this may the object store's threads be shut down.
-        """
-        shutting_down = RecgwError(
-            ErrorKind.UNAVAILABLE, "the gateway is shutting down", reason=Reason.SHUTTING_DOWN
-        )
-        while any(u.attached for u in self._uploads.values()) or self._cleanups:
-            for upload in [u for u in self._uploads.values() if u.attached]:
-                if upload.state is UploadState.OPEN:
-                    self.abandon(upload, shutting_down)
-                elif upload._finish_task is not None:
-                    await asyncio.gather(upload._finish_task, return_exceptions=True)
-                    upload.attached = False
-            await asyncio.gather(*self._cleanups, return_exceptions=True)
+def _update_all(sha: ResumableSha256, body: PartBody) -> None:
+    for chunk in body.chunks():
+        sha.update(chunk if isinstance(chunk, bytes) else bytes(chunk))
 
 
-def _abort_report(upload: Upload) -> AbortReport:
-    if upload.state is UploadState.COMPLETE:
-        return AbortReport(upload.state, False, "the upload had already completed; not aborted")
-    if upload.abort_outcome is AbortOutcome.DENIED:
-        detail = (
-            "aborted; S3 denied AbortMultipartUpload (expected with a PutObject-only policy), "
-            "so the incomplete multipart upload is left to the bucket's lifecycle rule"
-        )
-        return AbortReport(upload.state, False, detail)
-    if upload.abort_outcome is AbortOutcome.FAILED:
-        return AbortReport(
-            upload.state, False, "aborted; AbortMultipartUpload failed, S3 may keep the parts"
-        )
-    return AbortReport(upload.state, True, "aborted; nothing of it is left in S3")
+def crc32c_b64(value: int) -> str:
+    import base64
+
+    return base64.b64encode(value.to_bytes(4, "big")).decode()

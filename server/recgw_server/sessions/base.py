@@ -49,6 +49,10 @@ class SessionRecord:
     result: Mapping[str, Any] | None = None
     abort_outcome: str = ""
     parts: tuple[PartRecord, ...] = field(default_factory=tuple)
+    compute_sha256: bool = True
+    # Bytes received after the committed prefix when the last stream ended, uploaded as a short
+    # part for salvaging; not committed (a resuming stream writes that part again).
+    tail: PartRecord | None = None
 
     def committed_parts(self) -> tuple[PartRecord, ...]:
         """The parts 1..k that are all present: only those count as committed."""

@@ -37,7 +37,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     committed_size INTEGER NOT NULL DEFAULT 0,
     error_message TEXT NOT NULL DEFAULT '',
     result TEXT,
-    abort_outcome TEXT NOT NULL DEFAULT ''
+    abort_outcome TEXT NOT NULL DEFAULT '',
+    compute_sha256 INTEGER NOT NULL DEFAULT 1,
+    tail TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_by_state ON sessions (state, updated_at);
 CREATE TABLE IF NOT EXISTS parts (
@@ -52,6 +54,7 @@ CREATE TABLE IF NOT EXISTS parts (
 );
 """
 _UPDATABLE = {
+    "tail",
     "state",
     "store_upload_id",
     "committed_size",
@@ -77,6 +80,9 @@ class SqliteSessionStore:
         db.execute("PRAGMA synchronous=FULL")  # a committed part must survive a power cut
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
+        if "compute_sha256" not in columns:  # data dirs from before SHA-256 became optional
+            db.execute("ALTER TABLE sessions ADD COLUMN compute_sha256 INTEGER NOT NULL DEFAULT 1")
         self._db = db
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -152,6 +158,8 @@ class SqliteSessionStore:
             raise ValueError(f"cannot update {sorted(unknown)}")
         if "result" in fields and fields["result"] is not None:
             fields["result"] = json.dumps(fields["result"])
+        if "tail" in fields and fields["tail"] is not None:
+            fields["tail"] = _part_json(fields["tail"])
         assignments = ", ".join(f"{name} = ?" for name in fields)
 
         def write(db: sqlite3.Connection) -> None:
@@ -209,7 +217,34 @@ def _to_row(record: SessionRecord) -> dict[str, Any]:
         "error_message": record.error_message,
         "result": json.dumps(record.result) if record.result is not None else None,
         "abort_outcome": record.abort_outcome,
+        "compute_sha256": int(record.compute_sha256),
+        "tail": _part_json(record.tail) if record.tail is not None else None,
     }
+
+
+def _part_json(part: PartRecord) -> str:
+    return json.dumps(
+        {
+            "number": part.number,
+            "etag": part.etag,
+            "size": part.size,
+            "crc32c": part.crc32c,
+            "object_crc32c": part.object_crc32c,
+            "sha256_state": part.sha256_state.hex(),
+        }
+    )
+
+
+def _part_from_json(text: str) -> PartRecord:
+    data = json.loads(text)
+    return PartRecord(
+        number=data["number"],
+        etag=data["etag"],
+        size=data["size"],
+        crc32c=data["crc32c"],
+        object_crc32c=data["object_crc32c"],
+        sha256_state=bytes.fromhex(data["sha256_state"]),
+    )
 
 
 def _from_row(row: sqlite3.Row, parts: list[sqlite3.Row]) -> SessionRecord:
@@ -235,6 +270,8 @@ def _from_row(row: sqlite3.Row, parts: list[sqlite3.Row]) -> SessionRecord:
         error_message=row["error_message"],
         result=json.loads(row["result"]) if row["result"] else None,
         abort_outcome=row["abort_outcome"],
+        compute_sha256=bool(row["compute_sha256"]),
+        tail=_part_from_json(row["tail"]) if row["tail"] else None,
     )
     return replace(
         record,

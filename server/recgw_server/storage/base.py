@@ -14,6 +14,7 @@ from recgw_server.domain import TenantCredentials
 class WrittenObject:
     etag: str
     version_id: str
+    crc32c: str = ""  # the store's base64 CRC32C of the object, when it reports one
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,18 @@ class ObjectSpec:
     if_none_match: bool
 
 
+class Body(Protocol):
+    """A part's or object's bytes as the HTTP layer reads them: sized and rewindable."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, size: int = -1) -> bytes | memoryview: ...
+
+    def seek(self, offset: int, whence: int = 0) -> int: ...
+
+    def tell(self) -> int: ...
+
+
 class AbortOutcome(enum.Enum):
     ABORTED = "aborted"
     DENIED = "denied"  # expected under a PutObject-only policy
@@ -46,14 +59,16 @@ class ObjectWriter(Protocol):
     @property
     def bucket(self) -> str: ...
 
-    async def put_object(self, spec: ObjectSpec, body: bytes, crc32c: int) -> WrittenObject: ...
+    async def put_object(self, spec: ObjectSpec, body: Body, crc32c: int) -> WrittenObject:
+        """One attempt of a single-request object write (the pipeline retries it itself)."""
+        ...
 
     async def create_multipart_upload(self, spec: ObjectSpec) -> str:
         """Start a multipart upload; returns the store's upload id."""
         ...
 
     async def upload_part(
-        self, key: str, store_upload_id: str, part_number: int, body: bytes, crc32c: int
+        self, key: str, store_upload_id: str, part_number: int, body: Body, crc32c: int
     ) -> WrittenPart: ...
 
     async def complete_multipart_upload(
@@ -63,7 +78,15 @@ class ObjectWriter(Protocol):
         parts: Sequence[WrittenPart],
         object_crc32c: int,
     ) -> WrittenObject:
-        """Complete; S3 also checks `object_crc32c` where full-object checksums are on."""
+        """One attempt to complete (the pipeline retries it itself, knowing what it sent).
+
+        S3 also checks `object_crc32c` where full-object checksums are on.
+        """
+        ...
+
+    async def head_object(self, key: str) -> WrittenObject | None:
+        """ETag and checksum of an object, or None when absent; PERMISSION_DENIED without a
+        metadata-read grant (s3:GetObject covers HeadObject; s3:GetObjectAttributes)."""
         ...
 
     async def abort_multipart_upload(self, key: str, store_upload_id: str) -> AbortOutcome: ...

@@ -6,18 +6,21 @@ import asyncio
 import base64
 import functools
 import logging
+import threading
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.handlers
+import botocore.session
 
 from recgw_server.domain import EncryptionMode, ErrorKind, Reason, RecgwError, TenantCredentials
-from recgw_server.storage.base import AbortOutcome, ObjectSpec, WrittenObject, WrittenPart
+from recgw_server.storage.base import AbortOutcome, Body, ObjectSpec, WrittenObject, WrittenPart
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -156,6 +159,9 @@ class S3Settings:
     # CRC32C of the whole object on CompleteMultipartUpload (ChecksumType FULL_OBJECT); turn off
     # for S3-compatible stores that only know per-part checksums.
     full_object_checksum: bool = True
+    # `Expect: 100-continue` on part and object writes: "auto" sends it except to loopback
+    # endpoints, where a refusal costs nothing and the extra round trip is pure latency.
+    expect_continue: str = "auto"
 
 
 class S3Writer:
@@ -163,12 +169,13 @@ class S3Writer:
 
     def __init__(
         self,
-        client: Any,
+        clients: TenantClients,
         credentials: TenantCredentials,
         executor: ThreadPoolExecutor,
         full_object_checksum: bool = True,
     ):
-        self._client = client
+        self._client = clients.retrying
+        self._once = clients.once
         self._target = credentials.target
         self._executor = executor
         self._full_object_checksum = full_object_checksum
@@ -199,13 +206,18 @@ class S3Writer:
                 args["SSEKMSKeyId"] = self._target.kms_key_id
         return args
 
-    async def put_object(self, spec: ObjectSpec, body: bytes, crc32c: int) -> WrittenObject:
+    async def put_object(self, spec: ObjectSpec, body: Body, crc32c: int) -> WrittenObject:
+        body.seek(0)  # the pipeline may send the same body again after a failed attempt
         args = self._write_args(spec)
         args.update(Body=body, ChecksumCRC32C=crc32c_header(crc32c))
+        client = self._client
         if spec.if_none_match:
             args["IfNoneMatch"] = "*"
+            # botocore must not repeat a conditional write whose answer was lost: the repeat would
+            # be refused (412) by the object the first attempt made. The pipeline retries itself.
+            client = self._once
         response = await self._run(
-            "PutObject", spec.key, functools.partial(self._client.put_object, **args)
+            "PutObject", spec.key, functools.partial(client.put_object, **args)
         )
         return WrittenObject(response.get("ETag", ""), response.get("VersionId", ""))
 
@@ -222,8 +234,9 @@ class S3Writer:
         return str(response["UploadId"])
 
     async def upload_part(
-        self, key: str, store_upload_id: str, part_number: int, body: bytes, crc32c: int
+        self, key: str, store_upload_id: str, part_number: int, body: Body, crc32c: int
     ) -> WrittenPart:
+        body.seek(0)
         call = functools.partial(
             self._client.upload_part,
             Bucket=self.bucket,
@@ -264,12 +277,30 @@ class S3Writer:
             # S3 checks the whole object's CRC32C against the parts it holds.
             args["ChecksumCRC32C"] = crc32c_header(object_crc32c)
             args["ChecksumType"] = "FULL_OBJECT"
+        # One attempt only: a repeat after a lost answer would meet NoSuchUpload or 412 for the
+        # object the first attempt made. The pipeline retries itself, knowing what it sent.
         response = await self._run(
             "CompleteMultipartUpload",
             spec.key,
-            functools.partial(self._client.complete_multipart_upload, **args),
+            functools.partial(self._once.complete_multipart_upload, **args),
         )
         return WrittenObject(response.get("ETag", ""), response.get("VersionId", ""))
+
+    async def head_object(self, key: str) -> WrittenObject | None:
+        call = functools.partial(
+            self._client.head_object, Bucket=self.bucket, Key=key, ChecksumMode="ENABLED"
+        )
+        try:
+            response = await self._run("HeadObject", key, call)
+        except RecgwError as error:
+            if error.store_code in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return WrittenObject(
+            response.get("ETag", ""),
+            response.get("VersionId", ""),
+            response.get("ChecksumCRC32C", ""),
+        )
 
     async def abort_multipart_upload(self, key: str, store_upload_id: str) -> AbortOutcome:
         call = functools.partial(
@@ -290,64 +321,113 @@ class S3Writer:
         return AbortOutcome.ABORTED
 
 
+@dataclass(frozen=True)
+class TenantClients:
+    """The two boto3 clients of one tenant's credentials version, built once and shared.
+
+    `once` makes a single attempt: it sends the requests that must not be repeated blindly
+    (CompleteMultipartUpload, conditional PutObject).
+    """
+
+    retrying: Any
+    once: Any
+
+
 class S3ObjectStore:
-    """ObjectStore over boto3; caches one client per tenant credentials version."""
+    """ObjectStore over boto3; builds each tenant's clients once per credentials version."""
 
     def __init__(self, settings: S3Settings | None = None) -> None:
         self._settings = settings or S3Settings()
         self._executor = ThreadPoolExecutor(
             max_workers=self._settings.io_threads, thread_name_prefix="recgw-s3"
         )
-        self._clients: OrderedDict[tuple[str, int, str], Any] = OrderedDict()
+        self._clients: OrderedDict[tuple[str, int, str], asyncio.Future[TenantClients]] = (
+            OrderedDict()
+        )
+        self._session = botocore.session.get_session()
+        # botocore sessions are not thread-safe: clients are made one at a time (milliseconds
+        # each, once the model is loaded).
+        self._session_lock = threading.Lock()
+        # Loading the S3 service model takes a few hundred milliseconds: do it once, now, in a
+        # thread, so no tenant's first upload pays for it.
+        self._warm = self._executor.submit(self._session.get_service_model, "s3")
 
     async def writer_for(self, credentials: TenantCredentials) -> S3Writer:
         # The access key id is part of the cache key so that a store which does not bump versions
         # (or a cache race) can never reuse a client built from other credentials.
         cache_key = (credentials.tenant_id, credentials.version, credentials.access_key_id)
-        client = self._clients.get(cache_key)
-        if client is None:
+        building = self._clients.get(cache_key)
+        if building is None:
+            # Concurrent first streams of a tenant share one build.
             loop = asyncio.get_running_loop()
-            client = await loop.run_in_executor(
-                self._executor, functools.partial(self._make_client, credentials)
+            building = asyncio.ensure_future(
+                loop.run_in_executor(
+                    self._executor, functools.partial(self._make_clients, credentials)
+                )
             )
-            self._clients[cache_key] = client
+            self._clients[cache_key] = building
             while len(self._clients) > self._settings.client_cache_size:
                 self._clients.popitem(last=False)
         else:
             self._clients.move_to_end(cache_key)
-        return S3Writer(client, credentials, self._executor, self._settings.full_object_checksum)
+        try:
+            clients = await asyncio.shield(building)
+        except BaseException:
+            if building.done() and self._clients.get(cache_key) is building:
+                del self._clients[cache_key]  # a failed build is not cached
+            raise
+        return S3Writer(clients, credentials, self._executor, self._settings.full_object_checksum)
 
     def forget(self, tenant_id: str) -> None:
         """Drop cached clients of a tenant (after its credentials changed)."""
         for cache_key in [k for k in self._clients if k[0] == tenant_id]:
             del self._clients[cache_key]
 
-    def _make_client(self, credentials: TenantCredentials) -> Any:
+    def _expect_continue(self, endpoint_url: str) -> bool:
+        if self._settings.expect_continue != "auto":
+            return self._settings.expect_continue == "on"
+        host = urllib.parse.urlsplit(endpoint_url).hostname or ""
+        return not (host in ("localhost", "::1") or host.startswith("127."))
+
+    def _make_clients(self, credentials: TenantCredentials) -> TenantClients:
+        self._warm.result()
         target = credentials.target
-        config = botocore.config.Config(
-            region_name=target.region,
-            retries={"mode": "standard", "max_attempts": self._settings.max_attempts},
-            connect_timeout=self._settings.connect_timeout,
-            read_timeout=self._settings.read_timeout,
-            max_pool_connections=self._settings.io_threads,
-            # Over HTTPS the payload is not hashed a second time for SigV4: TLS and the CRC32C
-            # that S3 verifies protect it. botocore still signs payloads over plain HTTP.
-            s3={
-                "addressing_style": "path" if target.force_path_style else "auto",
-                "payload_signing_enabled": False,
-            },
-            # We send our own CRC32C with every write; no second checksum is needed.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        session = boto3.session.Session()
-        return session.client(
-            "s3",
-            aws_access_key_id=credentials.access_key_id,
-            aws_secret_access_key=credentials.secret_access_key.reveal(),
-            endpoint_url=target.endpoint_url or None,
-            config=config,
-        )
+
+        def config(max_attempts: int) -> botocore.config.Config:
+            return botocore.config.Config(
+                region_name=target.region,
+                retries={"mode": "standard", "total_max_attempts": max_attempts},
+                connect_timeout=self._settings.connect_timeout,
+                read_timeout=self._settings.read_timeout,
+                max_pool_connections=self._settings.io_threads,
+                # The payload is not hashed for SigV4: the CRC32C that S3 verifies (its header is
+                # signed) protects it, over HTTPS and plain HTTP alike.
+                s3={
+                    "addressing_style": "path" if target.force_path_style else "auto",
+                    "payload_signing_enabled": False,
+                },
+                # We send our own CRC32C with every write; no second checksum is needed.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            )
+
+        def client(max_attempts: int) -> Any:
+            made = self._session.create_client(
+                "s3",
+                aws_access_key_id=credentials.access_key_id,
+                aws_secret_access_key=credentials.secret_access_key.reveal(),
+                endpoint_url=target.endpoint_url or None,
+                config=config(max_attempts),
+            )
+            if not self._expect_continue(target.endpoint_url):
+                for operation in ("PutObject", "UploadPart"):
+                    made.meta.events.unregister(
+                        f"before-call.s3.{operation}", botocore.handlers.add_expect_header
+                    )
+            return made
+
+        with self._session_lock:
+            return TenantClients(client(self._settings.max_attempts), client(1))
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -797,6 +797,8 @@ class UploadClient:
                 metadata=dict(metadata or {}),
                 expected_size=total,
                 upload_id=upload_id or str(uuid.uuid4()),
+                # The gateway computes SHA-256 only when asked; the client verifies it.
+                compute_sha256=compute_checksums,
             )
             run = _UploadRun(
                 self,

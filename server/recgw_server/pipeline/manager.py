@@ -1,0 +1,378 @@
+"""The upload manager: opens, resumes, aborts, expires and verifies uploads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from recgw_server.credentials.base import CredentialsSource
+from recgw_server.domain import (
+    ErrorKind,
+    Reason,
+    RecgwError,
+    TenantCredentials,
+    build_object_key,
+    quote_client,
+    validate_tenant_id,
+)
+from recgw_server.metrics import GatewayMetrics
+from recgw_server.pipeline.budget import MemoryBudget
+from recgw_server.pipeline.buffers import PartBody, Spool
+from recgw_server.pipeline.digest import crc32c
+from recgw_server.pipeline.model import (
+    DONE_STATES,
+    VERIFY_BODY,
+    VERIFY_OBJECT_NAME,
+    AbortReport,
+    PipelineSettings,
+    SalvageReport,
+    StartRequest,
+    UploadState,
+    UploadStatus,
+    VerifyReport,
+    validate_start,
+)
+from recgw_server.pipeline.parts import plan_parts
+from recgw_server.pipeline.uploads import Upload
+from recgw_server.sessions.base import SessionRecord, SessionStore
+from recgw_server.storage.base import AbortOutcome, ObjectSpec, ObjectStore, ObjectWriter
+
+log = logging.getLogger(__name__)
+
+
+class UploadManager:
+    """Opens, resumes, aborts and expires uploads; keeps recent ones in memory."""
+
+    def __init__(
+        self,
+        credentials: CredentialsSource,
+        store: ObjectStore,
+        sessions: SessionStore,
+        budget: MemoryBudget,
+        metrics: GatewayMetrics,
+        settings: PipelineSettings | None = None,
+        spool: Spool | None = None,
+    ) -> None:
+        self.credentials = credentials
+        self.store = store
+        self.sessions = sessions
+        self.budget = budget
+        self.spool = spool or Spool(Path(tempfile.mkdtemp(prefix="recgw-spool-")), 16 << 30)
+        self.metrics = metrics
+        self.settings = settings or PipelineSettings()
+        self._uploads: OrderedDict[str, Upload] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[Upload | None]] = {}
+        self._starting: set[str] = set()
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    async def _credentials(self, tenant_id: str) -> TenantCredentials:
+        credentials = await self.credentials.get(tenant_id)
+        if credentials is None:
+            raise RecgwError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"tenant '{tenant_id}' has no S3 credentials; store them with SetCredentials first",
+                reason=Reason.CREDENTIALS_NOT_FOUND,
+            )
+        return credentials
+
+    async def salvages(self, tenant_id: str) -> bool:
+        """Whether the tenant's abandoned-upload policy is `salvage`."""
+        try:
+            credentials = await self.credentials.get(tenant_id)
+        except RecgwError:
+            return False
+        return credentials is not None and credentials.target.abandoned_uploads == "salvage"
+
+    async def salvage(self, upload_id: str) -> SalvageReport:
+        """Keep what an open upload has committed as its object (SalvageUpload)."""
+        upload = await self.find(upload_id)
+        if upload is None:
+            raise RecgwError(
+                ErrorKind.NOT_FOUND,
+                f"no upload with id {quote_client(upload_id, 64)}",
+                reason=Reason.UPLOAD_NOT_FOUND,
+            )
+        result = await upload.salvage("salvaged on request (SalvageUpload)")
+        return SalvageReport(upload.state, result)
+
+    async def writer_for_tenant(self, tenant_id: str) -> ObjectWriter:
+        return await self.store.writer_for(await self._credentials(tenant_id))
+
+    async def start(
+        self, request: StartRequest, stream: asyncio.Task[object] | None = None
+    ) -> Upload:
+        """Open a new upload, or attach to the existing one named by `request.upload_id`.
+
+        `stream` is the task that drives the upload; a takeover or AbortUpload cancels it.
+        """
+        upload_id = validate_start(request)
+        existing = await self.find(upload_id)
+        if upload_id in self._starting:
+            raise RecgwError(
+                ErrorKind.ABORTED,
+                f"another stream is starting upload {upload_id}; retry",
+                reason=Reason.ANOTHER_WRITER,
+            )
+        if existing is not None:
+            if (existing.tenant_id, existing.record.object_name) != (
+                request.tenant_id,
+                request.object_name,
+            ):
+                raise RecgwError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"upload id {upload_id} belongs to another tenant or object name; resume "
+                    "with the same tenant_id and object_name, or choose a new upload id",
+                    reason=Reason.UPLOAD_ID_CONFLICT,
+                )
+            if existing.committed == 0 and not existing.attached:
+                existing.adopt_sha256(self._wants_sha256(request))
+            await existing.attach(stream)
+            if existing.state is UploadState.OPEN:
+                self.metrics.uploads_resumed.inc()
+                log.info("upload %s resumed at byte %d", upload_id, existing.committed)
+            return existing
+        if upload_id in self._uploads or upload_id in self._starting:
+            raise RecgwError(
+                ErrorKind.ABORTED,
+                f"another stream is starting upload {upload_id}; retry",
+                reason=Reason.ANOTHER_WRITER,
+            )
+        self._starting.add(upload_id)
+        try:
+            upload = await self._open(upload_id, request, stream)
+        finally:
+            self._starting.discard(upload_id)
+        self.metrics.uploads_started.inc()
+        log.info(
+            "upload %s started: tenant=%s key=%s", upload_id, request.tenant_id, upload.spec.key
+        )
+        return upload
+
+    def _wants_sha256(self, request: StartRequest) -> bool:
+        return request.compute_sha256 or self.settings.sha256 == "always"
+
+    async def _open(
+        self, upload_id: str, request: StartRequest, stream: asyncio.Task[object] | None
+    ) -> Upload:
+        credentials = await self._credentials(request.tenant_id)
+        target = credentials.target
+        key = build_object_key(target.prefix, request.object_name)
+        plan = plan_parts(
+            self.settings.part_size,
+            request.expected_size,
+            target.equal_part_sizes,
+            self.settings.growth_interval,
+        )
+        writer = await self.store.writer_for(credentials)
+        now = time.time()
+        record = SessionRecord(
+            upload_id=upload_id,
+            tenant_id=request.tenant_id,
+            object_name=request.object_name,
+            key=key,
+            bucket=target.bucket,
+            content_type=request.content_type,
+            metadata=dict(request.metadata),
+            if_none_match=not target.allow_overwrite,
+            expected_size=request.expected_size,
+            credentials_version=credentials.version,
+            part_base_size=plan.base_size,
+            part_growing=plan.growing,
+            growth_interval=plan.growth_interval,
+            state=UploadState.OPEN.value,
+            created_at=now,
+            updated_at=now,
+            compute_sha256=self._wants_sha256(request),
+        )
+        # Durable before the stream may write: a restart must find every upload it acknowledged.
+        await self.sessions.create(record)
+        upload = Upload(self, record, writer)
+        await upload.attach(stream)
+        self._remember(upload)
+        return upload
+
+    def _remember(self, upload: Upload) -> None:
+        self._uploads[upload.upload_id] = upload
+        self._uploads.move_to_end(upload.upload_id)
+        # Forget idle uploads beyond the cache size; the session store still has them.
+        while len(self._uploads) > self.settings.memory_cache_size:
+            oldest_id, oldest = next(iter(self._uploads.items()))
+            if oldest.attached or (oldest._fail_task is not None and not oldest.terminal.is_set()):
+                self._uploads.move_to_end(oldest_id)
+                break
+            del self._uploads[oldest_id]
+
+    async def find(self, upload_id: str) -> Upload | None:
+        """The upload with this id, from memory or from the session store."""
+        upload = self._uploads.get(upload_id)
+        if upload is not None:
+            return upload
+        loading = self._loading.get(upload_id)
+        if loading is not None:
+            return await asyncio.shield(loading)
+        future: asyncio.Future[Upload | None] = asyncio.get_running_loop().create_future()
+        self._loading[upload_id] = future
+        try:
+            record = await self.sessions.get(upload_id)
+            # A stream may have opened this upload while the record was being read: the object
+            # in memory is the one that counts.
+            upload = self._uploads.get(upload_id)
+            if upload is None and record is not None:
+                upload = Upload(self, record, None)
+                self._remember(upload)
+            future.set_result(upload)
+            return upload
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters get it, nobody else should log it
+            raise
+        finally:
+            del self._loading[upload_id]
+
+    async def status(self, upload_id: str) -> UploadStatus:
+        upload = await self.find(upload_id)
+        if upload is None:
+            raise RecgwError(
+                ErrorKind.NOT_FOUND,
+                f"no upload with id {quote_client(upload_id, 64)}",
+                reason=Reason.UPLOAD_NOT_FOUND,
+            )
+        return upload.status()
+
+    async def abort(self, upload_id: str) -> AbortReport:
+        """Abort an upload that is not complete; report what is left in S3."""
+        upload = await self.find(upload_id)
+        if upload is None:
+            raise RecgwError(
+                ErrorKind.NOT_FOUND,
+                f"no upload with id {quote_client(upload_id, 64)}",
+                reason=Reason.UPLOAD_NOT_FOUND,
+            )
+        if upload.state is UploadState.FINISHING:
+            raise RecgwError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"upload {upload_id} is already finishing and can no longer be aborted",
+                reason=Reason.UPLOAD_FINISHING,
+            )
+        if upload.state is UploadState.OPEN:
+            upload.abort_requested.set()
+            error = upload.aborted_error()
+            # The stream that drives the upload (if any) ends at once.
+            upload.interrupt(error)
+            await upload.fail(error)
+            await upload.terminal.wait()
+        return _abort_report(upload)
+
+    async def expire_idle(self, now: float | None = None) -> list[str]:
+        """Expire open uploads idle longer than the idle timeout; returns their ids."""
+        now = time.time() if now is None else now
+        cutoff = now - self.settings.idle_timeout
+        expired: list[str] = []
+        for upload_id in await self.sessions.idle(
+            (UploadState.OPEN.value, UploadState.FINISHING.value), cutoff
+        ):
+            upload = await self.find(upload_id)
+            if upload is None or upload.attached or upload.updated_at >= cutoff:
+                continue
+            idle_hours = (now - upload.updated_at) / 3600
+            why = f"expired after {idle_hours:.1f} h without data"
+            try:
+                if upload.completion_sent:
+                    # Its completion may have reached S3: never abort it, ask S3 again.
+                    await upload.complete_again()
+                elif (upload.committed or upload.tail) and await self.salvages(upload.tenant_id):
+                    await upload.salvage(why)
+                else:
+                    await upload.fail(RecgwError(ErrorKind.ABORTED, why), final=UploadState.EXPIRED)
+                    self.metrics.uploads_expired.inc()
+            except RecgwError as error:
+                log.warning("upload %s could not be ended: %s", upload_id, error.message)
+                continue
+            expired.append(upload_id)
+        return expired
+
+    async def verify_write(self, tenant_id: str) -> VerifyReport:
+        """Prove the stored credentials can write, with one PutObject at a fixed key.
+
+        The key is the same every time and the write is unconditional, so nothing accumulates;
+        PutObject is all the seed's least-privilege policy needs to allow.
+        """
+        validate_tenant_id(tenant_id)
+        credentials = await self.credentials.get(tenant_id)
+        if credentials is None:
+            raise RecgwError(
+                ErrorKind.NOT_FOUND,
+                f"tenant '{tenant_id}' has no S3 credentials to verify",
+                reason=Reason.CREDENTIALS_NOT_FOUND,
+            )
+        key = credentials.target.prefix + VERIFY_OBJECT_NAME
+        spec = ObjectSpec(key, "text/plain", {}, if_none_match=False)
+        try:
+            writer = await self.store.writer_for(credentials)
+            body = PartBody([VERIFY_BODY], None, len(VERIFY_BODY))
+            await writer.put_object(spec, body, crc32c(VERIFY_BODY))
+        except RecgwError as error:
+            if error.kind is ErrorKind.INTERNAL:
+                raise
+            return VerifyReport(False, key, error.store_code or error.kind.value, error.message)
+        return VerifyReport(True, key)
+
+    async def spill_slow_parts(self) -> None:
+        """Move parts that have been filling for too long to disk (run every second or so)."""
+        now = time.monotonic()
+        for upload in [u for u in self._uploads.values() if u.attached]:
+            await upload.spill_if_slow(now)
+
+    async def run_spiller(self) -> None:
+        """Spill slow parts periodically, until cancelled."""
+        interval = max(0.05, self.settings.spill_after / 4)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.spill_slow_parts()
+            except Exception:
+                log.exception("spilling slow parts failed; trying again")
+
+    def abandon(self, upload: Upload, error: RecgwError) -> None:
+        """Handle a stream that is gone, in the background (its handler is being cancelled)."""
+        task = asyncio.ensure_future(upload.stream_failed(error))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def close(self) -> None:
+        """Detach every stream and wait for all clean-up (on shutdown).
+
+        Open uploads stay open in the session store, to be resumed after the restart. Only
+        after this may the object store's threads be shut down.
+        """
+        shutting_down = RecgwError(
+            ErrorKind.UNAVAILABLE, "the gateway is shutting down", reason=Reason.SHUTTING_DOWN
+        )
+        while any(u.attached for u in self._uploads.values()) or self._cleanups:
+            for upload in [u for u in self._uploads.values() if u.attached]:
+                if upload.state is UploadState.OPEN:
+                    self.abandon(upload, shutting_down)
+                elif upload._finish_task is not None:
+                    await asyncio.gather(upload._finish_task, return_exceptions=True)
+                    upload.attached = False
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
+
+
+def _abort_report(upload: Upload) -> AbortReport:
+    if upload.state in DONE_STATES:
+        return AbortReport(upload.state, False, "the upload had already completed; not aborted")
+    if upload.abort_outcome is AbortOutcome.DENIED:
+        detail = (
+            "aborted; S3 denied AbortMultipartUpload (expected with a PutObject-only policy), "
+            "so the incomplete multipart upload is left to the bucket's lifecycle rule"
+        )
+        return AbortReport(upload.state, False, detail)
+    if upload.abort_outcome is AbortOutcome.FAILED:
+        return AbortReport(
+            upload.state, False, "aborted; AbortMultipartUpload failed, S3 may keep the parts"
+        )
+    return AbortReport(upload.state, True, "aborted; nothing of it is left in S3")
