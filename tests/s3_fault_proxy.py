@@ -38,6 +38,8 @@ class SeenRequest:
             return "PutObject"
         if self.method == "HEAD":
             return "HeadObject"
+        if self.method == "GET" and "attributes" in self.query:
+            return "GetObjectAttributes"
         if self.method == "DELETE" and "uploadId" in self.query:
             return "AbortMultipartUpload"
         return f"{self.method} {self.path}"

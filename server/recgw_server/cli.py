@@ -111,6 +111,15 @@ def policy(
     allow_abort: Annotated[
         bool, typer.Option("--allow-abort", help="Also allow s3:AbortMultipartUpload.")
     ] = False,
+    allow_confirm: Annotated[
+        bool,
+        typer.Option(
+            "--allow-confirm",
+            help="Also allow s3:GetObject, used only for HeadObject, so a completion whose answer "
+            "was lost is confirmed instead of reported as unconfirmed (AWS has no "
+            "metadata-only permission).",
+        ),
+    ] = False,
     abort_after_days: Annotated[
         int, typer.Option(help="Lifecycle: abort incomplete multipart uploads after N days.")
     ] = 7,
@@ -120,7 +129,9 @@ def policy(
 
     try:
         output = {
-            "identity_policy": documents.identity_policy(bucket, prefix, allow_abort),
+            "identity_policy": documents.identity_policy(
+                bucket, prefix, allow_abort, allow_confirm
+            ),
             "bucket_policy": documents.bucket_policy(
                 bucket, prefix, principal, allow_abort=allow_abort
             ),

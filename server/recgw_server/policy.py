@@ -111,20 +111,36 @@ def _writer_actions(allow_abort: bool) -> str | list[str]:
 
 
 def identity_policy(
-    bucket: str, prefix: str = DEFAULT_PREFIX, allow_abort: bool = False
+    bucket: str,
+    prefix: str = DEFAULT_PREFIX,
+    allow_abort: bool = False,
+    allow_confirm: bool = False,
 ) -> dict[str, Any]:
-    """IAM policy for the gateway's user: write objects under `prefix`, nothing else."""
-    return {
-        "Version": POLICY_VERSION,
-        "Statement": [
+    """IAM policy for the gateway's user: write objects under `prefix`, nothing else.
+
+    `allow_confirm` adds s3:GetObject, with which the gateway confirms (by HeadObject: ETag and
+    CRC32C, never the bytes) a completion whose answer was lost. AWS has no metadata-only
+    permission: HeadObject and GetObjectAttributes both need s3:GetObject, which would also
+    allow reading the recordings, so it stays optional.
+    """
+    statements: list[dict[str, Any]] = [
+        {
+            "Sid": "RecgwWriteUnderPrefix",
+            "Effect": "Allow",
+            "Action": _writer_actions(allow_abort),
+            "Resource": object_arn(bucket, prefix),
+        }
+    ]
+    if allow_confirm:
+        statements.append(
             {
-                "Sid": "RecgwWriteUnderPrefix",
+                "Sid": "RecgwConfirmCompletions",
                 "Effect": "Allow",
-                "Action": _writer_actions(allow_abort),
+                "Action": "s3:GetObject",
                 "Resource": object_arn(bucket, prefix),
             }
-        ],
-    }
+        )
+    return {"Version": POLICY_VERSION, "Statement": statements}
 
 
 def bucket_policy(

@@ -85,8 +85,8 @@ class ObjectWriter(Protocol):
         ...
 
     async def head_object(self, key: str) -> WrittenObject | None:
-        """ETag and checksum of an object, or None when absent; PERMISSION_DENIED without a
-        metadata-read grant (s3:GetObject covers HeadObject; s3:GetObjectAttributes)."""
+        """ETag and checksum of an object (HeadObject), or None when absent; an error without
+        the optional s3:GetObject grant."""
         ...
 
     async def abort_multipart_upload(self, key: str, store_upload_id: str) -> AbortOutcome: ...

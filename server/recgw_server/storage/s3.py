@@ -291,15 +291,15 @@ class S3Writer:
             self._client.head_object, Bucket=self.bucket, Key=key, ChecksumMode="ENABLED"
         )
         try:
-            response = await self._run("HeadObject", key, call)
+            found = await self._run("HeadObject", key, call)
         except RecgwError as error:
             if error.store_code in ("404", "NoSuchKey", "NotFound"):
                 return None
             raise
         return WrittenObject(
-            response.get("ETag", ""),
-            response.get("VersionId", ""),
-            response.get("ChecksumCRC32C", ""),
+            str(found.get("ETag", "")),
+            str(found.get("VersionId", "")),
+            str(found.get("ChecksumCRC32C", "")),
         )
 
     async def abort_multipart_upload(self, key: str, store_upload_id: str) -> AbortOutcome:
