@@ -24,6 +24,12 @@ from recgw_server.credentials.vault import (
     VaultCredentialsSource,
 )
 from recgw_server.domain import Secret
+from recgw_server.events.webhooks import (
+    Endpoint,
+    EventRouter,
+    WebhookDispatcher,
+    WebhookSettings,
+)
 from recgw_server.metrics import GatewayMetrics
 from recgw_server.pipeline.budget import MemoryBudget
 from recgw_server.pipeline.buffers import Spool
@@ -84,6 +90,19 @@ def build_adapters(settings: Settings) -> Adapters:
     )
 
 
+def _webhook_settings(settings: Settings) -> WebhookSettings:
+    events = settings.events
+    return WebhookSettings(
+        endpoints=tuple(Endpoint(e.url, tuple(e.tenants)) for e in events.endpoints),
+        secret=Secret(events.secret.get_secret_value()) if events.secret else None,
+        max_attempts=events.max_attempts,
+        initial_backoff=events.initial_backoff_seconds,
+        max_backoff=events.max_backoff_seconds,
+        poll_interval=events.poll_interval_seconds,
+        timeout=events.timeout_seconds,
+    )
+
+
 class Gateway:
     """One recgw gateway: gRPC server, upload pipeline, adapters and metrics."""
 
@@ -92,6 +111,8 @@ class Gateway:
         self.adapters = adapters or build_adapters(settings)
         self.metrics = GatewayMetrics()
         uploads = settings.uploads
+        webhooks = _webhook_settings(settings)
+        self.events = EventRouter(webhooks)
         self.budget = MemoryBudget(uploads.memory_budget_mib * MiB, uploads.tenant_memory_share)
         self.spool = Spool(
             settings.spool.directory or settings.data_dir / "spool",
@@ -121,8 +142,12 @@ class Gateway:
                 completion_backoff=uploads.completion_backoff_seconds,
             ),
             self.spool,
+            self.events,
         )
         self._spiller: asyncio.Task[None] | None = None
+        self.webhooks = WebhookDispatcher(self.adapters.sessions, webhooks, self.metrics)
+        self.manager.on_events = self.webhooks.poke
+        self._dispatcher: asyncio.Task[None] | None = None
         self._expiry: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -199,6 +224,7 @@ class Gateway:
             )
         self._expiry = asyncio.ensure_future(self._expire_periodically())
         self._spiller = asyncio.ensure_future(self.manager.run_spiller())
+        self._dispatcher = asyncio.ensure_future(self.webhooks.run())
         log.info("recgw listening on %s (port %d)", self.settings.listen, self.port)
         return self.port
 
@@ -213,7 +239,7 @@ class Gateway:
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking new streams, let running ones finish within the grace period."""
         await self.health.enter_graceful_shutdown()
-        for task in (self._expiry, self._spiller):
+        for task in (self._expiry, self._spiller, self._dispatcher):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

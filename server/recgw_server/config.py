@@ -102,6 +102,32 @@ class SpoolSetting(BaseModel):
     encrypt: bool = False
 
 
+class WebhookEndpointSetting(BaseModel):
+    url: str
+    # Tenant ids or patterns (fnmatch) whose events this endpoint receives; "*" is all.
+    tenants: list[str] = Field(default_factory=lambda: ["*"])
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("url must be an http(s) URL")
+        return value
+
+
+class EventsSetting(BaseModel):
+    """Signed webhooks for upload outcomes (see events/webhooks.py)."""
+
+    endpoints: list[WebhookEndpointSetting] = Field(default_factory=list)
+    # The HMAC-SHA256 signing secret; set it in the environment (RECGW_EVENTS__SECRET).
+    secret: SecretStr | None = None
+    max_attempts: int = Field(12, ge=1, le=100)
+    initial_backoff_seconds: float = Field(1.0, gt=0)
+    max_backoff_seconds: float = Field(600.0, gt=0)
+    poll_interval_seconds: float = Field(1.0, gt=0)
+    timeout_seconds: float = Field(10.0, gt=0)
+
+
 class ServerSetting(BaseModel):
     """Transport settings of the gRPC server."""
 
@@ -142,6 +168,7 @@ class Settings(BaseSettings):
     s3: S3Setting = Field(default_factory=lambda: S3Setting())
     spool: SpoolSetting = Field(default_factory=lambda: SpoolSetting())
     server: ServerSetting = Field(default_factory=lambda: ServerSetting())
+    events: EventsSetting = Field(default_factory=lambda: EventsSetting())
 
     @classmethod
     def settings_customise_sources(

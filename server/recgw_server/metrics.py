@@ -33,6 +33,12 @@ class GatewayMetrics:
         self.spool_in_use_bytes = Gauge(
             "recgw_spool_in_use_bytes", "Bytes of parts spooled to local disk now", registry=r
         )
+        self.webhook_deliveries = Counter(
+            "recgw_webhook_deliveries",
+            "Webhook delivery attempts by outcome (delivered, failed and retried, dead letter)",
+            ["outcome"],
+            registry=r,
+        )
         self.uploads_expired = Counter(
             "recgw_uploads_expired", "Open uploads given up after the idle timeout", registry=r
         )

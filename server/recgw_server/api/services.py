@@ -369,6 +369,7 @@ class CredentialsService(credentials_pb2_grpc.CredentialsServiceServicer):
 
     def _changed(self, tenant_id: str, operation: str) -> None:
         self._source.invalidate(tenant_id)
+        self._manager.credentials_changed(tenant_id)
         if self._forget_clients is not None:
             self._forget_clients(tenant_id)
         self._metrics.credential_writes.labels(operation).inc()

@@ -7,6 +7,7 @@ import logging
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from recgw_server.credentials.base import CredentialsSource
@@ -19,6 +20,8 @@ from recgw_server.domain import (
     quote_client,
     validate_tenant_id,
 )
+from recgw_server.events.model import CREDENTIALS_FAILING, Event
+from recgw_server.events.webhooks import EventRouter, WebhookSettings
 from recgw_server.metrics import GatewayMetrics
 from recgw_server.pipeline.budget import MemoryBudget
 from recgw_server.pipeline.buffers import PartBody, Spool
@@ -56,12 +59,16 @@ class UploadManager:
         metrics: GatewayMetrics,
         settings: PipelineSettings | None = None,
         spool: Spool | None = None,
+        events: EventRouter | None = None,
     ) -> None:
         self.credentials = credentials
         self.store = store
         self.sessions = sessions
         self.budget = budget
         self.spool = spool or Spool(Path(tempfile.mkdtemp(prefix="recgw-spool-")), 16 << 30)
+        self.events = events or EventRouter(WebhookSettings())
+        self.on_events: Callable[[], None] = lambda: None
+        self._failing_tenants: set[str] = set()
         self.metrics = metrics
         self.settings = settings or PipelineSettings()
         self._uploads: OrderedDict[str, Upload] = OrderedDict()
@@ -78,6 +85,32 @@ class UploadManager:
                 reason=Reason.CREDENTIALS_NOT_FOUND,
             )
         return credentials
+
+    def outbox_for(self, event: Event) -> Sequence[tuple[str, Event]]:
+        """The deliveries of an event, to be written with the state change it reports."""
+        return self.events.deliveries(event)
+
+    async def credentials_failing(self, tenant_id: str, error: RecgwError) -> None:
+        """Tell the tenant's backend once that S3 refuses its credentials (until they change)."""
+        if tenant_id in self._failing_tenants:
+            return
+        self._failing_tenants.add(tenant_id)
+        event = Event(
+            CREDENTIALS_FAILING,
+            tenant_id,
+            {
+                "reason": error.reason.value,
+                "store_code": error.store_code,
+                "message": error.message,
+            },
+        )
+        deliveries = self.outbox_for(event)
+        if deliveries:
+            await self.sessions.enqueue(deliveries)
+            self.on_events()
+
+    def credentials_changed(self, tenant_id: str) -> None:
+        self._failing_tenants.discard(tenant_id)
 
     async def salvages(self, tenant_id: str) -> bool:
         """Whether the tenant's abandoned-upload policy is `salvage`."""

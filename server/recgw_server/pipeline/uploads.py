@@ -20,8 +20,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from recgw_server.domain import (
     ErrorKind,
@@ -30,6 +30,8 @@ from recgw_server.domain import (
     RecgwError,
     UploadResult,
 )
+from recgw_server.events import model as events
+from recgw_server.events.model import Event
 from recgw_server.pipeline.buffers import PartBody, PartBuffer
 from recgw_server.pipeline.digest import (
     ResumableSha256,
@@ -218,6 +220,8 @@ class Upload:
         await self._end_stream(error)
 
     async def _end_stream(self, error: RecgwError) -> None:
+        if error.reason in (Reason.CREDENTIALS_REJECTED, Reason.ACCESS_DENIED):
+            await self._manager.credentials_failing(self.tenant_id, error)
         if self.state in DONE_STATES:
             return
         if self._fail_task is not None or self.abort_requested.is_set() or is_terminal(error):
@@ -510,11 +514,13 @@ class Upload:
         await self._manager.sessions.update(
             self.upload_id,
             self.updated_at,
+            outbox=self._outbox(),
             state=self.state.value,
             committed_size=size,
             error_message=self.error_message,
             result=result_to_record(result),
         )
+        self._manager.on_events()
         self.terminal.set()
         self._manager.metrics.uploads_finished.labels(self.state.value).inc()
         log.info("upload %s %s: %d bytes", self.upload_id, self.state.value, size)
@@ -857,10 +863,12 @@ class Upload:
         await self._manager.sessions.update(
             self.upload_id,
             self.updated_at,
+            outbox=self._outbox(),
             state=self.state.value,
             committed_size=self.result.size,
             result=result_to_record(self.result),
         )
+        self._manager.on_events()
         self.attached = False
         self.terminal.set()
         self._manager.metrics.uploads_finished.labels(self.state.value).inc()
@@ -941,14 +949,51 @@ class Upload:
         await self._manager.sessions.update(
             self.upload_id,
             self.updated_at,
+            outbox=self._outbox(),
             state=final.value,
             error_message=error.message,
             abort_outcome=self.abort_outcome.value,
         )
+        self._manager.on_events()
         self.attached = False
         self._manager.metrics.uploads_finished.labels(final.value).inc()
         log.info("upload %s %s: %s", self.upload_id, final.value, error.message)
         self.terminal.set()
+
+    def _outbox(self) -> Sequence[tuple[str, Event]]:
+        """The event that reports the state this upload has just reached."""
+        kind = _EVENT_TYPES[self.state]
+        data: dict[str, Any] = {
+            "upload_id": self.upload_id,
+            "state": self.state.value,
+            "key": self.spec.key,
+            "bucket": self.record.bucket,
+            "duration_seconds": round(time.time() - self.created_at, 3),
+        }
+        if self.result is not None:
+            checksums = self.result.checksums
+            data.update(
+                bucket=self.result.bucket,
+                size=self.result.size,
+                etag=self.result.etag,
+                version_id=self.result.version_id,
+                part_count=self.result.part_count,
+                crc32c=f"{checksums.crc32c or 0:08x}",
+                sha256=(checksums.sha256 or b"").hex(),
+                unconfirmed=self.result.unconfirmed,
+            )
+        if self.state in (UploadState.ABORTED, UploadState.EXPIRED):
+            data.update(reason=self.error_message, committed_size=self.committed)
+        return self._manager.outbox_for(Event(kind, self.tenant_id, data))
+
+
+_EVENT_TYPES = {
+    UploadState.COMPLETE: events.UPLOAD_COMPLETED,
+    UploadState.COMPLETION_UNCONFIRMED: events.UPLOAD_COMPLETION_UNCONFIRMED,
+    UploadState.ABORTED: events.UPLOAD_ABORTED,
+    UploadState.EXPIRED: events.UPLOAD_EXPIRED,
+    UploadState.SALVAGED: events.UPLOAD_SALVAGED,
+}
 
 
 def _update_all(sha: ResumableSha256, body: PartBody) -> None:

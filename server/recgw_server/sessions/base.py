@@ -6,9 +6,11 @@ truth for which parts exist. A part counts as committed only once its record is 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from recgw_server.events.model import Event, Outbox
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class SessionRecord:
         return tuple(prefix)
 
 
-class SessionStore(Protocol):
+class SessionStore(Outbox, Protocol):
     """Durable upload sessions. Every write is durable when its coroutine returns."""
 
     async def create(self, record: SessionRecord) -> None: ...
@@ -78,8 +80,19 @@ class SessionStore(Protocol):
         """Forget parts beyond the committed prefix (they will be written again)."""
         ...
 
-    async def update(self, upload_id: str, updated_at: float, **fields: Any) -> None:
-        """Change session fields: state, store_upload_id, error_message, result, ..."""
+    async def update(
+        self,
+        upload_id: str,
+        updated_at: float,
+        outbox: Sequence[tuple[str, Event]] = (),
+        **fields: Any,
+    ) -> None:
+        """Change session fields (state, store_upload_id, error_message, result, ...) and add
+        the `outbox` deliveries (endpoint URL, event) in the same transaction."""
+        ...
+
+    async def enqueue(self, outbox: Sequence[tuple[str, Event]]) -> None:
+        """Add deliveries that report no session change (credentials events)."""
         ...
 
     async def idle(self, states: Iterable[str], updated_before: float) -> list[str]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from recgw_server.events.model import Delivery, Event
 from recgw_server.sessions.base import PartRecord, SessionRecord
 
 T = TypeVar("T")
@@ -42,6 +43,18 @@ CREATE TABLE IF NOT EXISTS sessions (
     tail TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_by_state ON sessions (state, updated_at);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    endpoint TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL DEFAULT 'pending',
+    last_error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (status, next_attempt_at);
 CREATE TABLE IF NOT EXISTS parts (
     upload_id TEXT NOT NULL REFERENCES sessions (upload_id) ON DELETE CASCADE,
     number INTEGER NOT NULL,
@@ -152,7 +165,13 @@ class SqliteSessionStore:
 
         await self._run(delete)
 
-    async def update(self, upload_id: str, updated_at: float, **fields: Any) -> None:
+    async def update(
+        self,
+        upload_id: str,
+        updated_at: float,
+        outbox: Sequence[tuple[str, Event]] = (),
+        **fields: Any,
+    ) -> None:
         unknown = set(fields) - _UPDATABLE
         if unknown:
             raise ValueError(f"cannot update {sorted(unknown)}")
@@ -163,11 +182,74 @@ class SqliteSessionStore:
         assignments = ", ".join(f"{name} = ?" for name in fields)
 
         def write(db: sqlite3.Connection) -> None:
-            with db:
+            with db:  # the state change and the events that report it, in one transaction
                 db.execute(
                     f"UPDATE sessions SET {assignments}, updated_at = ? WHERE upload_id = ?",  # noqa: S608
                     (*fields.values(), updated_at, upload_id),
                 )
+                _insert_outbox(db, outbox)
+
+        await self._run(write)
+
+    async def enqueue(self, outbox: Sequence[tuple[str, Event]]) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            with db:
+                _insert_outbox(db, outbox)
+
+        await self._run(write)
+
+    async def due_deliveries(
+        self, now: float, limit: int, claim_for: float = 60.0
+    ) -> list[Delivery]:
+        def claim(db: sqlite3.Connection) -> list[Delivery]:
+            with db:
+                rows = db.execute(
+                    "SELECT id, endpoint, event_id, body, attempts FROM outbox "
+                    "WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+                    (now, limit),
+                ).fetchall()
+                # Claimed: nobody else takes them until this attempt has had its time.
+                db.executemany(
+                    "UPDATE outbox SET next_attempt_at = ? WHERE id = ?",
+                    [(now + claim_for, row[0]) for row in rows],
+                )
+            return [Delivery(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
+
+        return await self._run(claim)
+
+    async def delivered(self, delivery_id: int) -> None:
+        await self._outbox_update(
+            "UPDATE outbox SET status = 'delivered', attempts = attempts + 1 WHERE id = ?",
+            (delivery_id,),
+        )
+
+    async def retry_later(
+        self, delivery_id: int, next_attempt_at: float, attempts: int, error: str
+    ) -> None:
+        await self._outbox_update(
+            "UPDATE outbox SET next_attempt_at = ?, attempts = ?, last_error = ? WHERE id = ?",
+            (next_attempt_at, attempts, error, delivery_id),
+        )
+
+    async def dead_letter(self, delivery_id: int, attempts: int, error: str) -> None:
+        await self._outbox_update(
+            "UPDATE outbox SET status = 'dead', attempts = ?, last_error = ? WHERE id = ?",
+            (attempts, error, delivery_id),
+        )
+
+    async def outbox_counts(self) -> dict[str, int]:
+        def count(db: sqlite3.Connection) -> dict[str, int]:
+            rows = db.execute("SELECT status, COUNT(*) FROM outbox GROUP BY status").fetchall()
+            counts = {"pending": 0, "delivered": 0, "dead": 0}
+            counts.update({str(r[0]): int(r[1]) for r in rows})
+            return counts
+
+        return await self._run(count)
+
+    async def _outbox_update(self, statement: str, values: tuple[Any, ...]) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute(statement, values)
 
         await self._run(write)
 
@@ -220,6 +302,14 @@ def _to_row(record: SessionRecord) -> dict[str, Any]:
         "compute_sha256": int(record.compute_sha256),
         "tail": _part_json(record.tail) if record.tail is not None else None,
     }
+
+
+def _insert_outbox(db: sqlite3.Connection, outbox: Sequence[tuple[str, Event]]) -> None:
+    db.executemany(
+        "INSERT INTO outbox (endpoint, event_id, body, created_at, next_attempt_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        [(url, e.id, e.body(), e.created_at, e.created_at) for url, e in outbox],
+    )
 
 
 def _part_json(part: PartRecord) -> str:

@@ -1,0 +1,1 @@
+"""Signed completion events: the outbox contract in `model`, webhook delivery in `webhooks`."""
