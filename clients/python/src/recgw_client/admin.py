@@ -10,7 +10,13 @@ from typing import Literal
 import grpc
 from recgw.v1 import credentials_pb2, credentials_pb2_grpc
 
-from recgw_client._channel import DEFAULT_TIMEOUT, ChannelOrTarget, bearer_metadata, open_channel
+from recgw_client._channel import (
+    DEFAULT_TIMEOUT,
+    ChannelOrTarget,
+    TlsConfig,
+    bearer_metadata,
+    open_channel,
+)
 from recgw_client.errors import RecgwError
 
 __all__ = [
@@ -99,8 +105,9 @@ class CredentialsAdmin:
     """Client of CredentialsService; ``token`` is the bearer token of an ``admin``.
 
     ``channel_or_target`` is a ``grpc.aio.Channel`` (not closed by this client)
-    or an address (a channel the client owns; plaintext unless
-    ``channel_credentials`` are given). No method returns a secret.
+    or an address (a channel the client owns; ``tls``, ``plaintext`` and
+    ``channel_credentials`` as for ``UploadClient``: plaintext by default only
+    on loopback). No method returns a secret.
     """
 
     def __init__(
@@ -108,12 +115,16 @@ class CredentialsAdmin:
         channel_or_target: ChannelOrTarget,
         token: str,
         *,
+        tls: TlsConfig | None = None,
+        plaintext: bool | None = None,
         channel_credentials: grpc.ChannelCredentials | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
         self._metadata = bearer_metadata(token)
         self._secrets: tuple[str, ...] = (token.strip(),)
-        self._channel, self._owns_channel = open_channel(channel_or_target, channel_credentials)
+        self._channel, self._owns_channel = open_channel(
+            channel_or_target, tls=tls, plaintext=plaintext, credentials=channel_credentials
+        )
         self._stub = credentials_pb2_grpc.CredentialsServiceStub(self._channel)
         self._timeout = timeout
 
@@ -143,7 +154,7 @@ class CredentialsAdmin:
         self,
         tenant_id: str,
         access_key_id: str,
-        secret_access_key: str,
+        secret_access_key: str | bytes | bytearray,
         region: str,
         bucket: str,
         *,
@@ -155,13 +166,23 @@ class CredentialsAdmin:
         allow_overwrite: bool = False,
         equal_part_sizes: bool = False,
     ) -> CredentialsView:
-        """Create or overwrite the tenant's credentials; returns what was stored, without secret."""
+        """Create or overwrite the tenant's credentials; returns what was stored, without secret.
+
+        The secret may be a ``bytearray`` (UTF-8) that the caller wipes afterwards;
+        protobuf needs it as a ``str`` while the request is sent, and this method
+        clears the request once the call has ended.
+        """
         if sse not in _SSE_TO_MODE:
             raise ValueError("sse must be None, 'AES256' or 'aws:kms'")
+        secret = (
+            secret_access_key
+            if isinstance(secret_access_key, str)
+            else bytes(secret_access_key).decode("utf-8")
+        )
         request = credentials_pb2.SetCredentialsRequest(
             tenant_id=tenant_id,
             access_key_id=access_key_id,
-            secret_access_key=secret_access_key,
+            secret_access_key=secret,
             target=credentials_pb2.StorageTarget(
                 region=region,
                 bucket=bucket,
@@ -180,7 +201,7 @@ class CredentialsAdmin:
                 request, metadata=self._metadata, timeout=self._timeout
             )
         except grpc.aio.AioRpcError as err:
-            raise self._error(err, secret_access_key) from None
+            raise self._error(err, secret) from None
         finally:
             request.Clear()
         return _view(response.credentials)
