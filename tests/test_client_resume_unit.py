@@ -843,6 +843,37 @@ def test_retained_buffer_spills_beyond_its_memory_to_a_private_unlinked_file(
     asyncio.run(run())
 
 
+def test_the_spill_file_is_not_emptied_while_a_chunk_is_being_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release between the write of a chunk and its registration must not lose it."""
+
+    async def run() -> None:
+        buffer = RetainedBuffer(memory_limit=0, spill_limit=100, spill_dir=tmp_path)
+        await buffer.append(b"first")
+        gate = asyncio.Event()
+        written = asyncio.Event()
+        original = buffer._in_thread
+
+        async def write_then_wait(function: Any, *args: Any) -> Any:
+            result = await original(function, *args)
+            written.set()
+            await gate.wait()  # the write is done; the chunk is not registered yet
+            return result
+
+        monkeypatch.setattr(buffer, "_in_thread", write_then_wait)
+        appending = asyncio.ensure_future(buffer.append(b"second"))
+        await written.wait()
+        buffer.release(5)  # every registered byte on disk is released
+        gate.set()
+        await appending
+        monkeypatch.setattr(buffer, "_in_thread", original)
+        assert await buffer.read(5, 100) == b"second"
+        await buffer.aclose()
+
+    asyncio.run(run())
+
+
 def test_upload_arguments_are_checked(fake: FakeServer) -> None:
     with pytest.raises(ValueError, match="retain_limit"):
         upload(fake, b"x", Retries(), chunk_size=4096, retain_limit=1000)

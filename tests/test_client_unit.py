@@ -131,12 +131,15 @@ class Break:
     ``expire``: the upload expires instead of staying open.
     ``status_failures``: the next this many unary calls fail with UNAVAILABLE.
     ``reason``: the ErrorInfo reason of ``code``.
+    ``unconfirmed``: with ``at_finish="complete"``, the completion is recorded as
+    COMPLETION_UNCONFIRMED (S3's answer was lost, the object could not be checked).
     """
 
     at: int | None = 0
     code: grpc.StatusCode | None = grpc.StatusCode.UNAVAILABLE
     message: str = "the gateway went away"
     reason: str = ""
+    unconfirmed: bool = False
     at_finish: str = "complete"
     before_header: bool = False
     stays_attached: int = 0
@@ -206,6 +209,9 @@ class FakeGateway(
         self.unary_failures = 0
         self.upload_started = threading.Event()
         self.data_received = threading.Event()
+        # Offsets of the empty messages a stream sent to show it is alive.
+        self.heartbeats: list[int] = []
+        self.heartbeat = threading.Event()
         self.part_size = 1 << 40  # by default nothing commits before finish_write
         self.max_in_flight = 0
         self.polls_per_landing = 1
@@ -316,17 +322,21 @@ class FakeGateway(
         if session is None:
             session = FakeSession(start=start)
             self.sessions[upload_id] = session
-        elif session.start != start:
+        elif (session.start.tenant_id, session.start.object_name) != (
+            start.tenant_id,
+            start.object_name,
+        ):
+            # Like the gateway: the upload keeps what its first start said (expected_size...).
             await self._refuse(
                 record,
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"the start message differs from the one that opened upload {upload_id}",
+                f"upload id {upload_id} belongs to another tenant or object name",
                 "UPLOAD_ID_CONFLICT",
             )
         if session.state == FINISHING and session.finish_request is not None:
             self._complete(session, session.finish_request)  # finished in the background
-        if session.state == COMPLETE:
+        if session.state in (COMPLETE, upload_pb2.UPLOAD_STATE_COMPLETION_UNCONFIRMED):
             if request.finish_write and request.write_offset == len(session.committed):
                 return session
             await self._refuse(
@@ -426,6 +436,10 @@ class FakeGateway(
                 record, context, grpc.StatusCode.DATA_LOSS, str(err), "OBJECT_CHECKSUM_MISMATCH"
             )
         if brk is not None and brk.at is None:
+            if brk.unconfirmed:
+                session.state = upload_pb2.UPLOAD_STATE_COMPLETION_UNCONFIRMED
+                assert session.result is not None
+                session.result.unconfirmed = True
             await self._break(brk, session, record, context)
         assert session.result is not None
         return session.result
@@ -445,6 +459,9 @@ class FakeGateway(
                 record.requests.append(request)
                 if request.data:
                     self.data_received.set()
+                elif not request.finish_write and not request.HasField("start"):
+                    self.heartbeats.append(request.write_offset)
+                    self.heartbeat.set()
                 if session is None:
                     self.upload_started.set()
                     session = await self._open(request, record, context)

@@ -117,10 +117,15 @@ class RetainedBuffer:
         fd = self._fd if self._fd is not None else self._open()
         file_offset = self._file_end
         self._file_end += len(data)
-        await self._in_thread(_write_all, fd, data, file_offset)
-        self._segments.append(_Segment(self.end, len(data), None, file_offset))
+        # Held from now on: emptying the file while it is written would lose these bytes.
         self._disk_held += len(data)
         self.disk_high_water = max(self.disk_high_water, self._file_end)
+        try:
+            await self._in_thread(_write_all, fd, data, file_offset)
+        except BaseException:
+            self._disk_held -= len(data)
+            raise
+        self._segments.append(_Segment(self.end, len(data), None, file_offset))
 
     async def _in_thread(self, function: Callable[..., _T], *args: object) -> _T:
         future = asyncio.get_running_loop().run_in_executor(None, function, *args)

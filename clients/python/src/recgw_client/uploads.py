@@ -731,8 +731,7 @@ class _UploadRun:
                 error = err
             else:
                 return self._checked(_result(response, self.upload_id))
-            if self.reader.error is not None:
-                raise self.reader.error
+            self._raise_reader_error()
             if not is_retryable(error):
                 raise error
             committed = error.committed_size() if error.reason == "OFFSET_MISMATCH" else None
@@ -763,8 +762,15 @@ class _UploadRun:
             await asyncio.wait((sleeper, failed), return_when=asyncio.FIRST_COMPLETED)
         finally:
             await _cancel(sleeper, failed)
-        if self.reader.error is not None:
-            raise self.reader.error
+        self._raise_reader_error()
+
+    def _raise_reader_error(self) -> None:
+        """Raise what ended the reader (the source's error, a full spill file), if anything."""
+        error = self.reader.error
+        if isinstance(error, RecgwError):
+            raise self._own(error)
+        if error is not None:
+            raise error
 
     async def _query_until_answered(
         self, error: RecgwError | None

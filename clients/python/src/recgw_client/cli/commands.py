@@ -54,6 +54,7 @@ from recgw_client import (
     is_retryable,
 )
 from recgw_client.cli import PLUGIN_GROUP
+from recgw_client.errors import SOURCE_NOT_SEEKABLE
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 TOKEN_ENV = "RECGW_TOKEN"
@@ -241,7 +242,12 @@ def _error_fields(err: RecgwError) -> dict[str, object]:
     return error
 
 
-def _run(coroutine: Coroutine[Any, Any, T], *, json_output: bool = False, hint: str = "") -> T:
+def _run(
+    coroutine: Coroutine[Any, Any, T],
+    *,
+    json_output: bool = False,
+    hint: Callable[[RecgwError], str] | None = None,
+) -> T:
     """Run one client call; gateway errors exit non-zero with the status code and message."""
     try:
         return asyncio.run(coroutine)
@@ -254,7 +260,7 @@ def _run(coroutine: Coroutine[Any, Any, T], *, json_output: bool = False, hint: 
         if err.attempts > 1:
             notes.append(f"{err.attempts} attempts")
         suffix = f" ({', '.join(notes)})" if notes else ""
-        _fail(f"{err}{suffix}{hint if hint and is_retryable(err) else ''}")
+        _fail(f"{err}{suffix}{hint(err) if hint is not None else ''}")
     except ValueError as err:
         _fail(str(err), EXIT_USAGE)
     except OSError as err:
@@ -692,13 +698,28 @@ def upload_command(
             spill_dir=spill_dir,
         ),
         json_output=json_output,
-        hint=f"; no progress for {outage_tolerance:g} s, so the upload was left open: run the "
-        "same command with --upload-id to finish it",
+        hint=lambda err: _upload_hint(err, outage_tolerance),
     )
     if json_output:
         _print_json(_result_fields(result))
     else:
         _print_fields(_result_fields(result), title=f"uploaded s3://{result.bucket}/{result.key}")
+
+
+def _upload_hint(err: RecgwError, outage_tolerance: float) -> str:
+    """What to do about a failed upload, for people."""
+    if err.reason == SOURCE_NOT_SEEKABLE:
+        committed = err.committed_size()
+        return (
+            f"; give the recording's file instead of -, or pipe its bytes from byte {committed} "
+            f"on with --source-offset {committed}"
+        )
+    if is_retryable(err):
+        return (
+            f"; no progress for {outage_tolerance:g} s, so the upload was left open: run the "
+            "same command with --upload-id to finish it"
+        )
+    return ""
 
 
 def _status_fields(status: UploadStatus) -> dict[str, object]:
