@@ -28,14 +28,9 @@ CLIENT = Path(__file__).resolve().parent.parent / "clients" / "python"
 SITE_PACKAGES = Path(sysconfig.get_paths()["purelib"])
 
 
-def run(*args: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
+def run(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(a) for a in args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        **kwargs,  # type: ignore[arg-type]
+        [str(a) for a in args], capture_output=True, text=True, timeout=120, check=False, env=env
     )
 
 
