@@ -431,6 +431,25 @@ def test_gives_up_after_the_outage_tolerance_without_progress(fake: FakeServer) 
     assert [a for a, _, _ in retries.calls] == [2, 3, 4, 5, 6]
 
 
+def test_the_outage_clock_starts_when_a_long_healthy_stream_breaks(fake: FakeServer) -> None:
+    """Hours of streaming without a status query do not count against the tolerance."""
+    retries = Retries()
+    data = random.Random(35).randbytes(60_000)
+    fake.gateway.breaks.extend([Break(at=50_000), Break(at=1), Break(at=1)])
+
+    async def recording() -> AsyncIterator[bytes]:
+        for offset in range(0, len(data), 4 * KiB):
+            if offset < 40 * KiB:  # read before the break at 50000 bytes
+                retries.now += 3600  # an hour of recording per chunk, in virtual time
+            yield data[offset : offset + 4 * KiB]
+
+    result = upload(fake, recording(), retries, outage_tolerance=1)
+    check_upload(fake, result, data)
+    # The first query (after 0.2 s) showed 3 parts committed; then 0.2 + 0.4 s of
+    # failures, within the 1 s, and the fourth stream finished.
+    assert retries.sleeps == [0.2, 0.2, 0.4]
+
+
 def test_default_outage_tolerance_is_five_minutes_with_capped_backoff(fake: FakeServer) -> None:
     fake.gateway.breaks.extend(Break(at=1000) for _ in range(60))
     retries = Retries()

@@ -519,9 +519,10 @@ class _UploadRun:
         self.streams = 0
         self._refreshing: asyncio.Future[UploadStatus | None] | None = None
         self._queried_at = 0
-        # The largest committed size seen, when it last grew, and the retries since.
+        # The largest committed size seen; since when the upload fails without it growing
+        # (None while it goes well), and the retries since.
         self._committed = 0
-        self._progress_at = policy.clock()
+        self._outage_since: float | None = None
         self._failures = 0
 
     # --- progress and the upload id -----------------------------------------------------
@@ -535,7 +536,7 @@ class _UploadRun:
         """The gateway has committed this much: progress restarts the outage clock."""
         if committed > self._committed:
             self._committed = committed
-            self._progress_at = self.policy.clock()
+            self._outage_since = None
             self._failures = 0
             if self._on_committed is not None:
                 self._on_committed(committed)
@@ -722,7 +723,6 @@ class _UploadRun:
 
     async def _stream(self, resume_at: int) -> UploadResult:
         """Stream the upload from ``resume_at``, resuming after retryable failures."""
-        self._progress_at = self.policy.clock()
         while True:
             started_at = resume_at
             try:
@@ -784,7 +784,12 @@ class _UploadRun:
         policy = self.policy
         while True:
             if error is not None:
-                remaining = policy.outage_tolerance - (policy.clock() - self._progress_at)
+                # The outage starts with the first failure after the committed size last grew
+                # (the client learns of growth only when it asks, so a stream that went well
+                # until it broke does not count against the tolerance).
+                if self._outage_since is None:
+                    self._outage_since = policy.clock()
+                remaining = policy.outage_tolerance - (policy.clock() - self._outage_since)
                 if remaining <= 0:
                     raise self._own(error)
                 self._failures += 1
