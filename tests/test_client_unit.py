@@ -1183,11 +1183,15 @@ def test_credentials_admin(fake: FakeServer) -> None:
                 kms_key_id="alias/rec",
                 allow_overwrite=True,
                 equal_part_sizes=True,
+                abandoned_uploads="salvage",
             )
             described = await admin.describe("acme")
             await admin.delete("acme")
             verified = await admin.verify("acme")
             broken = await admin.verify("broken")
+            wipeable = bytearray(SECRET.encode())
+            await admin.set("acme", "AKIAIOSFODNN7EXAMPLE", wipeable, "us-west-1", "b")
+            wipeable[:] = bytes(len(wipeable))  # the caller wipes its copy
             return view, described, verified, broken
 
     view, described, verified, broken = asyncio.run(run())
@@ -1198,6 +1202,8 @@ def test_credentials_admin(fake: FakeServer) -> None:
     assert (target.region, target.bucket, target.prefix) == ("us-west-1", "customer-bucket", "rec/")
     assert target.endpoint_url == "https://s3.example.com"
     assert target.force_path_style and target.allow_overwrite and target.equal_part_sizes
+    assert target.abandoned_uploads == credentials_pb2.ABANDONED_UPLOAD_POLICY_SALVAGE
+    assert view.target.abandoned_uploads == "salvage"
     assert target.encryption.mode == credentials_pb2.SERVER_SIDE_ENCRYPTION_MODE_KMS
     assert target.encryption.kms_key_id == "alias/rec"
     assert view.target.sse == "aws:kms" and view.access_key_id_hint == "****MPLE"
@@ -1206,7 +1212,10 @@ def test_credentials_admin(fake: FakeServer) -> None:
     assert described.target.sse == "aws:kms"
     assert verified.ok and verified.key == "uploads/.recgw-verify"
     assert not broken.ok and broken.error_code == "AccessDenied"
-    assert len(fake.gateway.unary_metadata) == 5
+    assert len(fake.gateway.unary_metadata) == 6
+    from_bytes = fake.gateway.unary_requests[5]
+    assert isinstance(from_bytes, credentials_pb2.SetCredentialsRequest)
+    assert from_bytes.secret_access_key == SECRET
 
 
 def test_credentials_errors_never_show_the_secret(fake: FakeServer) -> None:
@@ -1374,14 +1383,20 @@ CREDS_ARGS = [
 def test_cli_creds_set_reads_the_secret_from_stdin(
     runner: typer.testing.CliRunner, fake: FakeServer
 ) -> None:
-    result = invoke(runner, [*CREDS_ARGS, "--secret-stdin", "--json"], input=SECRET + "\n")
+    result = invoke(
+        runner,
+        [*CREDS_ARGS, "--secret-stdin", "--json", "--abandoned-uploads", "salvage"],
+        input=SECRET + "\n",
+    )
     assert result.exit_code == 0, result.output
     [request] = fake.gateway.unary_requests
     assert isinstance(request, credentials_pb2.SetCredentialsRequest)
     assert request.secret_access_key == SECRET
     assert request.target.encryption.mode == credentials_pb2.SERVER_SIDE_ENCRYPTION_MODE_S3
+    assert request.target.abandoned_uploads == credentials_pb2.ABANDONED_UPLOAD_POLICY_SALVAGE
     out = json.loads(result.stdout)
     assert out["access_key_id_hint"] == "****MPLE" and out["sse"] == "AES256"
+    assert out["abandoned_uploads"] == "salvage"
 
 
 def test_cli_creds_set_reads_the_secret_from_env(

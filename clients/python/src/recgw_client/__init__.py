@@ -14,6 +14,7 @@ upload id from its committed size. TLS by default except on loopback
 from recgw_client._channel import TlsConfig, is_loopback_target
 from recgw_client._sources import Readable, Source
 from recgw_client.admin import (
+    AbandonedUploads,
     CredentialsAdmin,
     CredentialsView,
     ServerSideEncryption,
@@ -59,6 +60,7 @@ __all__ = [
     "HEARTBEAT_INTERVAL",
     "MAX_CHUNK_SIZE",
     "UPLOAD_ID_HEADER",
+    "AbandonedUploads",
     "AbortResult",
     "Checksummer",
     "CommittedCallback",

@@ -20,6 +20,7 @@ from recgw_client._channel import (
 from recgw_client.errors import RecgwError
 
 __all__ = [
+    "AbandonedUploads",
     "CredentialsAdmin",
     "CredentialsView",
     "ServerSideEncryption",
@@ -29,6 +30,21 @@ __all__ = [
 
 ServerSideEncryption = Literal["AES256", "aws:kms"]
 """SSE-S3 or SSE-KMS; None means the bucket's default."""
+
+AbandonedUploads = Literal["abort", "salvage"]
+"""What happens to an upload whose writer never comes back: nothing visible, or the
+recorded bytes kept as the object (see AbandonedUploadPolicy in the protos)."""
+
+_POLICY_TO_PROTO: dict[str | None, credentials_pb2.AbandonedUploadPolicy] = {
+    None: credentials_pb2.ABANDONED_UPLOAD_POLICY_UNSPECIFIED,
+    "abort": credentials_pb2.ABANDONED_UPLOAD_POLICY_ABORT,
+    "salvage": credentials_pb2.ABANDONED_UPLOAD_POLICY_SALVAGE,
+}
+_PROTO_TO_POLICY: dict[int, AbandonedUploads] = {
+    credentials_pb2.ABANDONED_UPLOAD_POLICY_UNSPECIFIED: "abort",
+    credentials_pb2.ABANDONED_UPLOAD_POLICY_ABORT: "abort",
+    credentials_pb2.ABANDONED_UPLOAD_POLICY_SALVAGE: "salvage",
+}
 
 _Mode = credentials_pb2.ServerSideEncryptionMode
 _SSE_TO_MODE: dict[str | None, _Mode] = {
@@ -55,6 +71,7 @@ class StorageTarget:
     kms_key_id: str
     allow_overwrite: bool
     equal_part_sizes: bool
+    abandoned_uploads: AbandonedUploads = "abort"
 
 
 @dataclass(frozen=True)
@@ -97,6 +114,7 @@ def _view(message: credentials_pb2.CredentialsView) -> CredentialsView:
             kms_key_id=target.encryption.kms_key_id,
             allow_overwrite=target.allow_overwrite,
             equal_part_sizes=target.equal_part_sizes,
+            abandoned_uploads=_PROTO_TO_POLICY.get(target.abandoned_uploads, "abort"),
         ),
     )
 
@@ -165,6 +183,7 @@ class CredentialsAdmin:
         kms_key_id: str = "",
         allow_overwrite: bool = False,
         equal_part_sizes: bool = False,
+        abandoned_uploads: AbandonedUploads | None = None,
     ) -> CredentialsView:
         """Create or overwrite the tenant's credentials; returns what was stored, without secret.
 
@@ -174,6 +193,8 @@ class CredentialsAdmin:
         """
         if sse not in _SSE_TO_MODE:
             raise ValueError("sse must be None, 'AES256' or 'aws:kms'")
+        if abandoned_uploads not in _POLICY_TO_PROTO:
+            raise ValueError("abandoned_uploads must be None, 'abort' or 'salvage'")
         secret = (
             secret_access_key
             if isinstance(secret_access_key, str)
@@ -194,6 +215,7 @@ class CredentialsAdmin:
                 ),
                 allow_overwrite=allow_overwrite,
                 equal_part_sizes=equal_part_sizes,
+                abandoned_uploads=_POLICY_TO_PROTO[abandoned_uploads],
             ),
         )
         try:

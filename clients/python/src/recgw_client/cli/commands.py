@@ -143,6 +143,13 @@ class SseMode(enum.StrEnum):
 _SSE: dict[SseMode, ServerSideEncryption] = {SseMode.AES256: "AES256", SseMode.KMS: "aws:kms"}
 
 
+class AbandonedMode(enum.StrEnum):
+    """What `creds set --abandoned-uploads` may choose."""
+
+    ABORT = "abort"
+    SALVAGE = "salvage"
+
+
 @dataclass(frozen=True)
 class _Connection:
     address: str
@@ -447,6 +454,7 @@ def _view_fields(view: CredentialsView) -> dict[str, object]:
         "kms_key_id": target.kms_key_id,
         "allow_overwrite": target.allow_overwrite,
         "equal_part_sizes": target.equal_part_sizes,
+        "abandoned_uploads": target.abandoned_uploads,
     }
 
 
@@ -866,6 +874,14 @@ def creds_set_command(
     equal_part_sizes: Annotated[
         bool, typer.Option("--equal-part-sizes", help="Equal-size parts, for stores that need it.")
     ] = False,
+    abandoned_uploads: Annotated[
+        AbandonedMode | None,
+        typer.Option(
+            "--abandoned-uploads",
+            help="An upload whose writer never comes back: abort (nothing visible; the "
+            "default) or salvage (what was recorded becomes the object).",
+        ),
+    ] = None,
     secret_stdin: Annotated[
         bool,
         typer.Option(
@@ -908,6 +924,7 @@ def creds_set_command(
                 kms_key_id=kms_key_id,
                 allow_overwrite=allow_overwrite,
                 equal_part_sizes=equal_part_sizes,
+                abandoned_uploads=None if abandoned_uploads is None else abandoned_uploads.value,
             ),
         ),
         json_output=json_output,
