@@ -862,6 +862,22 @@ def test_retained_buffer_spills_beyond_its_memory_to_a_private_unlinked_file(
     asyncio.run(run())
 
 
+def test_a_spill_file_that_cannot_be_written_is_a_clear_error(tmp_path: Path) -> None:
+    async def run() -> None:
+        gone = tmp_path / "gone"
+        gone.mkdir()
+        buffer = RetainedBuffer(memory_limit=4, spill_limit=100, spill_dir=gone)
+        gone.rmdir()  # e.g. a temporary directory cleaned up under a running recorder
+        with pytest.raises(RecgwError) as caught:
+            await buffer.append(b"0123456789")
+        assert caught.value.code is Code.RESOURCE_EXHAUSTED
+        assert caught.value.reason == "RETAIN_LIMIT_EXCEEDED"
+        assert f"cannot spill the retained bytes to a file in {gone}" in caught.value.message
+        await buffer.aclose()
+
+    asyncio.run(run())
+
+
 def test_the_spill_file_is_not_emptied_while_a_chunk_is_being_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -902,6 +918,8 @@ def test_upload_arguments_are_checked(fake: FakeServer) -> None:
         upload(fake, b"x", Retries(), spill_limit=-1)
     with pytest.raises(ValueError, match="source_offset needs the upload_id"):
         upload(fake, b"x", Retries(), source_offset=5)
+    with pytest.raises(ValueError, match="is not a directory"):
+        upload(fake, b"x", Retries(), spill_dir="/nonexistent/spill")
     assert fake.gateway.uploads == []
 
 

@@ -114,7 +114,10 @@ class RetainedBuffer:
                 f"{self.spill_limit}); raise the limits, or give the source a way to wait",
                 reason=RETAIN_LIMIT_EXCEEDED,
             )
-        fd = self._fd if self._fd is not None else self._open()
+        try:
+            fd = self._fd if self._fd is not None else self._open()
+        except OSError as err:
+            raise self._disk_error(err) from None
         file_offset = self._file_end
         self._file_end += len(data)
         # Held from now on: emptying the file while it is written would lose these bytes.
@@ -122,10 +125,21 @@ class RetainedBuffer:
         self.disk_high_water = max(self.disk_high_water, self._file_end)
         try:
             await self._in_thread(_write_all, fd, data, file_offset)
-        except BaseException:
+        except BaseException as err:
             self._disk_held -= len(data)
+            if isinstance(err, OSError):
+                raise self._disk_error(err) from None
             raise
         self._segments.append(_Segment(self.end, len(data), None, file_offset))
+
+    def _disk_error(self, err: OSError) -> RecgwError:
+        where = os.fspath(self._spill_dir) if self._spill_dir is not None else tempfile.gettempdir()
+        return RecgwError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"cannot spill the retained bytes to a file in {where}: {err.strerror or err}; "
+            f"{self.memory_size} bytes are held in memory (retain_limit {self.memory_limit})",
+            reason=RETAIN_LIMIT_EXCEEDED,
+        )
 
     async def _in_thread(self, function: Callable[..., _T], *args: object) -> _T:
         future = asyncio.get_running_loop().run_in_executor(None, function, *args)
@@ -224,6 +238,14 @@ class RetainedBuffer:
         if self._directory is not None:
             shutil.rmtree(self._directory, ignore_errors=True)
             self._directory = self.spill_path = None
+
+
+def check_spill_dir(path: str | os.PathLike[str]) -> None:
+    """Fail early, not in the middle of an outage, for a spill directory that cannot serve."""
+    if not os.path.isdir(path):
+        raise ValueError(f"spill_dir {os.fspath(path)} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"spill_dir {os.fspath(path)} is not writable")
 
 
 _offset: Callable[[_Segment], int] = lambda segment: segment.offset  # noqa: E731

@@ -51,7 +51,7 @@ from recgw_client._channel import (
     bearer_metadata,
     open_channel,
 )
-from recgw_client._retained import RetainedBuffer
+from recgw_client._retained import RetainedBuffer, check_spill_dir
 from recgw_client._sources import OpenedSource, Source
 from recgw_client.checksums import Checksummer, ObjectChecksums, crc32c
 from recgw_client.errors import (
@@ -1062,6 +1062,8 @@ class UploadClient:
             raise ValueError("source_offset needs the upload_id of the upload to continue")
         if not heartbeat_interval > 0:
             raise ValueError("heartbeat_interval must be positive")
+        if spill_dir is not None:
+            check_spill_dir(spill_dir)
         policy = retry_policy or RetryPolicy()
         if outage_tolerance is not None:
             policy = dataclasses.replace(policy, outage_tolerance=outage_tolerance)

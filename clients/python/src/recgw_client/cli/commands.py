@@ -624,7 +624,9 @@ def upload_command(
         Path | None,
         typer.Option(
             "--spill-dir",
+            exists=True,
             file_okay=False,
+            writable=True,
             help="Where the private spill file goes (default: $TMPDIR or /tmp).",
         ),
     ] = None,
