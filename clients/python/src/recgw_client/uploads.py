@@ -335,16 +335,15 @@ class _Reader:
 
     def __init__(self, run: _UploadRun) -> None:
         self._run = run
-        self._chunks: AsyncIterator[bytes] | None = None
         self._discard = 0
         self.eof = False
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
         self.changed = asyncio.Event()  # set on new bytes, the end and a failure
         self.failed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
     def start(self, chunks: AsyncIterator[bytes], discard: int) -> None:
-        self._chunks, self._discard = chunks, discard
+        self._discard = discard
         self.task = asyncio.ensure_future(self._read(chunks))
 
     async def _read(self, chunks: AsyncIterator[bytes]) -> None:
@@ -375,9 +374,7 @@ class _Reader:
                     reason=SOURCE_MISMATCH,
                 )
             self.eof = True
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
+        except Exception as exc:  # the source's own, or a full spill file
             self.error = exc
             self.failed.set()
         finally:
