@@ -176,6 +176,13 @@ class Gateway:
                 # instead of megabytes, with the same throughput on loopback and LAN.
                 ("grpc.http2.bdp_probe", 0),
                 ("grpc.http2.max_pings_without_data", 0),
+                # gRPC waits for a ping's ack for `ping_timeout` (60 s by default), whatever the
+                # keepalive timeout says: that is why a frozen client was noticed only after
+                # about a minute.
+                (
+                    "grpc.http2.ping_timeout_ms",
+                    int(self.settings.server.keepalive_timeout_seconds * 1000),
+                ),
                 ("grpc.keepalive_permit_without_calls", 1),
                 # Let clients ping every 10 s or more (recgw_client pings every 20 s) to notice
                 # dead connections themselves.
