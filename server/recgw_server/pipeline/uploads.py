@@ -19,7 +19,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -38,7 +38,7 @@ from recgw_server.metrics import GatewayMetrics
 from recgw_server.pipeline.budget import MemoryBudget
 from recgw_server.pipeline.digest import DigestState, ObjectDigest, crc32c
 from recgw_server.pipeline.parts import GROWTH_INTERVAL, MiB, PartPlan, plan_parts
-from recgw_server.sessions.base import PartRecord, SessionRecord, SessionStore
+from recgw_server.sessions.base import Fenced, Lease, PartRecord, SessionRecord, SessionStore
 from recgw_server.storage.base import (
     AbortOutcome,
     ObjectSpec,
@@ -76,6 +76,9 @@ class PipelineSettings:
     growth_interval: int = GROWTH_INTERVAL
     idle_timeout: float = 24 * 3600.0
     memory_cache_size: int = 10_000
+    # This replica's name on the writer leases of the session store, and how long they last.
+    replica_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    lease_seconds: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,8 @@ class Upload:
         self.terminal = asyncio.Event()
         if self.state not in (UploadState.OPEN, UploadState.FINISHING):
             self.terminal.set()
+        self.lease: Lease | None = None  # the writer lease every session store write names
+        self._fenced = False  # another replica took the lease over
 
     # -- attaching streams -------------------------------------------------------------------
 
@@ -282,20 +287,30 @@ class Upload:
         await asyncio.shield(self._detach_task)
 
     async def _detach(self) -> None:
+        sessions = self._manager.sessions
         try:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
             beyond = [n for n in self._parts if n > self._prefix]
             for number in beyond:
                 del self._parts[number]
-            if beyond:
-                await self._manager.sessions.drop_parts_after(self.upload_id, self._prefix)
+            if beyond and not self._fenced:
+                await self._store_write(
+                    lambda lease: sessions.drop_parts_after(lease, self._prefix)
+                )
             if self.state is UploadState.FINISHING:
                 self.state = UploadState.OPEN
             self.updated_at = time.time()
-            if self.state is UploadState.OPEN:
-                await self._manager.sessions.update(
-                    self.upload_id, self.updated_at, state=UploadState.OPEN.value
+            if self.state is UploadState.OPEN and not self._fenced:
+                await self._store_write(
+                    lambda lease: sessions.update(
+                        lease, self.updated_at, state=UploadState.OPEN.value
+                    )
                 )
+                await self._release_lease()
+        except RecgwError:
+            if not self._fenced:
+                raise
+            # Another replica took the upload over: its record is that replica's to write now.
         finally:
             # No await from here on: once GetUploadStatus shows received == committed, the
             # upload is ready for the next stream.
@@ -431,6 +446,32 @@ class Upload:
     def _aborted_error(self) -> RecgwError:
         return RecgwError(ErrorKind.ABORTED, f"upload {self.upload_id} was aborted by AbortUpload")
 
+    def _fenced_error(self) -> RecgwError:
+        return RecgwError(
+            ErrorKind.ABORTED,
+            f"another replica took over upload {self.upload_id}; this stream stops (resume the "
+            "upload from its committed size)",
+        )
+
+    async def _store_write(self, write: Callable[[Lease], Awaitable[None]]) -> None:
+        """A session store write under this upload's lease; a lost lease stops the stream."""
+        if self._fenced:
+            raise self._fenced_error()
+        assert self.lease is not None, "a store write without a lease"
+        try:
+            await write(self.lease)
+        except Fenced:
+            self._fenced = True
+            self._manager.forget(self)  # this copy is stale; the store has the truth
+            log.warning(
+                "upload %s was taken over by another replica; its stream here stops", self.upload_id
+            )
+            raise self._fenced_error() from None
+
+    async def _release_lease(self) -> None:
+        if self.lease is not None and not self._fenced:
+            await self._manager.sessions.release(self.lease)
+
     def _check_writable(self) -> None:
         if self._background_error is not None:
             raise self._background_error
@@ -494,8 +535,10 @@ class Upload:
         writer = await self._writer_for_upload()
         if not self._store_upload_id:
             self._store_upload_id = await writer.create_multipart_upload(self.spec)
-            await self._manager.sessions.update(
-                self.upload_id, time.time(), store_upload_id=self._store_upload_id
+            await self._store_write(
+                lambda lease: self._manager.sessions.update(
+                    lease, time.time(), store_upload_id=self._store_upload_id
+                )
             )
         await self._slots.acquire()
         try:
@@ -537,7 +580,11 @@ class Upload:
             self._parts[number] = record
             _, committed = self._extended_prefix()
             # Durable first, then reported: GetUploadStatus never shows uncommitted bytes.
-            await self._manager.sessions.save_part(self.upload_id, record, committed, time.time())
+            await self._store_write(
+                lambda lease: self._manager.sessions.save_part(
+                    lease, record, committed, time.time()
+                )
+            )
             self._advance_prefix()
             self.updated_at = time.time()
             self._manager.metrics.parts_uploaded.inc()
@@ -579,8 +626,10 @@ class Upload:
         self.state = UploadState.FINISHING
         try:
             writer = await self._writer_for_upload()
-            await self._manager.sessions.update(
-                self.upload_id, time.time(), state=UploadState.FINISHING.value
+            await self._store_write(
+                lambda lease: self._manager.sessions.update(
+                    lease, time.time(), state=UploadState.FINISHING.value
+                )
             )
             if not self._store_upload_id:
                 # Everything fits in one part: a single PutObject, no multipart upload at all.
@@ -622,13 +671,17 @@ class Upload:
         self.result = self._result(writer, written, computed, part_count)
         self.state = UploadState.COMPLETE
         self.updated_at = time.time()
-        await self._manager.sessions.update(
-            self.upload_id,
-            self.updated_at,
-            state=UploadState.COMPLETE.value,
-            committed_size=self.result.size,
-            result=result_to_record(self.result),
+        size, result = self.result.size, result_to_record(self.result)
+        await self._store_write(
+            lambda lease: self._manager.sessions.update(
+                lease,
+                self.updated_at,
+                state=UploadState.COMPLETE.value,
+                committed_size=size,
+                result=result,
+            )
         )
+        await self._release_lease()
         self.attached = False
         self.terminal.set()
         self._manager.metrics.uploads_finished.labels("complete").inc()
@@ -659,7 +712,7 @@ class Upload:
         self._release_reservation()
         # Parts already on their way finish (their memory is in use until they do); then abort.
         await asyncio.gather(*self._in_flight, return_exceptions=True)
-        if self._store_upload_id:
+        if self._store_upload_id and not self._fenced:  # a fenced copy leaves S3 to the new writer
             try:
                 writer = await self._writer_for_upload()
                 self.abort_outcome = await writer.abort_multipart_upload(
@@ -682,13 +735,22 @@ class Upload:
             self.abort_outcome = AbortOutcome.ABORTED  # nothing was ever started in S3
         self.state = final
         self.updated_at = time.time()
-        await self._manager.sessions.update(
-            self.upload_id,
-            self.updated_at,
-            state=final.value,
-            error_message=error.message,
-            abort_outcome=self.abort_outcome.value,
-        )
+        outcome = self.abort_outcome
+        assert outcome is not None
+        try:
+            await self._store_write(
+                lambda lease: self._manager.sessions.update(
+                    lease,
+                    self.updated_at,
+                    state=final.value,
+                    error_message=error.message,
+                    abort_outcome=outcome.value,
+                )
+            )
+            await self._release_lease()
+        except RecgwError:
+            if not self._fenced:
+                raise
         self.attached = False
         self._manager.metrics.uploads_finished.labels(final.value).inc()
         log.info("upload %s %s: %s", self.upload_id, final.value, error.message)
@@ -749,6 +811,8 @@ class UploadManager:
                     "with the same tenant_id and object_name, or choose a new upload id",
                 )
             existing.attach()
+            if existing.attached:
+                existing = await self._attach_lease(existing)
             if existing.state is UploadState.OPEN:
                 self.metrics.uploads_resumed.inc()
                 log.info("upload %s resumed at byte %d", upload_id, existing.committed)
@@ -799,11 +863,71 @@ class UploadManager:
             updated_at=now,
         )
         # Durable before the stream may write: a restart must find every upload it acknowledged.
-        await self.sessions.create(record)
+        lease = await self.sessions.create(record, self.settings.replica_id)
         upload = Upload(self, record, writer)
+        upload.lease = lease
         upload.attach()
         self._remember(upload)
         return upload
+
+    async def _attach_lease(self, upload: Upload) -> Upload:
+        """Take the writer lease for a stream attached to `upload`; returns the current copy."""
+        try:
+            lease = await self.sessions.attach(
+                upload.upload_id, self.settings.replica_id, self.settings.lease_seconds
+            )
+            if lease is None:
+                await self.sessions.request_release(upload.upload_id)
+                raise RecgwError(
+                    ErrorKind.ABORTED,
+                    f"another gateway replica is writing upload {upload.upload_id}; it was asked "
+                    "to let go: retry in a few seconds (a dead or frozen replica loses its "
+                    f"uploads after {self.settings.lease_seconds:g} s)",
+                )
+            current = await self._leased(upload, lease)
+        except BaseException:
+            upload.attached = False
+            raise
+        if current is not upload:
+            upload.attached = False
+            try:
+                current.attach()
+            except BaseException:
+                await self.sessions.release(lease)
+                raise
+            if not current.attached:  # it completed elsewhere meanwhile
+                await self.sessions.release(lease)
+        return current
+
+    async def _leased(self, upload: Upload, lease: Lease) -> Upload:
+        """The copy of `upload` to write under the new `lease`.
+
+        The copy in memory is current only if it held the previous lease itself; otherwise
+        another replica may have written since, and a fresh copy is read from the store.
+        """
+        if upload.lease is not None and lease.generation == upload.lease.generation + 1:
+            upload.lease = lease
+            return upload
+        record = await self.sessions.get(upload.upload_id)
+        assert record is not None, "sessions are never deleted"
+        current = Upload(self, record, None)
+        current.lease = lease
+        if self._uploads.get(upload.upload_id) is upload:
+            self._uploads[upload.upload_id] = current
+        return current
+
+    def forget(self, upload: Upload) -> None:
+        """Drop a stale copy from memory; the next lookup reads the session store."""
+        if self._uploads.get(upload.upload_id) is upload:
+            del self._uploads[upload.upload_id]
+
+    async def answer_release_requests(self) -> None:
+        """Release leases other replicas asked for, of uploads no stream here is writing."""
+        for upload_id in await self.sessions.release_requested(self.settings.replica_id):
+            upload = self._uploads.get(upload_id)
+            busy = upload is None or upload.attached or upload._fail_task is not None
+            if upload is not None and upload.lease is not None and not busy:
+                await self.sessions.release(upload.lease)
 
     def _remember(self, upload: Upload) -> None:
         self._uploads[upload.upload_id] = upload
@@ -859,6 +983,25 @@ class UploadManager:
                 ErrorKind.FAILED_PRECONDITION,
                 f"upload {upload_id} is already finishing and can no longer be aborted",
             )
+        if upload.state is UploadState.OPEN and not upload.attached:
+            # AbortUpload wins over a stream on another replica, unless that one is finishing.
+            lease = await self.sessions.attach(
+                upload_id, self.settings.replica_id, self.settings.lease_seconds
+            )
+            if lease is None:
+                record = await self.sessions.get(upload_id)
+                if record is not None and record.state == UploadState.FINISHING.value:
+                    raise RecgwError(
+                        ErrorKind.FAILED_PRECONDITION,
+                        f"upload {upload_id} is already finishing and can no longer be aborted",
+                    )
+                lease = await self.sessions.attach(
+                    upload_id, self.settings.replica_id, self.settings.lease_seconds, force=True
+                )
+                assert lease is not None
+            upload = await self._leased(upload, lease)
+            if upload.state is not UploadState.OPEN:
+                await self.sessions.release(lease)
         if upload.state is UploadState.OPEN:
             upload.abort_requested.set()
             # The stream that drives the upload (if any) notices at once and ends.
@@ -871,23 +1014,39 @@ class UploadManager:
         now = time.time() if now is None else now
         cutoff = now - self.settings.idle_timeout
         expired: list[str] = []
-        for upload_id in await self.sessions.idle(
-            (UploadState.OPEN.value, UploadState.FINISHING.value), cutoff
-        ):
-            upload = await self.find(upload_id)
-            if upload is None or upload.attached or upload.updated_at >= cutoff:
-                continue
-            idle_hours = (now - upload.updated_at) / 3600
-            await upload.fail(
-                RecgwError(
-                    ErrorKind.ABORTED,
-                    f"expired after {idle_hours:.1f} h without data",
-                ),
-                final=UploadState.EXPIRED,
+        batch = 100
+        more = True
+        while more:
+            # Every replica runs this; a claim takes the lease, so no upload expires twice.
+            leases = await self.sessions.claim_idle(
+                (UploadState.OPEN.value, UploadState.FINISHING.value),
+                cutoff,
+                self.settings.replica_id,
+                self.settings.lease_seconds,
+                batch,
             )
-            self.metrics.uploads_expired.inc()
-            expired.append(upload_id)
+            done = [lease.upload_id for lease in leases if await self._expire(lease, now, cutoff)]
+            expired += done
+            more = len(leases) == batch and bool(done)  # uploads kept come back in every claim
         return expired
+
+    async def _expire(self, lease: Lease, now: float, cutoff: float) -> bool:
+        """Expire a claimed idle upload unless it became busy; True when it expired."""
+        found = await self.find(lease.upload_id)
+        upload = None if found is None or found.attached else await self._leased(found, lease)
+        if upload is None or upload.updated_at >= cutoff or upload.state is not UploadState.OPEN:
+            await self.sessions.release(lease)
+            return False
+        idle_hours = (now - upload.updated_at) / 3600
+        await upload.fail(
+            RecgwError(
+                ErrorKind.ABORTED,
+                f"expired after {idle_hours:.1f} h without data",
+            ),
+            final=UploadState.EXPIRED,
+        )
+        self.metrics.uploads_expired.inc()
+        return True
 
     async def verify_write(self, tenant_id: str) -> VerifyReport:
         """Prove the stored credentials can write, with one PutObject at a fixed key.

@@ -309,6 +309,10 @@ class S3ObjectStore:
         for cache_key in [k for k in self._clients if k[0] == tenant_id]:
             del self._clients[cache_key]
 
+    def forget_all(self) -> None:
+        """Drop every cached client."""
+        self._clients.clear()
+
     def _make_client(self, credentials: TenantCredentials) -> Any:
         target = credentials.target
         config = botocore.config.Config(
