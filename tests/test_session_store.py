@@ -21,12 +21,13 @@ from typing import Any, TypeVar
 import psycopg
 import pytest
 
+from recgw_server.config import ConfigError, load_store_settings
 from recgw_server.dev.stack import PostgresCluster
 from recgw_server.sessions.base import Fenced, Lease, PartRecord, SessionRecord, SessionStore
 from recgw_server.sessions.migrations import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
 from recgw_server.sessions.postgres import PostgresSessionStore, migrate_postgres
 from recgw_server.sessions.sqlite import SqliteSessionStore, connect_sqlite, migrate_sqlite
-from tests.harness import RECGW
+from tests.harness import RECGW, register_canary
 
 T = TypeVar("T")
 MiB = 1024 * 1024
@@ -567,3 +568,15 @@ def test_migrate_sqlite_data_dir(tmp_path: Path) -> None:
         text=True,
     )
     assert refused.returncode == 1 and "set sessions.url" in refused.stderr
+
+
+def test_a_password_in_the_sessions_url_stays_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    password = register_canary("pg-CANARY-" + uuid.uuid4().hex)
+    monkeypatch.setenv("RECGW_SESSIONS__URL", f"mysql://recgw:{password}@db/recgw")
+    with pytest.raises(ConfigError) as caught:
+        load_store_settings()
+    assert "sessions.url" in str(caught.value) and password not in str(caught.value)
+    monkeypatch.setenv("RECGW_SESSIONS__URL", f"postgresql://recgw:{password}@db/recgw")
+    settings = load_store_settings()
+    assert settings.sessions.postgres_url.endswith("@db/recgw")
+    assert password not in repr(settings) and password not in str(settings.model_dump())
