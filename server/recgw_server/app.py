@@ -17,11 +17,7 @@ from recgw_server.api.services import CredentialsService, UploadService
 from recgw_server.auth.tokens import AuthInterceptor, TokenVerifier
 from recgw_server.config import Settings, VaultAuthSetting
 from recgw_server.credentials.base import CredentialsAdmin, CredentialsSource
-from recgw_server.credentials.changes import (
-    CredentialsChanges,
-    LocalCredentialsChanges,
-    PostgresCredentialsChanges,
-)
+from recgw_server.credentials.changes import CredentialsChanges, LocalCredentialsChanges
 from recgw_server.credentials.vault import (
     CachedCredentialsSource,
     VaultAuth,
@@ -35,7 +31,6 @@ from recgw_server.pipeline.budget import MemoryBudget
 from recgw_server.pipeline.parts import MiB
 from recgw_server.pipeline.uploads import PipelineSettings, UploadManager
 from recgw_server.sessions.base import SessionStore
-from recgw_server.sessions.postgres import PostgresSessionStore
 from recgw_server.sessions.sqlite import SqliteSessionStore
 from recgw_server.storage.base import ObjectStore
 from recgw_server.storage.s3 import S3ObjectStore, S3Settings
@@ -93,6 +88,10 @@ def build_adapters(settings: Settings, replica: str = "") -> Adapters:
     if not url:
         sessions = SqliteSessionStore(settings.data_dir / "sessions.sqlite3")
         return Adapters(admin, source, store, sessions, LocalCredentialsChanges())
+    # Imported here: a gateway on SQLite does not pay for loading psycopg at start-up.
+    from recgw_server.credentials.postgres_changes import PostgresCredentialsChanges
+    from recgw_server.sessions.postgres import PostgresSessionStore
+
     # application_name shows in pg_stat_activity; PostgreSQL keeps 63 bytes of it.
     shared = PostgresSessionStore(
         url,
