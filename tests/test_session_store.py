@@ -20,7 +20,9 @@ from typing import Any, TypeVar
 
 import psycopg
 import pytest
+from typer.testing import CliRunner
 
+from recgw_server import cli
 from recgw_server.config import ConfigError, load_store_settings
 from recgw_server.dev.stack import PostgresCluster
 from recgw_server.sessions.base import Fenced, Lease, PartRecord, SessionRecord, SessionStore
@@ -502,18 +504,30 @@ def sqlite_data_dir(tmp_path: Path) -> tuple[Path, list[SessionRecord]]:
     return data_dir, asyncio.run(read_all())
 
 
-def _migrate(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "RECGW_SESSIONS__URL": url}
-    return subprocess.run(
-        [RECGW, "migrate", *args], env=env, capture_output=True, text=True, timeout=60
-    )
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _migrate(url: str, *args: str, process: bool = False) -> Ran:
+    """`recgw migrate ARGS` with RECGW_SESSIONS__URL=url: as a process, or in this one."""
+    if process:
+        env = {**os.environ, "RECGW_SESSIONS__URL": url}
+        done = subprocess.run(
+            [RECGW, "migrate", *args], env=env, capture_output=True, text=True, timeout=60
+        )
+        return Ran(done.returncode, done.stdout, done.stderr)
+    result = CliRunner().invoke(cli.app, ["migrate", *args], env={"RECGW_SESSIONS__URL": url})
+    return Ran(result.exit_code, result.stdout, result.stderr)
 
 
 def test_migrate_from_sqlite_copies_once(
     pg_url: str, sqlite_data_dir: tuple[Path, list[SessionRecord]]
 ) -> None:
     data_dir, originals = sqlite_data_dir
-    first = _migrate(pg_url, "--from-sqlite", str(data_dir))
+    first = _migrate(pg_url, "--from-sqlite", str(data_dir), process=True)
     assert first.returncode == 0, first.stderr
     assert "applied schema migrations 1, 2" in first.stdout
     assert "copied 2 sessions and 3 parts" in first.stdout
@@ -555,18 +569,10 @@ def test_copied_sessions_resume_under_a_new_lease(
 def test_migrate_sqlite_data_dir(tmp_path: Path) -> None:
     config = tmp_path / "recgw.toml"
     config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECGW_")}
-    result = subprocess.run(
-        [RECGW, "migrate", "--config", str(config)], env=env, capture_output=True, text=True
-    )
+    result = _migrate("", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert "applied schema migrations 1, 2" in result.stdout
-    refused = subprocess.run(
-        [RECGW, "migrate", "--config", str(config), "--from-sqlite", str(tmp_path / "data")],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    refused = _migrate("", "--config", str(config), "--from-sqlite", str(tmp_path / "data"))
     assert refused.returncode == 1 and "set sessions.url" in refused.stderr
 
 
