@@ -28,6 +28,7 @@ from tests.harness import (
     MiB,
     Tenant,
     details,
+    expect_error,
     read_object,
     register_canary,
     resume_messages,
@@ -38,7 +39,7 @@ from tests.harness import (
 from tests.proxy import CuttableProxy
 from tests.test_lifecycle import HeldStream, abort_metric, status, wait_for_status
 
-LEASE_SECONDS = 2.0
+LEASE_SECONDS = 3.0
 
 
 class Replicas:
@@ -145,13 +146,17 @@ def test_a_frozen_writer_is_fenced_after_another_replica_took_over(
     data = os.urandom(12 * MiB)
     held = HeldStream(a, tenant, "frozen.bin", data[: 6 * MiB])
     wait_for_status(a, held.upload_id, lambda s: s.committed_size == 5 * MiB, "part 1 on A")
+
+    def rest() -> Iterator[upload_pb2.UploadRequest]:
+        return resume_messages(tenant, "frozen.bin", data, held.upload_id, 5 * MiB)
+
+    refused = expect_error(b, rest())  # A lives: B may not take its upload
+    assert refused.code() == grpc.StatusCode.ABORTED
+    assert "another gateway replica is writing" in details(refused)
     # A "freezes": its stream stays attached, but its heartbeat stops.
     assert a.gateway.heartbeats is not None
     a.call_soon(a.gateway.heartbeats.cancel)
-    response, refusals = resume_when_the_lease_frees(
-        b, lambda: resume_messages(tenant, "frozen.bin", data, held.upload_id, 5 * MiB)
-    )
-    assert refusals >= 1  # B waited for A's lease to run out; it did not take it at once
+    response, _ = resume_when_the_lease_frees(b, rest)
     assert read_object(moto, tenant.bucket, response.key) == data
     # A wakes up and finishes its stream: its FINISHING write is fenced, so it never completes.
     with pytest.raises(grpc.RpcError) as fenced:
