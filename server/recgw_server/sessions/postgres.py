@@ -154,6 +154,11 @@ class PostgresSessionStore:
         await self.pool.open(wait=True)
         async with self.pool.connection() as conn:
             self.applied_migrations = await migrate_postgres(conn)
+            # Every process start adds a replica row; rows this old belong to nobody any more
+            # (a missing row counts as a dead replica, as a stale one does).
+            await conn.execute(
+                "DELETE FROM replicas WHERE heartbeat_at < now() - interval '7 days'"
+            )
             cursor = await conn.execute("SHOW synchronous_commit")
             row = await cursor.fetchone()
             if row is not None and row[0] not in _SYNCHRONOUS_COMMITS:
