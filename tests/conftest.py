@@ -1,4 +1,4 @@
-"""Session-wide real services: OpenBao dev server, moto_server with IAM on, and a gateway."""
+"""Session-wide real services: OpenBao, moto_server with IAM on, PostgreSQL, and a gateway."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from recgw_server.auth.tokens import hash_token
 from recgw_server.dev.stack import (
     MotoS3,
     OpenBao,
+    PostgresCluster,
     VaultIdentities,
     bootstrap_vault,
     free_port,
     seed_policy,
     start_moto,
     start_openbao,
+    start_postgres,
     wait_until,
 )
 from tests.harness import (
@@ -58,6 +60,14 @@ def moto(service_logs: Path) -> Iterator[MotoS3]:
     s3.create_bucket(SHARED_BUCKET)
     yield s3
     s3.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster; tests take databases of their own from it."""
+    cluster = start_postgres()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

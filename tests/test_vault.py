@@ -710,6 +710,9 @@ class FakeSource:
     def invalidate(self, tenant_id: str) -> None:
         self.invalidated.append(tenant_id)
 
+    def invalidate_all(self) -> None:
+        self.invalidated.append("*")
+
 
 class FakeClock:
     def __init__(self) -> None:

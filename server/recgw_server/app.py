@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -16,6 +17,7 @@ from recgw_server.api.services import CredentialsService, UploadService
 from recgw_server.auth.tokens import AuthInterceptor, TokenVerifier
 from recgw_server.config import Settings, VaultAuthSetting
 from recgw_server.credentials.base import CredentialsAdmin, CredentialsSource
+from recgw_server.credentials.changes import CredentialsChanges, LocalCredentialsChanges
 from recgw_server.credentials.vault import (
     CachedCredentialsSource,
     VaultAuth,
@@ -65,9 +67,15 @@ class Adapters:
     source: CredentialsSource
     store: ObjectStore
     sessions: SessionStore
+    changes: CredentialsChanges = field(default_factory=LocalCredentialsChanges)
 
 
-def build_adapters(settings: Settings) -> Adapters:
+def replica_id(settings: Settings) -> str:
+    """This process's name on writer leases: configured, or new for every process."""
+    return settings.sessions.replica_id or str(uuid.uuid4())
+
+
+def build_adapters(settings: Settings, replica: str = "") -> Adapters:
     vault = settings.vault
     writer = VaultConnection(vault.address, _vault_auth(vault.writer), vault.timeout_seconds)
     reader = VaultConnection(vault.address, _vault_auth(vault.reader), vault.timeout_seconds)
@@ -84,10 +92,26 @@ def build_adapters(settings: Settings) -> Adapters:
             expect_continue=settings.s3.expect_continue,
         )
     )
-    sessions = SqliteSessionStore(settings.data_dir / "sessions.sqlite3")
-    return Adapters(
-        VaultCredentialsAdmin(writer, vault.kv_mount, vault.base_path), source, store, sessions
+    admin = VaultCredentialsAdmin(writer, vault.kv_mount, vault.base_path)
+    url = settings.sessions.postgres_url
+    if not url:
+        sessions = SqliteSessionStore(settings.data_dir / "sessions.sqlite3")
+        return Adapters(admin, source, store, sessions, LocalCredentialsChanges())
+    # Imported here: a gateway on SQLite does not pay for loading psycopg at start-up.
+    from recgw_server.credentials.postgres_changes import PostgresCredentialsChanges
+    from recgw_server.sessions.postgres import PostgresSessionStore
+
+    # application_name shows in pg_stat_activity; PostgreSQL keeps 63 bytes of it.
+    shared = PostgresSessionStore(
+        url,
+        min_connections=settings.sessions.min_connections,
+        max_connections=settings.sessions.max_connections,
+        application_name=f"recgw {replica}"[:63],
     )
+    changes = PostgresCredentialsChanges(
+        url, shared.pool, application_name=f"recgw-credentials {replica}"[:63]
+    )
+    return Adapters(admin, source, store, shared, changes)
 
 
 def _webhook_settings(settings: Settings) -> WebhookSettings:
@@ -108,7 +132,8 @@ class Gateway:
 
     def __init__(self, settings: Settings, adapters: Adapters | None = None) -> None:
         self.settings = settings
-        self.adapters = adapters or build_adapters(settings)
+        self.replica_id = replica_id(settings)
+        self.adapters = adapters or build_adapters(settings, self.replica_id)
         self.metrics = GatewayMetrics()
         uploads = settings.uploads
         webhooks = _webhook_settings(settings)
@@ -140,6 +165,8 @@ class Gateway:
                 sha256=uploads.sha256,
                 completion_attempts=uploads.completion_attempts,
                 completion_backoff=uploads.completion_backoff_seconds,
+                replica_id=self.replica_id,
+                lease_seconds=settings.sessions.lease_seconds,
             ),
             self.spool,
             self.events,
@@ -149,6 +176,7 @@ class Gateway:
         self.manager.on_events = self.webhooks.poke
         self._dispatcher: asyncio.Task[None] | None = None
         self._expiry: asyncio.Task[None] | None = None
+        self.heartbeats: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -156,6 +184,12 @@ class Gateway:
 
     async def start(self) -> int:
         """Start serving; returns the bound port (useful with port 0)."""
+        sessions = self.adapters.sessions
+        await sessions.open()
+        await sessions.heartbeat(self.replica_id)
+        self.heartbeats = asyncio.ensure_future(self._keep_leases())
+        self.adapters.changes.subscribe(self._credentials_changed)
+        await self.adapters.changes.start()
         max_message = self.settings.uploads.max_message_mib * MiB + _MESSAGE_OVERHEAD
         verifier = TokenVerifier(t.entry() for t in self.settings.tokens)
         server = grpc.aio.server(
@@ -202,6 +236,7 @@ class Gateway:
                 self.manager,
                 self.metrics,
                 forget_clients=store.forget,
+                publish=self.adapters.changes.publish,
             ),
             server,
         )
@@ -235,6 +270,32 @@ class Gateway:
         log.info("recgw listening on %s (port %d)", self.settings.listen, self.port)
         return self.port
 
+    def _credentials_changed(self, tenant_id: str | None) -> None:
+        """Another replica (or this one) changed credentials: drop what is cached of them."""
+        if tenant_id is None:
+            self.adapters.source.invalidate_all()
+            self.adapters.store.forget_all()
+        else:
+            self.adapters.source.invalidate(tenant_id)
+            self.adapters.store.forget(tenant_id)
+            self.manager.credentials_changed(tenant_id)
+
+    async def _keep_leases(self) -> None:
+        """One heartbeat per replica keeps all its writer leases alive."""
+        sessions = self.adapters.sessions
+        while True:
+            await asyncio.sleep(self.settings.sessions.heartbeat_seconds)
+            try:
+                await sessions.heartbeat(self.replica_id)
+                await self.manager.answer_release_requests()
+            except Exception as error:
+                log.warning(
+                    "session store heartbeat failed (%s); after %g s without one, other "
+                    "replicas may take this replica's uploads over",
+                    type(error).__name__,
+                    self.settings.sessions.lease_seconds,
+                )
+
     async def _expire_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.settings.uploads.expiry_check_seconds)
@@ -254,6 +315,11 @@ class Gateway:
             grace = self.settings.shutdown_grace_seconds if grace is None else grace
             await self._server.stop(grace)
         await self.manager.close()
+        # Only now: the leases of draining streams had to stay alive until they detached.
+        if self.heartbeats is not None:
+            self.heartbeats.cancel()
+            await asyncio.gather(self.heartbeats, return_exceptions=True)
+        await self.adapters.changes.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         self.adapters.store.close()

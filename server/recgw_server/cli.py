@@ -1,4 +1,4 @@
-"""The `recgw` command: serve, dev, policy, upload, creds."""
+"""The `recgw` command: serve, migrate, dev, policy, upload, creds."""
 
 from __future__ import annotations
 
@@ -55,6 +55,43 @@ def serve(
         raise typer.Exit(2) from None
     _configure_logging(settings.log_level)
     asyncio.run(run_server(settings))
+
+
+@app.command()
+def migrate(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            envvar="RECGW_CONFIG",
+            help="TOML config file (its data_dir and [sessions]); RECGW_* variables override it.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    from_sqlite: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-sqlite",
+            help="Copy every session of this SQLite data dir (or sessions.sqlite3 file) into "
+            "the PostgreSQL store; refuses if any of them exists there already.",
+            exists=True,
+        ),
+    ] = None,
+) -> None:
+    """Bring the session store's schema up to date (`recgw serve` does so at start-up too)."""
+    from recgw_server.config import ConfigError, load_store_settings
+    from recgw_server.sessions.migrate import MigrateError, migrate_store
+
+    try:
+        settings = load_store_settings(config)
+        report = asyncio.run(migrate_store(settings, from_sqlite))
+    except (ConfigError, MigrateError) as error:
+        typer.echo(f"recgw migrate: {error}", err=True)
+        raise typer.Exit(1) from None
+    for line in report:
+        typer.echo(line)
 
 
 @app.command()

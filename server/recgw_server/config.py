@@ -148,6 +148,40 @@ class S3Setting(BaseModel):
     expect_continue: Literal["auto", "on", "off"] = "auto"
 
 
+class SessionsSetting(BaseModel):
+    """Where upload sessions live, and the writer leases of a gateway running as replicas."""
+
+    # Empty: SQLite in data_dir (one gateway process). postgresql://...: a database shared by
+    # every replica. A password is better kept out of the URL (PGPASSWORD, ~/.pgpass).
+    url: SecretStr = SecretStr("")
+    # Unique per replica; empty: a new random id for every process.
+    replica_id: str = Field("", max_length=200)
+    # A replica that misses its heartbeat this long loses its uploads to other replicas.
+    lease_seconds: float = Field(15.0, gt=0)
+    heartbeat_seconds: float = Field(3.0, gt=0)
+    min_connections: int = Field(1, ge=0, le=100)
+    max_connections: int = Field(10, ge=1, le=100)
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value()
+        if url and not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be empty (SQLite in data_dir) or a postgresql:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _heartbeat_well_within_lease(self) -> SessionsSetting:
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError("heartbeat_seconds must be at most half of lease_seconds")
+        return self
+
+    @property
+    def postgres_url(self) -> str:
+        """The PostgreSQL URL (secret: it may hold a password), or '' for SQLite."""
+        return self.url.get_secret_value()
+
+
 class Settings(BaseSettings):
     """Everything `recgw serve` needs."""
 
@@ -169,6 +203,7 @@ class Settings(BaseSettings):
     spool: SpoolSetting = Field(default_factory=lambda: SpoolSetting())
     server: ServerSetting = Field(default_factory=lambda: ServerSetting())
     events: EventsSetting = Field(default_factory=lambda: EventsSetting())
+    sessions: SessionsSetting = Field(default_factory=lambda: SessionsSetting())
 
     @classmethod
     def settings_customise_sources(
@@ -198,9 +233,49 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Setti
     try:
         return FileSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        # pydantic's own text repeats the input values, which may hold secrets.
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or 'config'}: {error['msg']}"
-            for error in exc.errors(include_input=False)
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    # pydantic's own text repeats the input values, which may hold secrets.
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in error['loc']) or 'config'}: {error['msg']}"
+        for error in exc.errors(include_input=False)
+    )
+    return f"invalid configuration: {problems}"
+
+
+class StoreSettings(BaseSettings):
+    """Only what `recgw migrate` needs from the same file and variables as `recgw serve`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RECGW_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    data_dir: Path = Path("recgw-data")
+    sessions: SessionsSetting = Field(default_factory=lambda: SessionsSetting())
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def load_store_settings(config_file: Path | None = None) -> StoreSettings:
+    """The session store part of the configuration (other sections are not checked)."""
+
+    class FileStoreSettings(StoreSettings):
+        model_config = SettingsConfigDict(
+            env_prefix="RECGW_", env_nested_delimiter="__", extra="ignore", toml_file=config_file
         )
-        raise ConfigError(f"invalid configuration: {problems}") from None
+
+    try:
+        return FileStoreSettings()
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
@@ -13,6 +13,7 @@ from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_p
 from recgw_server.api.errors import Context, abort_with
 from recgw_server.credentials.base import CredentialsAdmin, CredentialsSource
 from recgw_server.domain import (
+    TENANT_ID_PATTERN,
     CredentialsInfo,
     EncryptionMode,
     ErrorKind,
@@ -360,19 +361,33 @@ class CredentialsService(credentials_pb2_grpc.CredentialsServiceServicer):
         manager: UploadManager,
         metrics: GatewayMetrics,
         forget_clients: Callable[[str], None] | None = None,
+        publish: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._admin = admin
         self._source = source
         self._manager = manager
         self._metrics = metrics
         self._forget_clients = forget_clients
+        self._publish = publish
 
-    def _changed(self, tenant_id: str, operation: str) -> None:
+    async def _changed(self, tenant_id: str, operation: str) -> None:
         self._source.invalidate(tenant_id)
         self._manager.credentials_changed(tenant_id)
         if self._forget_clients is not None:
             self._forget_clients(tenant_id)
         self._metrics.credential_writes.labels(operation).inc()
+        if self._publish is None or not TENANT_ID_PATTERN.fullmatch(tenant_id):
+            return
+        try:
+            # Every other replica drops its cached credentials and clients of this tenant.
+            await self._publish(tenant_id)
+        except Exception as error:
+            log.warning(
+                "could not tell other replicas that the credentials of tenant %s changed (%s); "
+                "they use the old ones until their cache expires",
+                tenant_id,
+                type(error).__name__,
+            )
 
     async def SetCredentials(
         self, request: credentials_pb2.SetCredentialsRequest, context: Context
@@ -387,7 +402,7 @@ class CredentialsService(credentials_pb2_grpc.CredentialsServiceServicer):
         except RecgwError as error:
             await abort_with(context, self._metrics, error)
         finally:
-            self._changed(request.tenant_id, "set")
+            await self._changed(request.tenant_id, "set")
         log.info(
             "credentials of tenant %s set: version=%d key=%s",
             tenant_id,
@@ -425,7 +440,7 @@ class CredentialsService(credentials_pb2_grpc.CredentialsServiceServicer):
         except RecgwError as error:
             await abort_with(context, self._metrics, error)
         finally:
-            self._changed(request.tenant_id, "delete")
+            await self._changed(request.tenant_id, "delete")
         log.info("credentials of tenant %s deleted", request.tenant_id)
         return credentials_pb2.DeleteCredentialsResponse()
 

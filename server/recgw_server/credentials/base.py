@@ -40,5 +40,9 @@ class CredentialsSource(Protocol):
         ...
 
     def invalidate(self, tenant_id: str) -> None:
-        """Forget anything cached for this tenant (after Set/Delete in this process)."""
+        """Forget anything cached for this tenant (after a Set/Delete on any replica)."""
+        ...
+
+    def invalidate_all(self) -> None:
+        """Forget everything cached (a change of any tenant may have been missed)."""
         ...

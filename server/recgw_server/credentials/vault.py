@@ -515,6 +515,9 @@ class VaultCredentialsSource:
     def invalidate(self, tenant_id: str) -> None:
         """Nothing is cached here."""
 
+    def invalidate_all(self) -> None:
+        """Nothing is cached here."""
+
 
 class CachedCredentialsSource:
     """Caches another CredentialsSource's hits for `ttl_seconds`; concurrent loads coalesce."""
@@ -571,3 +574,9 @@ class CachedCredentialsSource:
         self._loading.pop(tenant_id, None)
         self._generations[tenant_id] = self._generations.get(tenant_id, 0) + 1
         self._inner.invalidate(tenant_id)
+
+    def invalidate_all(self) -> None:
+        """Drop every cached credential, and ignore every load already under way."""
+        for tenant_id in {*self._hits, *self._loading}:
+            self.invalidate(tenant_id)
+        self._inner.invalidate_all()

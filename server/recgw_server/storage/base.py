@@ -101,6 +101,10 @@ class ObjectStore(Protocol):
         """Drop anything cached for a tenant whose credentials changed."""
         ...
 
+    def forget_all(self) -> None:
+        """Drop everything cached for every tenant."""
+        ...
+
     def close(self) -> None:
         """Release threads and connections (after the last writer call)."""
         ...

@@ -383,6 +383,10 @@ class S3ObjectStore:
         for cache_key in [k for k in self._clients if k[0] == tenant_id]:
             del self._clients[cache_key]
 
+    def forget_all(self) -> None:
+        """Drop every cached client."""
+        self._clients.clear()
+
     def _expect_continue(self, endpoint_url: str) -> bool:
         if self._settings.expect_continue != "auto":
             return self._settings.expect_continue == "on"
