@@ -17,6 +17,7 @@ import {
   type UploadRequest,
   UploadRequestSchema,
   type UploadStart,
+  UploadStartSchema,
 } from "./gen/recgw/v1/upload_pb.js";
 import { crc32c, type ObjectChecksums } from "./checksums.js";
 
@@ -25,6 +26,29 @@ export const MiB = 1024 * 1024;
 export const DEFAULT_CHUNK_SIZE = MiB;
 /** The most data the gateway accepts in one message. */
 export const MAX_CHUNK_SIZE = 4 * MiB;
+
+/** What an upload creates (the public form of UploadStart). */
+export interface StartFields {
+  tenantId: string;
+  objectName: string;
+  contentType?: string | undefined;
+  metadata?: Record<string, string> | undefined;
+  expectedSize?: number | undefined;
+  uploadId: string;
+}
+
+/** The UploadStart message; content type defaults to `application/octet-stream`. */
+export function startMessage(fields: StartFields): UploadStart {
+  const start = create(UploadStartSchema, {
+    tenantId: fields.tenantId,
+    objectName: fields.objectName,
+    contentType: fields.contentType ?? "",
+    metadata: { ...(fields.metadata ?? {}) },
+    uploadId: fields.uploadId,
+  });
+  if (fields.expectedSize !== undefined) start.expectedSize = BigInt(fields.expectedSize);
+  return start;
+}
 
 /** The first message of a stream: `start` at `writeOffset`, no data. */
 export function startRequest(start: UploadStart, writeOffset: number): UploadRequest {
@@ -42,7 +66,8 @@ export function dataRequest(
   finish?: { checksums?: ObjectChecksums | undefined },
 ): UploadRequest {
   const request = create(UploadRequestSchema, { writeOffset: BigInt(writeOffset), data });
-  if (perMessageCrc) request.dataCrc32c = crc32c(data);
+  // No data, no CRC (the finish or heartbeat message alone).
+  if (perMessageCrc && data.length > 0) request.dataCrc32c = crc32c(data);
   if (finish !== undefined) {
     request.finishWrite = true;
     if (finish.checksums !== undefined) {

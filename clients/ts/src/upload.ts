@@ -16,7 +16,6 @@
  *   (backpressure to the source) until the gateway commits more.
  */
 import { randomUUID } from "node:crypto";
-import { create } from "@bufbuild/protobuf";
 import type { Client } from "@connectrpc/connect";
 import { Checksummer, type ObjectChecksums } from "./checksums.js";
 import { RecgwError, toRecgwError } from "./errors.js";
@@ -26,6 +25,7 @@ import {
   FrameReader,
   MAX_CHUNK_SIZE,
   MiB,
+  startMessage,
   startRequest,
 } from "./framing.js";
 import {
@@ -33,7 +33,6 @@ import {
   type UploadResponse,
   type UploadService,
   type UploadStart as UploadStartMessage,
-  UploadStartSchema,
 } from "./gen/recgw/v1/upload_pb.js";
 import { RetainedBuffer } from "./retained.js";
 import {
@@ -247,14 +246,12 @@ class UploadRun {
     this.resumeById = Boolean(start.uploadId);
     this.uploadId = start.uploadId || randomUUID();
     this.total = start.expectedSize ?? (options.sourceOffset === undefined ? source.size : undefined);
-    this.message = create(UploadStartSchema, {
-      tenantId: start.tenantId,
-      objectName: start.objectName,
+    this.message = startMessage({
+      ...start,
       contentType: start.contentType ?? "application/octet-stream",
-      metadata: { ...(start.metadata ?? {}) },
+      expectedSize: this.total,
       uploadId: this.uploadId,
     });
-    if (this.total !== undefined) this.message.expectedSize = BigInt(this.total);
     this.signal = options.signal;
     this.wholeChecksums = o.checksums && options.sourceOffset === undefined;
     this.checksummer = this.wholeChecksums ? new Checksummer() : undefined;
