@@ -117,6 +117,21 @@ export function statusCodeName(code: Code | number): StatusCode {
 }
 
 /**
+ * Whether a status without the gateway's ErrorInfo came from the local transport
+ * rather than from the gateway. gRPC core reports a lost connection as
+ * UNAVAILABLE; Connect maps Node's socket errors otherwise (ECONNRESET and a
+ * destroyed stream to ABORTED, other errors to INTERNAL, and Node's RST_STREAM
+ * CANCEL for every stream of a dead connection to CANCELLED), and these carry
+ * the Node error as their cause. A caller's own cancellation is reported as its
+ * AbortSignal's reason before this is asked.
+ */
+function isConnectionFailure(error: ConnectError): boolean {
+  if (error.code === Code.Canceled) return true;
+  const cause = error.cause as { code?: unknown } | undefined;
+  return typeof cause === "object" && cause !== null && typeof cause.code === "string";
+}
+
+/**
  * A RecgwError for anything a call threw: a ConnectError's status and ErrorInfo
  * (the first with domain recgw.v1), or UNKNOWN for anything else. Any of
  * `secrets` in the message is redacted.
@@ -137,8 +152,12 @@ export function toRecgwError(
       break;
     }
   }
-  const code = statusCodeName(connect.code);
-  const message = redact(connect.rawMessage, secrets);
+  let code = statusCodeName(connect.code);
+  let message = redact(connect.rawMessage, secrets);
+  if (reason === "" && code !== "UNAVAILABLE" && isConnectionFailure(connect)) {
+    code = "UNAVAILABLE";
+    message = `connection lost (${message})`;
+  }
   return new RecgwError(code, message, {
     reason,
     metadata,

@@ -112,6 +112,35 @@ describe("upload against the fake gateway", { timeout: 10_000 }, () => {
     assert.equal(result.size, 20);
   });
 
+  test("a connection lost under the stream (Node's RST_STREAM CANCEL, no reason) resumes like UNAVAILABLE", async () => {
+    const gateway = new FakeGateway();
+    gateway.onMessage = (message, _upload, stream) => {
+      if (stream === 1 && Number(message.writeOffset) === 8) {
+        throw new ConnectError("http/2 stream closed with error code CANCEL (0x8)", Code.Canceled);
+      }
+    };
+    const result = await upload(gateway.deps(), live(ramp(12), 4), START, FAST);
+    assert.equal(gateway.streams.length, 2);
+    assert.equal(result.size, 12);
+  });
+
+  test("a socket error under the stream (Connect's ABORTED for ECONNRESET, no reason) resumes like UNAVAILABLE", async () => {
+    const gateway = new FakeGateway();
+    gateway.onMessage = (message, _upload, stream) => {
+      if (stream === 1 && Number(message.writeOffset) === 8) {
+        const reset = Object.assign(new Error("read ECONNRESET"), { code: "ECONNRESET" });
+        throw new ConnectError("read ECONNRESET", Code.Aborted, undefined, undefined, reset);
+      }
+    };
+    const retried: string[] = [];
+    const result = await upload(gateway.deps(), live(ramp(12), 4), START, {
+      ...FAST,
+      onRetry: (event) => retried.push(event.error.code),
+    });
+    assert.deepEqual(retried, ["UNAVAILABLE"]);
+    assert.equal(result.size, 12);
+  });
+
   test("OFFSET_MISMATCH (a part landed after the status query) is answered by a status query and a correct resume", async () => {
     const gateway = new FakeGateway();
     const data = ramp(24);
