@@ -234,6 +234,9 @@ class UploadRun {
   private outageSince: number | undefined;
   private fatal: Fatal | undefined;
   private refreshing: Promise<UploadStatus | undefined> | undefined;
+  /** At the retain limit: since when the gateway holds every byte sent and commits none. */
+  private stalledSince: number | undefined;
+  private stallStart = -1;
   private queriedAt = 0;
 
   constructor(
@@ -340,22 +343,30 @@ class UploadRun {
     return this.retained.size + (this.reader?.buffered ?? 0) + this.o.chunkSize <= this.o.retainLimit;
   }
 
-  /** Waits until one more chunk fits the retain limit; false when `stop` fired first. */
-  private async makeRoom(stop: AbortSignal): Promise<boolean> {
-    if (this.hasRoom()) return true;
+  /**
+   * Waits until one more chunk fits the retain limit: "room", "stopped" when
+   * `stop` fired first, "idle" after `heartbeatMs` (the stream needs a heartbeat).
+   */
+  private async makeRoom(stop: AbortSignal): Promise<"room" | "stopped" | "idle"> {
+    if (this.hasRoom()) {
+      this.stalledSince = undefined;
+      return "room";
+    }
+    const waitingSince = Date.now();
     let delay = POLL_INITIAL_MS;
-    let start = this.retained.start;
-    let stalledSince: number | undefined;
     for (;;) {
       const status = await this.refresh();
-      if (stop.aborted) return false;
-      if (this.hasRoom()) return true;
-      if (this.retained.start !== start) {
-        start = this.retained.start;
-        stalledSince = undefined;
+      if (stop.aborted) return "stopped";
+      if (this.hasRoom()) {
+        this.stalledSince = undefined;
+        return "room";
+      }
+      if (this.retained.start !== this.stallStart) {
+        this.stallStart = this.retained.start;
+        this.stalledSince = undefined;
       } else if (status !== undefined && status.receivedSize >= this.sent) {
-        stalledSince ??= Date.now();
-        if (Date.now() - stalledSince >= this.o.stallTimeoutMs) {
+        this.stalledSince ??= Date.now();
+        if (Date.now() - this.stalledSince >= this.o.stallTimeoutMs) {
           throw new Fatal(
             this.error(
               "RESOURCE_EXHAUSTED",
@@ -366,9 +377,10 @@ class UploadRun {
           );
         }
       } else {
-        stalledSince = undefined;
+        this.stalledSince = undefined;
       }
-      if (!(await sleep(delay, stop))) return false;
+      if (Date.now() - waitingSince >= this.o.heartbeatMs) return "idle";
+      if (!(await sleep(Math.min(delay, this.o.heartbeatMs), stop))) return "stopped";
       delay = Math.min(delay * 2, POLL_MAX_MS);
     }
   }
@@ -402,7 +414,13 @@ class UploadRun {
       return;
     }
     for (;;) {
-      if (!(await this.makeRoom(stop))) return;
+      const room = await this.makeRoom(stop);
+      if (room === "stopped") return;
+      if (room === "idle") {
+        // Reading is paused for memory; the stream must not look dead meanwhile.
+        yield dataRequest(offset, EMPTY, crc);
+        continue;
+      }
       let next;
       try {
         next = await reader.next(heartbeatMs, stop);

@@ -341,7 +341,7 @@ describe("upload against the fake gateway", { timeout: 10_000 }, () => {
     const gateway = new FakeGateway();
     gateway.commits = false;
     await assert.rejects(
-      upload(gateway.deps(), live(ramp(64), 4), START, { ...FAST, retainLimit: 16, stallTimeoutMs: 100 }),
+      upload(gateway.deps(), live(ramp(64), 4), START, { ...FAST, retainLimit: 16, stallTimeoutMs: 200, heartbeatMs: 20 }),
       (error: unknown) => {
         assert.ok(error instanceof RecgwError);
         assert.equal(error.code, "RESOURCE_EXHAUSTED");
@@ -350,6 +350,8 @@ describe("upload against the fake gateway", { timeout: 10_000 }, () => {
       },
     );
     assert.equal(gateway.streams.length, 1, "not retried");
+    const heartbeats = gateway.layout(1).filter(([, length, finish]) => length === 0 && !finish);
+    assert.ok(heartbeats.length >= 3, "heartbeats while reading was paused for memory");
   });
 
   test("a silent source gets heartbeats (its partial data, then empty messages) and finishes", async () => {
