@@ -144,11 +144,19 @@ describe("e2e against a live gateway", { skip, concurrency: 1, timeout: 180_000 
     try {
       const data = pattern(12 * MiB, 4);
       const resumedAt: number[] = [];
-      const source = recording(data, { [8 * MiB]: () => control("/gateway/restart") });
+      // Killed, and started again while the client is already retrying (status queries fail meanwhile).
+      let restarted: Promise<Response> | undefined;
+      const source = recording(data, {
+        [8 * MiB]: async () => {
+          await control("/gateway/kill");
+          restarted = control("/gateway/start");
+        },
+      });
       const result = await client.upload(source, { tenantId: tenant(), objectName: name("restart") }, {
         onRetry: (event) => resumedAt.push(event.resumeAt),
         backoff: { initialMs: 50, maxMs: 500 }, // scaled down: the restart takes seconds
       });
+      await restarted;
       assert.ok(resumedAt.length >= 1, "the upload resumed");
       assert.equal(result.size, data.length);
       await assertStored(result.key, data);
@@ -198,6 +206,54 @@ describe("e2e against a live gateway", { skip, concurrency: 1, timeout: 180_000 
       assert.equal(result.uploadId, uploadId);
       assert.equal(Buffer.from(result.checksums.sha256!).toString("hex"), sha(data));
       await assertStored(result.key, data);
+    } finally {
+      client.close();
+    }
+  });
+
+  test("salvage keeps the committed bytes; the upload has then ended", async (t) => {
+    const client = uploader();
+    try {
+      const data = pattern(6 * MiB, 10);
+      const uploadId = randomUUID();
+      const objectName = name("salvage");
+      const start = startMessage({ tenantId: tenant(), objectName, uploadId });
+      const stop = new AbortController();
+      async function* partial(): AsyncGenerator<UploadRequest> {
+        yield startRequest(start, 0);
+        for (let offset = 0; offset < data.length; offset += MiB) yield dataRequest(offset, data.subarray(offset, offset + MiB), true);
+        await new Promise((resolve) => stop.signal.addEventListener("abort", resolve));
+      }
+      const first = client.services.upload.upload(partial(), { signal: stop.signal }).catch((error: unknown) => error);
+      await waitFor("the first part to be committed", async () => {
+        const status = await client.status(uploadId).catch(() => undefined);
+        return status !== undefined && status.committedSize === 5 * MiB ? status : undefined;
+      });
+      stop.abort();
+      await first;
+      const salvaged = await waitFor("the salvage", () =>
+        client.salvage(uploadId).catch((error: unknown) => {
+          // The gateway may not have noticed the stream's end yet.
+          if (error instanceof RecgwError && error.code === "ABORTED" && error.reason === "ANOTHER_WRITER") return undefined;
+          if (error instanceof RecgwError && error.code === "UNIMPLEMENTED") return "unimplemented" as const;
+          throw error;
+        }),
+      );
+      if (salvaged === "unimplemented") {
+        await client.abort(uploadId);
+        t.skip("the gateway does not implement SalvageUpload yet (UNIMPLEMENTED)");
+        return;
+      }
+      assert.equal(salvaged.state, "SALVAGED");
+      assert.equal(salvaged.result?.size, 5 * MiB);
+      await assertStored(salvaged.result!.key, data.subarray(0, 5 * MiB));
+      await assert.rejects(client.upload(data, { tenantId: tenant(), objectName, uploadId }), (error: unknown) => {
+        assert.ok(error instanceof RecgwError);
+        assert.equal(error.code, "FAILED_PRECONDITION");
+        assert.equal(error.reason, "UPLOAD_ENDED");
+        assert.match(error.message, /SALVAGED/);
+        return true;
+      });
     } finally {
       client.close();
     }
