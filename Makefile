@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/recgw/v1/*.proto)
 BUF_VERSION := 1.75.0
+TS_CLIENT := clients/ts
 
-.PHONY: install run test lint proto-lint typecheck pytest bench clean
+.PHONY: install run test lint proto-lint typecheck pytest test-ts bench clean
 
 install: $(STAMP)
 
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml clients/python/setup.py $
 run: install
 	$(BIN)/recgw dev
 
-test: lint pytest
+test: lint pytest test-ts
 
 lint: install proto-lint
 	$(BIN)/ruff check .
@@ -37,8 +38,16 @@ proto-lint:
 pytest: install
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# TypeScript client: npm ci, generate + compile, unit tests, then e2e tests against the live stack.
+test-ts: install
+	cd $(TS_CLIENT) && npm ci --no-audit --no-fund
+	npm --prefix $(TS_CLIENT) run build
+	npm --prefix $(TS_CLIENT) test
+	$(BIN)/python -m tests.e2e_stack -- npm --prefix $(TS_CLIENT) run test:e2e
+
 bench: install
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) clients/python/src/recgw build .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(TS_CLIENT)/node_modules $(TS_CLIENT)/dist $(TS_CLIENT)/dist-test $(TS_CLIENT)/src/gen
