@@ -66,10 +66,23 @@ public final class RecgwClient implements AutoCloseable {
   private final Redactor redactor;
   private final Duration callTimeout;
 
+  private final boolean ownsChannel;
+
   private RecgwClient(Builder b) {
-    this.address = b.address;
+    this.address = b.channel != null ? b.channel.authority() : b.address;
     this.redactor = Redactor.of(b.token);
     this.callTimeout = b.callTimeout;
+    this.ownsChannel = b.channel == null;
+    this.managed = b.channel != null ? b.channel : openChannel(b);
+    Metadata bearer = new Metadata();
+    bearer.put(Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER), "Bearer " + b.token);
+    List<ClientInterceptor> interceptors = new ArrayList<>(b.interceptors);
+    // Applied last, so it runs first and every interceptor sees the header.
+    interceptors.add(MetadataUtils.newAttachHeadersInterceptor(bearer));
+    this.channel = ClientInterceptors.intercept(managed, interceptors);
+  }
+
+  private static ManagedChannel openChannel(Builder b) {
     ChannelCredentials credentials;
     if (b.plaintext) {
       credentials = InsecureChannelCredentials.create();
@@ -94,13 +107,7 @@ public final class RecgwClient implements AutoCloseable {
     if (b.serverName != null) {
       builder.overrideAuthority(b.serverName);
     }
-    this.managed = builder.build();
-    Metadata bearer = new Metadata();
-    bearer.put(Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER), "Bearer " + b.token);
-    List<ClientInterceptor> interceptors = new ArrayList<>(b.interceptors);
-    // Applied last, so it runs first and every interceptor sees the header.
-    interceptors.add(MetadataUtils.newAttachHeadersInterceptor(bearer));
-    this.channel = ClientInterceptors.intercept(managed, interceptors);
+    return builder.build();
   }
 
   public static Builder builder() {
@@ -352,8 +359,12 @@ public final class RecgwClient implements AutoCloseable {
     }
   }
 
+  /** Closes the channel, unless it was given to {@link Builder#channel}. */
   @Override
   public void close() {
+    if (!ownsChannel) {
+      return;
+    }
     managed.shutdown();
     try {
       if (!managed.awaitTermination(5, TimeUnit.SECONDS)) {
@@ -383,8 +394,18 @@ public final class RecgwClient implements AutoCloseable {
     private Duration callTimeout = Duration.ofSeconds(30);
     private Duration keepAlive = Duration.ofSeconds(20);
     private final List<ClientInterceptor> interceptors = new ArrayList<>();
+    private ManagedChannel channel;
 
     private Builder() {}
+
+    /**
+     * Uses a channel the caller built and owns (instead of {@code address} and TLS options);
+     * {@link RecgwClient#close()} leaves it open.
+     */
+    public Builder channel(ManagedChannel channel) {
+      this.channel = Objects.requireNonNull(channel);
+      return this;
+    }
 
     /** The gateway, {@code host:port} (or any gRPC target such as {@code dns:///host:port}). */
     public Builder address(String address) {
@@ -440,11 +461,17 @@ public final class RecgwClient implements AutoCloseable {
     }
 
     public RecgwClient build() {
-      if (address == null || address.isEmpty()) {
-        throw new IllegalStateException("address is required");
-      }
       if (token == null || token.isEmpty()) {
         throw new IllegalStateException("token is required");
+      }
+      if (channel != null) {
+        if (address != null || tls || plaintext) {
+          throw new IllegalStateException("channel(...) replaces address, tls and plaintext");
+        }
+        return new RecgwClient(this);
+      }
+      if (address == null || address.isEmpty()) {
+        throw new IllegalStateException("address is required");
       }
       if (plaintext == tls) {
         if (plaintext) {
