@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/recgw/v1/*.proto)
 BUF_VERSION := 1.75.0
 
-.PHONY: install run test lint proto-lint typecheck pytest bench clean
+.PHONY: install run test lint proto-lint typecheck pytest test-java bench clean
 
 install: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml clients/python/setup.py $
 run: install
 	$(BIN)/recgw dev
 
-test: lint pytest
+test: lint pytest test-java
 
 lint: install proto-lint
 	$(BIN)/ruff check .
@@ -36,6 +36,14 @@ proto-lint:
 
 pytest: install
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Java client: build + unit tests, then the end-to-end tests against a live stack. Maven logs
+# warnings only, except Surefire's result lines.
+MVN_JAVA := mvn -B -ntp -Dstyle.color=never -f clients/java/pom.xml -Dorg.slf4j.simpleLogger.defaultLogLevel=warn \
+	-Dorg.slf4j.simpleLogger.log.org.apache.maven.plugin.surefire=info
+test-java: install
+	$(MVN_JAVA) verify
+	$(BIN)/python -m tests.e2e_stack -- $(MVN_JAVA) surefire:test -Dgroups=e2e
 
 bench: install
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)

@@ -1,6 +1,5 @@
 package dev.recgw.client;
 
-import java.io.IOException;
 import java.nio.ByteBuffer;
 import java.util.concurrent.Flow;
 
@@ -40,7 +39,7 @@ final class Feeds {
                 }
               } catch (UploadRun.Ended e) {
                 // the upload ended while this thread read or waited for room
-              } catch (IOException | RuntimeException e) {
+              } catch (Throwable e) { // the source's failure, whatever it is, ends the upload
                 run.sourceFailed(e);
               }
             },
