@@ -200,9 +200,24 @@ public final class RecgwClient implements AutoCloseable {
     void start(UploadRun run, String uploadId, long offset, ObjectHasher hasher);
   }
 
+  /**
+   * Starts an upload; every failure after the arguments were checked (the status probe of a
+   * resumed id, the upload-id listener, the source) completes the future exceptionally.
+   */
   private CompletableFuture<UploadResult> begin(UploadStart start, UploadOptions opts, boolean seekable, Feed feed) {
     Objects.requireNonNull(start, "start");
     Objects.requireNonNull(opts, "opts");
+    if (start.getUploadId().isEmpty() && opts.sourceOffset != 0) {
+      throw new IllegalArgumentException("sourceOffset needs UploadStart.upload_id of the upload to resume");
+    }
+    try {
+      return launch(start, opts, seekable, feed);
+    } catch (RuntimeException e) {
+      return CompletableFuture.failedFuture(e);
+    }
+  }
+
+  private CompletableFuture<UploadResult> launch(UploadStart start, UploadOptions opts, boolean seekable, Feed feed) {
     boolean resuming = !start.getUploadId().isEmpty();
     String id = resuming ? start.getUploadId() : UUID.randomUUID().toString();
     UploadStart first = start.toBuilder().setUploadId(id).build();
@@ -230,8 +245,6 @@ public final class RecgwClient implements AutoCloseable {
                 + offset + " on with UploadOptions.sourceOffset(" + offset + ")",
             id);
       }
-    } else if (opts.sourceOffset != 0) {
-      throw new IllegalArgumentException("sourceOffset needs UploadStart.upload_id of the upload to resume");
     }
     opts.onUploadId.accept(id);
     // Whole-object checksums need every byte: a stream that starts mid-object cannot give them.

@@ -478,4 +478,55 @@ class ResumeTest {
     assertEquals(1, source.maxOutstanding);
     assertEquals(1, retries.size());
   }
+
+  @Test
+  void cancellingAnAsyncUploadCancelsTheStreamAndLeavesTheUploadOpen() throws Exception {
+    CountDownLatch never = new CountDownLatch(1);
+    AtomicReference<String> id = new AtomicReference<>();
+    InputStream source = new InputStream() {
+      int reads;
+
+      @Override
+      public int read() {
+        throw new UnsupportedOperationException();
+      }
+
+      @Override
+      public int read(byte[] b, int off, int len) throws IOException {
+        if (reads++ < 8) {
+          java.util.Arrays.fill(b, off, off + len, (byte) 7);
+          return len;
+        }
+        try {
+          never.await(); // a live source that has nothing more yet
+        } catch (InterruptedException e) {
+          throw new IOException(e);
+        }
+        return -1;
+      }
+    };
+    var future = client.uploadAsync(source, START, fast().onUploadId(id::set).build());
+    long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(10);
+    while (System.nanoTime() < deadline && (gateway.uploads.get(id.get()) == null || gateway.uploads.get(id.get()).committed < 64 * KIB)) {
+      Thread.onSpinWait();
+    }
+    assertTrue(future.cancel(true));
+    while (System.nanoTime() < deadline && gateway.uploads.get(id.get()).writer != null) {
+      Thread.onSpinWait(); // the gateway sees the stream end
+    }
+    assertEquals(null, gateway.uploads.get(id.get()).writer, "the stream was cancelled");
+    UploadStatus status = client.status(id.get());
+    assertEquals(UploadState.UPLOAD_STATE_OPEN, status.state());
+    assertEquals(64 * KIB, status.committedSize(), "112 KiB sent (the 8th chunk is held back), one part");
+    never.countDown();
+  }
+
+  @Test
+  void asyncFailuresBeforeTheFirstStreamCompleteTheFuture() {
+    var future = client.uploadAsync(new ByteArrayInputStream(new byte[1]), START,
+        fast().onUploadId(id -> { throw new IllegalStateException("journal full"); }).build());
+    var e = assertThrows(java.util.concurrent.ExecutionException.class, future::get);
+    assertEquals("journal full", e.getCause().getMessage());
+    assertTrue(gateway.streams.isEmpty());
+  }
 }

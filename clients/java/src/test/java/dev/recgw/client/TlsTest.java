@@ -90,6 +90,7 @@ class TlsTest {
     Path store = dir.resolve(alias + ".p12");
     var command = new java.util.ArrayList<>(java.util.List.of(
         Path.of(System.getProperty("java.home"), "bin", "keytool").toString(),
+        "-J-XX:TieredStopAtLevel=1", // a short-lived JVM: the quick compiler is enough
         "-genkeypair", "-alias", alias, "-keyalg", "EC", "-groupname", "secp256r1", "-sigalg", "SHA256withECDSA",
         "-validity", "2", "-dname", dname, "-storetype", "PKCS12",
         "-keystore", store.toString(), "-storepass", new String(PASSWORD)));
