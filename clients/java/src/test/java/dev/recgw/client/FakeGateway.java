@@ -8,6 +8,8 @@ import dev.recgw.v1.AbortUploadResponse;
 import dev.recgw.v1.GetUploadStatusRequest;
 import dev.recgw.v1.GetUploadStatusResponse;
 import dev.recgw.v1.ObjectChecksums;
+import dev.recgw.v1.SalvageUploadRequest;
+import dev.recgw.v1.SalvageUploadResponse;
 import dev.recgw.v1.UploadRequest;
 import dev.recgw.v1.UploadResponse;
 import dev.recgw.v1.UploadServiceGrpc;
@@ -285,6 +287,32 @@ final class FakeGateway implements AutoCloseable {
         }
       }
       out.onNext(status.build());
+      out.onCompleted();
+    }
+
+    @Override
+    public void salvageUpload(SalvageUploadRequest request, StreamObserver<SalvageUploadResponse> out) {
+      Upload upload = uploads.get(request.getUploadId());
+      if (upload == null) {
+        out.onError(error(Status.Code.NOT_FOUND, "UPLOAD_NOT_FOUND", "no such upload", Map.of()));
+        return;
+      }
+      synchronized (FakeGateway.this) {
+        if (upload.state != UploadState.UPLOAD_STATE_OPEN) {
+          out.onError(error(Status.Code.FAILED_PRECONDITION, "UPLOAD_ENDED", "upload ended", Map.of()));
+          return;
+        }
+        upload.state = UploadState.UPLOAD_STATE_SALVAGED;
+        upload.dropUncommitted();
+      }
+      byte[] kept = upload.bytes.toByteArray();
+      out.onNext(SalvageUploadResponse.newBuilder()
+          .setState(UploadState.UPLOAD_STATE_SALVAGED)
+          .setResult(UploadResponse.newBuilder().setUploadId(upload.id).setBucket("bucket")
+              .setKey("uploads/" + upload.id + ".partial").setSize(kept.length)
+              .setChecksums(ObjectChecksums.newBuilder().setCrc32C(crc(ByteString.copyFrom(kept)))
+                  .setSha256(ByteString.copyFrom(sha256(kept)))))
+          .build());
       out.onCompleted();
     }
 
