@@ -92,8 +92,10 @@ class GatewayE2ETest {
   }
 
   private UploadOptions.Builder options() {
+    // Time scaled down: a gateway restart is noticed within a second of it serving again.
     return UploadOptions.builder()
         .outageTolerance(Duration.ofSeconds(60))
+        .backoff(Duration.ofMillis(100), Duration.ofSeconds(1))
         .onRetry((attempt, cause, at) -> retries.add(cause.code() + ":" + cause.reason() + "@" + at));
   }
 
@@ -308,11 +310,12 @@ class GatewayE2ETest {
   void abortWhileDataFlowsEndsTheUpload() throws Exception {
     byte[] data = random(24 * MIB);
     AtomicReference<String> id = new AtomicReference<>();
-    AtomicReference<AbortResult> aborted = new AtomicReference<>();
-    Trigger source = new Trigger(data, 6 * MIB, () -> aborted.set(client.abort(id.get())));
+    // Completed by the reader thread, whose abort call may return after the upload has failed.
+    java.util.concurrent.CompletableFuture<AbortResult> aborted = new java.util.concurrent.CompletableFuture<>();
+    Trigger source = new Trigger(data, 6 * MIB, () -> aborted.complete(client.abort(id.get())));
     RecgwException e = assertThrows(RecgwException.class,
         () -> client.upload(source, start(tenant), options().onUploadId(id::set).build()));
-    assertEquals(UploadState.UPLOAD_STATE_ABORTED, aborted.get().state());
+    assertEquals(UploadState.UPLOAD_STATE_ABORTED, aborted.get(30, TimeUnit.SECONDS).state(), e::toString);
     assertTrue(Set.of(Status.Code.ABORTED, Status.Code.FAILED_PRECONDITION).contains(e.code()), e.toString());
     assertTrue(Set.of("UPLOAD_ABORTED", "UPLOAD_ENDED").contains(e.reason()), e.toString());
     assertEquals(id.get(), e.uploadId());
