@@ -7,7 +7,7 @@ PROTOS := $(wildcard protos/recgw/v1/*.proto)
 BUF_VERSION := 1.75.0
 TS_CLIENT := clients/ts
 
-.PHONY: install run test lint proto-lint typecheck pytest test-ts bench clean
+.PHONY: install run test lint proto-lint typecheck pytest test-ts test-java bench clean
 
 install: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml clients/python/setup.py $
 run: install
 	$(BIN)/recgw dev
 
-test: lint pytest test-ts
+test: lint pytest test-ts test-java
 
 lint: install proto-lint
 	$(BIN)/ruff check .
@@ -44,6 +44,14 @@ test-ts: install
 	npm --prefix $(TS_CLIENT) run build
 	npm --prefix $(TS_CLIENT) test
 	$(BIN)/python -m tests.e2e_stack -- npm --prefix $(TS_CLIENT) run test:e2e
+
+# Java client: build + unit tests, then the end-to-end tests against a live stack. Maven logs
+# warnings only, except Surefire's result lines.
+MVN_JAVA := mvn -B -ntp -Dstyle.color=never -f clients/java/pom.xml -Dorg.slf4j.simpleLogger.defaultLogLevel=warn \
+	-Dorg.slf4j.simpleLogger.log.org.apache.maven.plugin.surefire=info
+test-java: install
+	$(MVN_JAVA) verify
+	$(BIN)/python -m tests.e2e_stack -- $(MVN_JAVA) surefire:test -Dgroups=e2e
 
 bench: install
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
