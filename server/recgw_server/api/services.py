@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
+import grpc
 from google.protobuf import timestamp_pb2
 from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
 
@@ -243,6 +244,15 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
             storage_aborted=report.storage_aborted,
             detail=report.detail,
         )
+
+    async def SalvageUpload(
+        self, request: upload_pb2.SalvageUploadRequest, context: Context
+    ) -> upload_pb2.SalvageUploadResponse:
+        """The protocol declares it ahead of the server: UNIMPLEMENTED until salvage lands."""
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "SalvageUpload is not implemented by this gateway yet"
+        )
+        raise AssertionError("context.abort returned")  # pragma: no cover
 
 
 def _target_from_proto(target: credentials_pb2.StorageTarget) -> StorageTarget:
