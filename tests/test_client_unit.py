@@ -480,6 +480,12 @@ class FakeGateway(
             detail="AbortMultipartUpload was denied; the bucket's lifecycle rule removes the parts",
         )
 
+    async def SalvageUpload(
+        self, request: upload_pb2.SalvageUploadRequest, context: Any
+    ) -> upload_pb2.SalvageUploadResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not faked")
+        raise AssertionError("context.abort returned")
+
     def _view(self, tenant_id: str, target: credentials_pb2.StorageTarget) -> Any:
         view = credentials_pb2.CredentialsView(
             tenant_id=tenant_id, version=3, access_key_id_hint="****MPLE", target=target
