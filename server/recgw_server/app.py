@@ -14,8 +14,9 @@ from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_p
 
 from recgw_server.api.services import CredentialsService, UploadService
 from recgw_server.auth.tokens import AuthInterceptor, TokenVerifier
-from recgw_server.config import Settings, VaultAuthSetting
+from recgw_server.config import RolesSetting, Settings, VaultAuthSetting
 from recgw_server.credentials.base import CredentialsAdmin, CredentialsSource
+from recgw_server.credentials.roles import RoleAssumer, RoleSettings
 from recgw_server.credentials.vault import (
     CachedCredentialsSource,
     VaultAuth,
@@ -31,6 +32,7 @@ from recgw_server.pipeline.uploads import PipelineSettings, UploadManager
 from recgw_server.sessions.base import SessionStore
 from recgw_server.sessions.sqlite import SqliteSessionStore
 from recgw_server.storage.base import ObjectStore
+from recgw_server.storage.doctor import ActivityTrackingSource, SetupDoctor
 from recgw_server.storage.s3 import S3ObjectStore, S3Settings
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,20 @@ class Adapters:
     source: CredentialsSource
     store: ObjectStore
     sessions: SessionStore
+    roles: RoleAssumer | None = None
+
+
+def role_settings(roles: RolesSetting, settings: Settings) -> RoleSettings:
+    return RoleSettings(
+        session_duration_seconds=roles.session_duration_seconds,
+        refresh_ahead_seconds=roles.refresh_ahead_seconds,
+        sts_endpoint_url=roles.sts_endpoint_url,
+        sts_region=roles.sts_region,
+        connect_timeout=settings.s3.connect_timeout_seconds,
+        read_timeout=settings.s3.read_timeout_seconds,
+        max_attempts=settings.s3.max_attempts,
+        gateway_principal_arn=roles.gateway_principal_arn,
+    )
 
 
 def build_adapters(settings: Settings) -> Adapters:
@@ -66,6 +82,7 @@ def build_adapters(settings: Settings) -> Adapters:
     source = CachedCredentialsSource(
         VaultCredentialsSource(reader, vault.kv_mount, vault.base_path), vault.cache_ttl_seconds
     )
+    roles = RoleAssumer(role_settings(settings.roles, settings))
     store = S3ObjectStore(
         S3Settings(
             max_attempts=settings.s3.max_attempts,
@@ -73,11 +90,16 @@ def build_adapters(settings: Settings) -> Adapters:
             read_timeout=settings.s3.read_timeout_seconds,
             io_threads=settings.s3.io_threads,
             full_object_checksum=settings.s3.full_object_checksum,
-        )
+        ),
+        roles,
     )
     sessions = SqliteSessionStore(settings.data_dir / "sessions.sqlite3")
     return Adapters(
-        VaultCredentialsAdmin(writer, vault.kv_mount, vault.base_path), source, store, sessions
+        VaultCredentialsAdmin(writer, vault.kv_mount, vault.base_path),
+        source,
+        store,
+        sessions,
+        roles,
     )
 
 
@@ -92,8 +114,16 @@ class Gateway:
         self.metrics.memory_budget_bytes.set(self.budget.capacity)
         self.metrics.memory_in_use_bytes.set_function(lambda: self.budget.in_use)
         self.metrics.memory_waiters.set_function(lambda: self.budget.waiting)
-        self.manager = UploadManager(
+        self.doctor = SetupDoctor(
             self.adapters.source,
+            self.adapters.store,
+            self.metrics,
+            roles=self.adapters.roles,
+            full_object_checksum=settings.s3.full_object_checksum,
+        )
+        self.manager = UploadManager(
+            # the doctor re-checks the tenants the upload path used recently
+            ActivityTrackingSource(self.adapters.source, self.doctor),
             self.adapters.store,
             self.adapters.sessions,
             self.budget,
@@ -106,6 +136,7 @@ class Gateway:
             ),
         )
         self._expiry: asyncio.Task[None] | None = None
+        self._rechecks: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -142,9 +173,10 @@ class Gateway:
             CredentialsService(
                 self.adapters.admin,
                 self.adapters.source,
-                self.manager,
+                self.doctor,
                 self.metrics,
                 forget_clients=store.forget,
+                trusted_principal=self.settings.roles.gateway_principal_arn,
             ),
             server,
         )
@@ -173,6 +205,11 @@ class Gateway:
                 int(port), addr=host or "127.0.0.1", registry=self.metrics.registry
             )
         self._expiry = asyncio.ensure_future(self._expire_periodically())
+        doctor = self.settings.doctor
+        if doctor.interval_seconds > 0:
+            self._rechecks = asyncio.ensure_future(
+                self.doctor.run_periodically(doctor.interval_seconds, doctor.active_window_seconds)
+            )
         log.info("recgw listening on %s (port %d)", self.settings.listen, self.port)
         return self.port
 
@@ -187,9 +224,10 @@ class Gateway:
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking new streams, let running ones finish within the grace period."""
         await self.health.enter_graceful_shutdown()
-        if self._expiry is not None:
-            self._expiry.cancel()
-            await asyncio.gather(self._expiry, return_exceptions=True)
+        for task in (self._expiry, self._rechecks):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._server is not None:
             grace = self.settings.shutdown_grace_seconds if grace is None else grace
             await self._server.stop(grace)

@@ -111,18 +111,6 @@ class AbortReport:
     detail: str
 
 
-@dataclass(frozen=True)
-class VerifyReport:
-    ok: bool
-    key: str
-    error_code: str = ""
-    error_message: str = ""
-
-
-VERIFY_OBJECT_NAME = ".recgw-write-check"
-VERIFY_BODY = b"recgw write check: this object is overwritten by every VerifyCredentials call\n"
-
-
 def _validate_start(request: StartRequest) -> str:
     """Check a start request; return the upload id to use."""
     validate_tenant_id(request.tenant_id)
@@ -951,31 +939,6 @@ class UploadManager:
             self.metrics.uploads_expired.inc()
             expired.append(upload_id)
         return expired
-
-    async def verify_write(self, tenant_id: str) -> VerifyReport:
-        """Prove the stored credentials can write, with one PutObject at a fixed key.
-
-        The key is the same every time and the write is unconditional, so nothing accumulates;
-        PutObject is all the seed's least-privilege policy needs to allow.
-        """
-        validate_tenant_id(tenant_id)
-        credentials = await self.credentials.get(tenant_id)
-        if credentials is None:
-            raise RecgwError(
-                ErrorKind.NOT_FOUND,
-                f"tenant '{tenant_id}' has no S3 credentials to verify",
-                reason=Reason.CREDENTIALS_NOT_FOUND,
-            )
-        key = credentials.target.prefix + VERIFY_OBJECT_NAME
-        spec = ObjectSpec(key, "text/plain", {}, if_none_match=False)
-        try:
-            writer = await self.store.writer_for(credentials)
-            await writer.put_object(spec, VERIFY_BODY, crc32c(VERIFY_BODY))
-        except RecgwError as error:
-            if error.kind is ErrorKind.INTERNAL:
-                raise
-            return VerifyReport(False, key, error.store_code or error.kind.value, error.message)
-        return VerifyReport(True, key)
 
     def abandon(self, upload: Upload, error: RecgwError) -> None:
         """Handle a stream that is gone, in the background (its handler is being cancelled)."""

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import functools
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +17,15 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from recgw_server.credentials.roles import RoleAssumer
 from recgw_server.domain import EncryptionMode, ErrorKind, Reason, RecgwError, TenantCredentials
 from recgw_server.storage.base import AbortOutcome, ObjectSpec, WrittenObject, WrittenPart
+from recgw_server.storage.endpoints import (
+    REGION_HEADER,
+    access_point_region,
+    discover_region,
+    expect_bucket_owner,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,6 +51,24 @@ _UNAVAILABLE = {
 }
 _CONFLICT = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
 _CORRUPT = {"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch", "InvalidChecksum"}
+_WRONG_REGION = {"PermanentRedirect", "AuthorizationHeaderMalformed", "301"}
+# AWS's wording when a policy lacks a permission, for S3's own and for KMS's denials.
+_NOT_AUTHORIZED = re.compile(
+    r"not authorized to perform: (?P<action>[a-z0-9-]{2,20}:[A-Za-z0-9*]{1,64}) on resource: "
+    r"\"?(?P<resource>arn:[A-Za-z0-9:/_.*+=,@-]{1,400})"
+)
+
+
+def missing_permission(exc: botocore.exceptions.ClientError) -> str:
+    """`action on resource` when S3's message names the permission it lacked, else ""."""
+    match = _NOT_AUTHORIZED.search(str(exc.response.get("Error", {}).get("Message", "")))
+    return f"{match['action']} on {match['resource']}" if match else ""
+
+
+def _bucket_region(exc: botocore.exceptions.ClientError) -> str:
+    headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    region = str(headers.get(REGION_HEADER) or exc.response.get("Error", {}).get("Region") or "")
+    return region if re.fullmatch(r"[a-z0-9-]{1,32}", region) else ""
 
 
 def crc32c_header(value: int) -> str:
@@ -70,11 +96,28 @@ def _translate(exc: Exception, operation: str, bucket: str, key: str) -> RecgwEr
         )
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         if code in ("AccessDenied", "AllAccessDisabled", "AccountProblem"):
+            missing = missing_permission(exc)
             return RecgwError(
                 ErrorKind.PERMISSION_DENIED,
-                f"S3 denied {operation} on {where} ({code}); the tenant's IAM policy must allow "
-                "s3:PutObject on this key: check the prefix and the bucket policy",
+                f"S3 denied {operation} on {where} ({code}); "
+                + (
+                    f"missing permission: {missing}"
+                    if missing
+                    else "the tenant's IAM policy must allow s3:PutObject on this key: check "
+                    "the prefix and the bucket policy"
+                )
+                + " (VerifyCredentials checks every permission uploads need)",
                 reason=Reason.ACCESS_DENIED,
+                details={"missing_permission": missing} if missing else None,
+            )
+        bucket_region = _bucket_region(exc)
+        if code in _WRONG_REGION and bucket_region:
+            return RecgwError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"bucket '{bucket}' is in region {bucket_region}, not in the tenant's region "
+                f"({code}); set region {bucket_region} with SetCredentials, or leave it empty",
+                reason=Reason.STORAGE_REJECTED,
+                details={"bucket_region": bucket_region},
             )
         if code in _REJECTED_CREDENTIALS:
             return RecgwError(
@@ -176,6 +219,11 @@ class S3Writer:
     @property
     def bucket(self) -> str:
         return self._target.bucket
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client (for the setup doctor's HeadBucket)."""
+        return self._client
 
     async def _run(self, operation: str, key: str, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -293,17 +341,21 @@ class S3Writer:
 class S3ObjectStore:
     """ObjectStore over boto3; caches one client per tenant credentials version."""
 
-    def __init__(self, settings: S3Settings | None = None) -> None:
+    def __init__(
+        self, settings: S3Settings | None = None, roles: RoleAssumer | None = None
+    ) -> None:
         self._settings = settings or S3Settings()
+        self._roles = roles
         self._executor = ThreadPoolExecutor(
             max_workers=self._settings.io_threads, thread_name_prefix="recgw-s3"
         )
         self._clients: OrderedDict[tuple[str, int, str], Any] = OrderedDict()
 
     async def writer_for(self, credentials: TenantCredentials) -> S3Writer:
-        # The access key id is part of the cache key so that a store which does not bump versions
-        # (or a cache race) can never reuse a client built from other credentials.
-        cache_key = (credentials.tenant_id, credentials.version, credentials.access_key_id)
+        # The identity (access key id or role ARN) is part of the cache key so that a store which
+        # does not bump versions (or a cache race) can never reuse a client built from other
+        # credentials.
+        cache_key = (credentials.tenant_id, credentials.version, credentials.identity)
         client = self._clients.get(cache_key)
         if client is None:
             loop = asyncio.get_running_loop()
@@ -322,32 +374,54 @@ class S3ObjectStore:
         for cache_key in [k for k in self._clients if k[0] == tenant_id]:
             del self._clients[cache_key]
 
+    def _session(self, credentials: TenantCredentials) -> Any:
+        if not credentials.role_arn:
+            return boto3.session.Session(
+                aws_access_key_id=credentials.access_key_id,
+                aws_secret_access_key=credentials.secret_access_key.reveal(),
+            )
+        if self._roles is None:
+            raise RecgwError(
+                ErrorKind.INTERNAL,
+                "the tenant's credentials are a role, but this gateway assumes no roles",
+            )
+        return self._roles.session_for(credentials)
+
     def _make_client(self, credentials: TenantCredentials) -> Any:
         target = credentials.target
+        session = self._session(credentials)
+        addressing: Any = {  # the stubs lack use_arn_region
+            "addressing_style": "path" if target.force_path_style else "auto",
+            "payload_signing_enabled": False,
+            # An access point ARN in another region than the client's is reached there.
+            "use_arn_region": True,
+        }
         config = botocore.config.Config(
-            region_name=target.region,
             retries={"mode": "standard", "max_attempts": self._settings.max_attempts},
             connect_timeout=self._settings.connect_timeout,
             read_timeout=self._settings.read_timeout,
             max_pool_connections=self._settings.io_threads,
             # Over HTTPS the payload is not hashed a second time for SigV4: TLS and the CRC32C
             # that S3 verifies protect it. botocore still signs payloads over plain HTTP.
-            s3={
-                "addressing_style": "path" if target.force_path_style else "auto",
-                "payload_signing_enabled": False,
-            },
+            s3=addressing,
             # We send our own CRC32C with every write; no second checksum is needed.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        session = boto3.session.Session()
-        return session.client(
+        region = (
+            target.region
+            or access_point_region(target.bucket)
+            or discover_region(session, target, config)
+        )
+        client = session.client(
             "s3",
-            aws_access_key_id=credentials.access_key_id,
-            aws_secret_access_key=credentials.secret_access_key.reveal(),
+            region_name=region,
             endpoint_url=target.endpoint_url or None,
             config=config,
         )
+        if target.expected_bucket_owner:
+            expect_bucket_owner(client, target.expected_bucket_owner)
+        return client
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
