@@ -175,11 +175,8 @@ class _Run:
             put = f"s3:PutObject on {objects_resource(target.bucket, target.prefix)}"
             if not missing:
                 if self.kms and after_put:
-                    action = (
-                        "kms:Decrypt"
-                        if operation == "CompleteMultipartUpload"
-                        else ("kms:GenerateDataKey")
-                    )
+                    completing = operation == "CompleteMultipartUpload"
+                    action = "kms:Decrypt" if completing else "kms:GenerateDataKey"
                     missing = f"{action} on {_kms_key(self.credentials)}"
                 elif self.kms:
                     missing = f"{put} (and kms:GenerateDataKey on {_kms_key(self.credentials)})"
