@@ -356,3 +356,52 @@ class ServedGateway:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def set_role_credentials(
+    gateway: HasCredentialsStub,
+    tenant_id: str,
+    bucket: str,
+    role_arn: str,
+    *,
+    endpoint_url: str,
+    region: str = "us-east-1",
+    prefix: str = "uploads/",
+    rotate_external_id: bool = False,
+    **target: Any,
+) -> credentials_pb2.SetCredentialsResponse:
+    """SetCredentials with a role instead of an access key pair."""
+    request = credentials_pb2.SetCredentialsRequest(
+        tenant_id=tenant_id,
+        role=credentials_pb2.IamRole(role_arn=role_arn),
+        rotate_external_id=rotate_external_id,
+        target=credentials_pb2.StorageTarget(
+            region=region,
+            bucket=bucket,
+            prefix=prefix,
+            endpoint_url=endpoint_url,
+            force_path_style=True,
+            **target,
+        ),
+    )
+    response: credentials_pb2.SetCredentialsResponse = gateway.credentials.SetCredentials(
+        request, metadata=ADMIN
+    )
+    return response
+
+
+def verify_credentials(
+    gateway: HasCredentialsStub, tenant_id: str
+) -> credentials_pb2.VerifyCredentialsResponse:
+    response: credentials_pb2.VerifyCredentialsResponse = gateway.credentials.VerifyCredentials(
+        credentials_pb2.VerifyCredentialsRequest(tenant_id=tenant_id), metadata=ADMIN
+    )
+    return response
+
+
+def check_results(report: credentials_pb2.VerifyCredentialsResponse) -> dict[str, str]:
+    """Each check's name and result, e.g. {"upload_part": "PASSED"}."""
+    return {
+        check.name: credentials_pb2.CredentialsCheckResult.Name(check.result).rsplit("_", 1)[-1]
+        for check in report.checks
+    }

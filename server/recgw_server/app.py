@@ -15,9 +15,10 @@ from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_p
 
 from recgw_server.api.services import CredentialsService, UploadService
 from recgw_server.auth.tokens import AuthInterceptor, TokenVerifier
-from recgw_server.config import Settings, VaultAuthSetting
+from recgw_server.config import RolesSetting, Settings, VaultAuthSetting
 from recgw_server.credentials.base import CredentialsAdmin, CredentialsSource
 from recgw_server.credentials.changes import CredentialsChanges, LocalCredentialsChanges
+from recgw_server.credentials.roles import RoleAssumer, RoleSettings
 from recgw_server.credentials.vault import (
     CachedCredentialsSource,
     VaultAuth,
@@ -41,6 +42,7 @@ from recgw_server.pipeline.parts import MiB
 from recgw_server.sessions.base import SessionStore
 from recgw_server.sessions.sqlite import SqliteSessionStore
 from recgw_server.storage.base import ObjectStore
+from recgw_server.storage.doctor import ActivityTrackingSource, SetupDoctor
 from recgw_server.storage.s3 import S3ObjectStore, S3Settings
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,20 @@ class Adapters:
     store: ObjectStore
     sessions: SessionStore
     changes: CredentialsChanges = field(default_factory=LocalCredentialsChanges)
+    roles: RoleAssumer | None = None
+
+
+def role_settings(roles: RolesSetting, settings: Settings) -> RoleSettings:
+    return RoleSettings(
+        session_duration_seconds=roles.session_duration_seconds,
+        refresh_ahead_seconds=roles.refresh_ahead_seconds,
+        sts_endpoint_url=roles.sts_endpoint_url,
+        sts_region=roles.sts_region,
+        connect_timeout=settings.s3.connect_timeout_seconds,
+        read_timeout=settings.s3.read_timeout_seconds,
+        max_attempts=settings.s3.max_attempts,
+        gateway_principal_arn=roles.gateway_principal_arn,
+    )
 
 
 def replica_id(settings: Settings) -> str:
@@ -82,6 +98,7 @@ def build_adapters(settings: Settings, replica: str = "") -> Adapters:
     source = CachedCredentialsSource(
         VaultCredentialsSource(reader, vault.kv_mount, vault.base_path), vault.cache_ttl_seconds
     )
+    roles = RoleAssumer(role_settings(settings.roles, settings))
     store = S3ObjectStore(
         S3Settings(
             max_attempts=settings.s3.max_attempts,
@@ -90,13 +107,14 @@ def build_adapters(settings: Settings, replica: str = "") -> Adapters:
             io_threads=settings.s3.io_threads,
             full_object_checksum=settings.s3.full_object_checksum,
             expect_continue=settings.s3.expect_continue,
-        )
+        ),
+        roles,
     )
     admin = VaultCredentialsAdmin(writer, vault.kv_mount, vault.base_path)
     url = settings.sessions.postgres_url
     if not url:
         sessions = SqliteSessionStore(settings.data_dir / "sessions.sqlite3")
-        return Adapters(admin, source, store, sessions, LocalCredentialsChanges())
+        return Adapters(admin, source, store, sessions, LocalCredentialsChanges(), roles)
     # Imported here: a gateway on SQLite does not pay for loading psycopg at start-up.
     from recgw_server.credentials.postgres_changes import PostgresCredentialsChanges
     from recgw_server.sessions.postgres import PostgresSessionStore
@@ -111,7 +129,7 @@ def build_adapters(settings: Settings, replica: str = "") -> Adapters:
     changes = PostgresCredentialsChanges(
         url, shared.pool, application_name=f"recgw-credentials {replica}"[:63]
     )
-    return Adapters(admin, source, store, shared, changes)
+    return Adapters(admin, source, store, shared, changes, roles)
 
 
 def _webhook_settings(settings: Settings) -> WebhookSettings:
@@ -149,8 +167,16 @@ class Gateway:
         self.metrics.memory_budget_bytes.set(self.budget.capacity)
         self.metrics.memory_in_use_bytes.set_function(lambda: self.budget.in_use)
         self.metrics.memory_waiters.set_function(lambda: self.budget.waiting)
-        self.manager = UploadManager(
+        self.doctor = SetupDoctor(
             self.adapters.source,
+            self.adapters.store,
+            self.metrics,
+            roles=self.adapters.roles,
+            full_object_checksum=settings.s3.full_object_checksum,
+        )
+        self.manager = UploadManager(
+            # the doctor re-checks the tenants the upload path used recently
+            ActivityTrackingSource(self.adapters.source, self.doctor),
             self.adapters.store,
             self.adapters.sessions,
             self.budget,
@@ -177,6 +203,7 @@ class Gateway:
         self._dispatcher: asyncio.Task[None] | None = None
         self._expiry: asyncio.Task[None] | None = None
         self.heartbeats: asyncio.Task[None] | None = None
+        self._rechecks: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -233,10 +260,12 @@ class Gateway:
             CredentialsService(
                 self.adapters.admin,
                 self.adapters.source,
-                self.manager,
+                self.doctor,
                 self.metrics,
                 forget_clients=store.forget,
                 publish=self.adapters.changes.publish,
+                trusted_principal=self.settings.roles.gateway_principal_arn,
+                on_changed=self.manager.credentials_changed,
             ),
             server,
         )
@@ -267,6 +296,11 @@ class Gateway:
         self._expiry = asyncio.ensure_future(self._expire_periodically())
         self._spiller = asyncio.ensure_future(self.manager.run_spiller())
         self._dispatcher = asyncio.ensure_future(self.webhooks.run())
+        doctor = self.settings.doctor
+        if doctor.interval_seconds > 0:
+            self._rechecks = asyncio.ensure_future(
+                self.doctor.run_periodically(doctor.interval_seconds, doctor.active_window_seconds)
+            )
         log.info("recgw listening on %s (port %d)", self.settings.listen, self.port)
         return self.port
 
@@ -307,7 +341,7 @@ class Gateway:
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking new streams, let running ones finish within the grace period."""
         await self.health.enter_graceful_shutdown()
-        for task in (self._expiry, self._spiller, self._dispatcher):
+        for task in (self._expiry, self._spiller, self._dispatcher, self._rechecks):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

@@ -131,6 +131,32 @@ Where each document goes (each put-* call REPLACES what is there: merge with exi
                             --lifecycle-configuration file://lifecycle_configuration.json
 Split the output with jq, e.g. jq .identity_policy recgw-policy.json > identity_policy.json
 """
+_ROLE_NOTE = """\
+Role set-up (no secret is exchanged):
+  1. recgw creds set --tenant T --role-arn arn:aws:iam::ACCOUNT-ID:role/{role_name} ... and
+     recgw creds describe --tenant T show the tenant's external_id and the trusted_principal.
+  2. Create the role in one step:
+       jq .cloudformation_template recgw-policy.json > recgw-role.json
+       aws cloudformation deploy --template-file recgw-role.json --stack-name recgw-writer \\
+         --capabilities CAPABILITY_NAMED_IAM
+     or paste trust_policy and permission_policy into a new role in the IAM console.
+  3. recgw creds verify --tenant T checks everything uploads need.
+"""
+_ACCESS_POINT_NOTE = """\
+Access point: an identity policy on the bucket's ARN alone does NOT grant writes through an
+access point. Writes through {access_point} need all three:
+  identity_policy / permission_policy  s3:PutObject on the access point's object ARN (above)
+  access_point_policy                  aws s3control put-access-point-policy \\
+                                         --account-id {account} --name {name} \\
+                                         --policy file://access_point_policy.json
+  bucket_policy_statement              add it to the bucket policy of {bucket}; it delegates
+                                       writes under the prefix to this access point
+"""
+_ROLE_PLACEHOLDER_NOTE = (
+    "trust_policy: replace {principal} and {external_id} with the trusted_principal and "
+    "external_id that `recgw creds describe` shows, or re-run with --gateway-principal and "
+    "--external-id.\n"
+)
 _PLACEHOLDER_NOTE = (
     "bucket_policy: replace {placeholder} with the user's ARN "
     "(aws iam get-user --user-name USER --query User.Arn), or re-run with --principal ARN.\n"
@@ -160,26 +186,123 @@ def policy(
     abort_after_days: Annotated[
         int, typer.Option(help="Lifecycle: abort incomplete multipart uploads after N days.")
     ] = 7,
+    role: Annotated[
+        bool,
+        typer.Option(
+            "--role",
+            help="Documents for an IAM role the gateway assumes: trust policy, permission "
+            "policy, CloudFormation template.",
+        ),
+    ] = False,
+    gateway_principal: Annotated[
+        str | None,
+        typer.Option(help="With --role: the gateway's principal ARN (trusted_principal)."),
+    ] = None,
+    external_id: Annotated[
+        str | None,
+        typer.Option(help="With --role: the tenant's external_id (recgw creds describe)."),
+    ] = None,
+    kms_key_arn: Annotated[
+        str | None,
+        typer.Option(help="SSE-KMS key ARN: adds kms:GenerateDataKey and kms:Decrypt."),
+    ] = None,
+    role_name: Annotated[str, typer.Option(help="With --role: the role's name.")] = (
+        "recgw-writer"
+    ),
+    access_point: Annotated[
+        str | None,
+        typer.Option(
+            help="Access point ARN the gateway writes through: adds its access point policy "
+            "and the bucket policy statement that delegates to it."
+        ),
+    ] = None,
 ) -> None:
-    """Print the IAM policy, bucket policy and lifecycle rule for a least-privilege set-up."""
+    """Print the IAM policy, bucket policy and lifecycle rule for a least-privilege set-up.
+
+    With --role: the role's trust and permission policies and a CloudFormation template;
+    with --access-point: the access point policy and the delegating bucket policy statement.
+    """
     from recgw_server import policy as documents
+    from recgw_server.storage.access_points import parse_access_point
 
     try:
-        output = {
-            "identity_policy": documents.identity_policy(
-                bucket, prefix, allow_abort, allow_confirm
-            ),
-            "bucket_policy": documents.bucket_policy(
-                bucket, prefix, principal, allow_abort=allow_abort
-            ),
-            "lifecycle_configuration": documents.lifecycle_rule(prefix, abort_after_days),
-        }
+        target = access_point or bucket
+        documents.validate_bucket(bucket)
+        if access_point and parse_access_point(access_point) is None:
+            raise ValueError(
+                f"invalid access point ARN {access_point!r}: expected "
+                "arn:aws:s3:REGION:ACCOUNT-ID:accesspoint/NAME"
+            )
+        output: dict[str, object]
+        if role:
+            output = {
+                "trust_policy": documents.trust_policy(gateway_principal, external_id),
+                "permission_policy": documents.permission_policy(
+                    target,
+                    prefix,
+                    kms_key_arn,
+                    allow_abort=allow_abort,
+                    allow_confirm=allow_confirm,
+                ),
+                "cloudformation_template": documents.role_cloudformation(
+                    target,
+                    prefix,
+                    gateway_principal,
+                    external_id,
+                    role_name=role_name,
+                    kms_key_arn=kms_key_arn,
+                    allow_abort=allow_abort,
+                ),
+            }
+        else:
+            identity = documents.permission_policy(
+                target, prefix, kms_key_arn, allow_abort=allow_abort, allow_confirm=allow_confirm
+            )
+            output = {
+                "identity_policy": identity,
+                "bucket_policy": documents.bucket_policy(
+                    bucket, prefix, principal, allow_abort=allow_abort
+                ),
+            }
+        if access_point:
+            point = parse_access_point(access_point)
+            assert point is not None
+            writer = f"arn:aws:iam::{point.account}:role/{role_name}" if role else principal
+            output["access_point_policy"] = documents.access_point_policy(
+                access_point, prefix, writer
+            )
+            output["bucket_policy_statement"] = documents.access_point_delegation_statement(
+                bucket, access_point, prefix
+            )
+        output["lifecycle_configuration"] = documents.lifecycle_rule(prefix, abort_after_days)
     except ValueError as error:
         typer.echo(f"recgw policy: {error}", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(output, indent=2))
-    typer.echo(_POLICY_NOTE.format(bucket=bucket), err=True, nl=False)
-    if principal is None:
+    if role:
+        typer.echo(_ROLE_NOTE.format(role_name=role_name), err=True, nl=False)
+    else:
+        typer.echo(_POLICY_NOTE.format(bucket=bucket), err=True, nl=False)
+    if access_point:
+        point = parse_access_point(access_point)
+        assert point is not None
+        typer.echo(
+            _ACCESS_POINT_NOTE.format(
+                access_point=access_point, account=point.account, name=point.name, bucket=bucket
+            ),
+            err=True,
+            nl=False,
+        )
+    if role and not (gateway_principal and external_id):
+        typer.echo(
+            _ROLE_PLACEHOLDER_NOTE.format(
+                principal=documents.GATEWAY_PRINCIPAL_PLACEHOLDER,
+                external_id=documents.EXTERNAL_ID_PLACEHOLDER,
+            ),
+            err=True,
+            nl=False,
+        )
+    elif not role and principal is None:
         typer.echo(
             _PLACEHOLDER_NOTE.format(placeholder=documents.PRINCIPAL_PLACEHOLDER),
             err=True,

@@ -182,6 +182,41 @@ class SessionsSetting(BaseModel):
         return self.url.get_secret_value()
 
 
+class RolesSetting(BaseModel):
+    """Tenant IAM roles: the gateway assumes them with its own AWS identity.
+
+    That identity comes from the standard AWS credential chain (AWS_* environment variables,
+    shared config files, a container/pod role or the instance role).
+    """
+
+    # Session length asked of STS (900 s to the role's MaxSessionDuration, by default 1 h).
+    session_duration_seconds: int = Field(3600, ge=900, le=43200)
+    # Refresh temporary credentials once less than this is left of a session (in the last
+    # half of that window every request waits for the refresh).
+    refresh_ahead_seconds: float = Field(600.0, gt=0)
+    # STS endpoint; empty: AWS's regional endpoint of sts_region.
+    sts_endpoint_url: str = ""
+    sts_region: str = "us-east-1"
+    # The gateway's principal ARN, shown to customers (DescribeCredentials) for their trust
+    # policy, e.g. arn:aws:iam::111122223333:role/recgw-gateway.
+    gateway_principal_arn: str = ""
+
+    @model_validator(mode="after")
+    def _refresh_within_session(self) -> RolesSetting:
+        if self.refresh_ahead_seconds >= self.session_duration_seconds:
+            raise ValueError("refresh_ahead_seconds must be less than session_duration_seconds")
+        return self
+
+
+class DoctorSetting(BaseModel):
+    """The periodic re-check of recently active tenants' credentials."""
+
+    # Seconds between rounds; 0 turns the periodic check off (VerifyCredentials still works).
+    interval_seconds: float = Field(3600.0, ge=0)
+    # Tenants whose uploads used their credentials within this many seconds are checked.
+    active_window_seconds: float = Field(24 * 3600.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Everything `recgw serve` needs."""
 
@@ -204,6 +239,8 @@ class Settings(BaseSettings):
     server: ServerSetting = Field(default_factory=lambda: ServerSetting())
     events: EventsSetting = Field(default_factory=lambda: EventsSetting())
     sessions: SessionsSetting = Field(default_factory=lambda: SessionsSetting())
+    roles: RolesSetting = Field(default_factory=lambda: RolesSetting())
+    doctor: DoctorSetting = Field(default_factory=lambda: DoctorSetting())
 
     @classmethod
     def settings_customise_sources(

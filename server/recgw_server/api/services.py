@@ -31,6 +31,7 @@ from recgw_server.metrics import GatewayMetrics
 from recgw_server.pipeline.manager import UploadManager
 from recgw_server.pipeline.model import DONE_STATES, StartRequest, UploadState, UploadStatus
 from recgw_server.pipeline.uploads import Upload as ActiveUpload
+from recgw_server.storage.doctor import CheckResult, DoctorReport, SetupDoctor
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,10 @@ _ABANDONED_TO_PROTO = {
     "abort": credentials_pb2.ABANDONED_UPLOAD_POLICY_ABORT,
     "salvage": credentials_pb2.ABANDONED_UPLOAD_POLICY_SALVAGE,
 }
-_ABANDONED_FROM_PROTO = {
-    credentials_pb2.ABANDONED_UPLOAD_POLICY_UNSPECIFIED: "abort",
-    credentials_pb2.ABANDONED_UPLOAD_POLICY_ABORT: "abort",
-    credentials_pb2.ABANDONED_UPLOAD_POLICY_SALVAGE: "salvage",
-}
-_ABANDONED_TO_PROTO = {
-    "abort": credentials_pb2.ABANDONED_UPLOAD_POLICY_ABORT,
-    "salvage": credentials_pb2.ABANDONED_UPLOAD_POLICY_SALVAGE,
+_CHECK_RESULTS = {
+    CheckResult.PASSED: credentials_pb2.CREDENTIALS_CHECK_RESULT_PASSED,
+    CheckResult.FAILED: credentials_pb2.CREDENTIALS_CHECK_RESULT_FAILED,
+    CheckResult.SKIPPED: credentials_pb2.CREDENTIALS_CHECK_RESULT_SKIPPED,
 }
 
 
@@ -304,6 +301,7 @@ def _target_from_proto(target: credentials_pb2.StorageTarget) -> StorageTarget:
         allow_overwrite=target.allow_overwrite,
         equal_part_sizes=target.equal_part_sizes,
         abandoned_uploads=_ABANDONED_FROM_PROTO.get(target.abandoned_uploads, "?"),
+        expected_bucket_owner=target.expected_bucket_owner,
     ).validated()
 
 
@@ -320,16 +318,43 @@ def _target_to_proto(target: StorageTarget) -> credentials_pb2.StorageTarget:
         allow_overwrite=target.allow_overwrite,
         equal_part_sizes=target.equal_part_sizes,
         abandoned_uploads=_ABANDONED_TO_PROTO[target.abandoned_uploads],
+        expected_bucket_owner=target.expected_bucket_owner,
     )
 
 
-def _view(info: CredentialsInfo) -> credentials_pb2.CredentialsView:
+def _view(info: CredentialsInfo, trusted_principal: str) -> credentials_pb2.CredentialsView:
     return credentials_pb2.CredentialsView(
         tenant_id=info.tenant_id,
         version=info.version,
         update_time=_timestamp(info.updated_at),
         access_key_id_hint=info.access_key_id_hint,
         target=_target_to_proto(info.target),
+        role_arn=info.role_arn,
+        external_id=info.external_id,
+        trusted_principal=trusted_principal,
+    )
+
+
+def _report_to_proto(report: DoctorReport) -> credentials_pb2.VerifyCredentialsResponse:
+    failed = report.first_failure
+    return credentials_pb2.VerifyCredentialsResponse(
+        ok=report.ok,
+        key=report.key,
+        error_code=failed.error_code if failed else "",
+        error_message=report.summary() if failed else "",
+        checks=[
+            credentials_pb2.CredentialsCheck(
+                name=check.name,
+                result=_CHECK_RESULTS[check.result],
+                operation=check.operation,
+                error_code=check.error_code,
+                missing_permission=check.missing_permission,
+                fix=check.fix,
+                detail=check.detail,
+            )
+            for check in report.checks
+        ],
+        bucket_region=report.bucket_region,
     )
 
 
@@ -358,21 +383,26 @@ class CredentialsService(credentials_pb2_grpc.CredentialsServiceServicer):
         self,
         admin: CredentialsAdmin,
         source: CredentialsSource,
-        manager: UploadManager,
+        doctor: SetupDoctor,
         metrics: GatewayMetrics,
         forget_clients: Callable[[str], None] | None = None,
         publish: Callable[[str], Awaitable[None]] | None = None,
+        trusted_principal: str = "",
+        on_changed: Callable[[str], None] | None = None,
     ) -> None:
         self._admin = admin
         self._source = source
-        self._manager = manager
+        self._doctor = doctor
         self._metrics = metrics
         self._forget_clients = forget_clients
         self._publish = publish
+        self._trusted_principal = trusted_principal
+        self._on_changed = on_changed
 
     async def _changed(self, tenant_id: str, operation: str) -> None:
         self._source.invalidate(tenant_id)
-        self._manager.credentials_changed(tenant_id)
+        if self._on_changed is not None:
+            self._on_changed(tenant_id)
         if self._forget_clients is not None:
             self._forget_clients(tenant_id)
         self._metrics.credential_writes.labels(operation).inc()
@@ -392,24 +422,45 @@ class CredentialsService(credentials_pb2_grpc.CredentialsServiceServicer):
     async def SetCredentials(
         self, request: credentials_pb2.SetCredentialsRequest, context: Context
     ) -> credentials_pb2.SetCredentialsResponse:
+        role_arn = request.role.role_arn if request.HasField("role") else ""
         try:
             tenant_id = validate_tenant_id(request.tenant_id)
-            _validate_keys(request.access_key_id, request.secret_access_key)
+            if role_arn:
+                if request.access_key_id or request.secret_access_key:
+                    raise invalid(
+                        "give either role.role_arn or access_key_id and secret_access_key, "
+                        "not both",
+                        "role.role_arn",
+                    )
+            elif request.HasField("role"):
+                raise invalid("role.role_arn is required with role", "role.role_arn")
+            else:
+                _validate_keys(request.access_key_id, request.secret_access_key)
             target = _target_from_proto(request.target)
+            # Role set-ups and external id rotations take the same path as key changes, so
+            # whatever records credential changes records them too.
             info = await self._admin.set(
-                tenant_id, request.access_key_id, Secret(request.secret_access_key), target
+                tenant_id,
+                request.access_key_id,
+                Secret(request.secret_access_key),
+                target,
+                role_arn=role_arn,
+                rotate_external_id=request.rotate_external_id,
             )
         except RecgwError as error:
             await abort_with(context, self._metrics, error)
         finally:
             await self._changed(request.tenant_id, "set")
         log.info(
-            "credentials of tenant %s set: version=%d key=%s",
+            "credentials of tenant %s set: version=%d %s%s",
             tenant_id,
             info.version,
-            mask_access_key_id(request.access_key_id),
+            f"role={role_arn}" if role_arn else f"key={mask_access_key_id(request.access_key_id)}",
+            " (new external id)" if request.rotate_external_id else "",
         )
-        return credentials_pb2.SetCredentialsResponse(credentials=_view(info))
+        return credentials_pb2.SetCredentialsResponse(
+            credentials=_view(info, self._trusted_principal)
+        )
 
     async def DescribeCredentials(
         self, request: credentials_pb2.DescribeCredentialsRequest, context: Context
@@ -424,7 +475,9 @@ class CredentialsService(credentials_pb2_grpc.CredentialsServiceServicer):
                 )
         except RecgwError as error:
             await abort_with(context, self._metrics, error)
-        return credentials_pb2.DescribeCredentialsResponse(credentials=_view(info))
+        return credentials_pb2.DescribeCredentialsResponse(
+            credentials=_view(info, self._trusted_principal)
+        )
 
     async def DeleteCredentials(
         self, request: credentials_pb2.DeleteCredentialsRequest, context: Context
@@ -441,6 +494,7 @@ class CredentialsService(credentials_pb2_grpc.CredentialsServiceServicer):
             await abort_with(context, self._metrics, error)
         finally:
             await self._changed(request.tenant_id, "delete")
+            self._doctor.forget(request.tenant_id)
         log.info("credentials of tenant %s deleted", request.tenant_id)
         return credentials_pb2.DeleteCredentialsResponse()
 
@@ -448,12 +502,7 @@ class CredentialsService(credentials_pb2_grpc.CredentialsServiceServicer):
         self, request: credentials_pb2.VerifyCredentialsRequest, context: Context
     ) -> credentials_pb2.VerifyCredentialsResponse:
         try:
-            report = await self._manager.verify_write(request.tenant_id)
+            report = await self._doctor.examine(request.tenant_id)
         except RecgwError as error:
             await abort_with(context, self._metrics, error)
-        return credentials_pb2.VerifyCredentialsResponse(
-            ok=report.ok,
-            key=report.key,
-            error_code=report.error_code,
-            error_message=report.error_message,
-        )
+        return _report_to_proto(report)

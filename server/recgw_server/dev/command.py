@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -21,9 +22,11 @@ from recgw_server.app import Gateway
 from recgw_server.auth.tokens import hash_token
 from recgw_server.config import Settings
 from recgw_server.dev.stack import (
+    MOTO_ACCOUNT,
     MotoS3,
     OpenBao,
     bootstrap_vault,
+    gateway_identity_policy,
     seed_policy,
     start_moto,
     start_openbao,
@@ -50,6 +53,7 @@ class DevStack:
     gateway: Gateway
     uploader_token: str
     admin_token: str
+    gateway_principal: str = ""
 
 
 async def start_dev_stack(options: DevOptions) -> DevStack:
@@ -67,6 +71,14 @@ async def start_dev_stack(options: DevOptions) -> DevStack:
         demo_keys = await asyncio.to_thread(
             moto.create_user, "recgw-demo-writer", seed_policy(options.bucket)
         )
+        # The gateway's own AWS identity, for tenant roles, over the standard chain (environment)
+        gateway_keys = await asyncio.to_thread(
+            moto.create_user, "recgw-dev-gateway", gateway_identity_policy()
+        )
+        gateway_principal = f"arn:aws:iam::{MOTO_ACCOUNT}:user/recgw-dev-gateway"
+        os.environ["AWS_ACCESS_KEY_ID"] = gateway_keys.access_key_id
+        os.environ["AWS_SECRET_ACCESS_KEY"] = gateway_keys.secret_access_key.reveal()
+        os.environ.pop("AWS_SESSION_TOKEN", None)
         uploader_token = "upl_" + secrets.token_urlsafe(24)
         admin_token = "adm_" + secrets.token_urlsafe(24)
         assert identities.writer.secret_id and identities.reader.secret_id
@@ -92,6 +104,10 @@ async def start_dev_stack(options: DevOptions) -> DevStack:
                     "secret_id": identities.reader.secret_id.reveal(),
                 },
             },
+            roles={
+                "sts_endpoint_url": moto.endpoint_url,
+                "gateway_principal_arn": gateway_principal,
+            },
         )
         gateway = Gateway(settings)
         await gateway.start()
@@ -116,7 +132,7 @@ async def start_dev_stack(options: DevOptions) -> DevStack:
         moto.stop()
         bao.stop()
         raise
-    return DevStack(bao, moto, gateway, uploader_token, admin_token)
+    return DevStack(bao, moto, gateway, uploader_token, admin_token, gateway_principal)
 
 
 async def stop_dev_stack(stack: DevStack) -> None:
@@ -144,6 +160,7 @@ recgw dev stack is up (Ctrl-C stops everything)
   S3 (moto)      {stack.moto.endpoint_url}   (IAM enforced; bucket '{options.bucket}')
   S3 browser     {stack.moto.endpoint_url}/moto-api/
 {metrics}  tenant         '{options.tenant}' -> s3://{options.bucket}/uploads/ (PutObject only)
+  roles          assumed as {stack.gateway_principal} (recgw policy --role)
   logs           {options.data_dir / "logs"}
 
 Upload a file (copy and paste into another terminal):

@@ -29,6 +29,7 @@ from recgw_server.credentials.vault import VaultAuth
 from recgw_server.domain import Secret
 
 SEED_POLICY_SID = "16933222-fba4-4de3-bf3e-427759b73a9d"
+MOTO_ACCOUNT = "123456789012"  # the account moto puts everything in
 
 
 def free_port() -> int:
@@ -199,6 +200,20 @@ def seed_policy(bucket: str, resource_suffix: str = "*") -> dict[str, Any]:
                 "Effect": "Allow",
                 "Action": "s3:PutObject",
                 "Resource": f"arn:aws:s3:::{bucket}/{resource_suffix}",
+            }
+        ],
+    }
+
+
+def gateway_identity_policy() -> dict[str, Any]:
+    """The gateway's own IAM policy: assume the recgw-* roles customers create, nothing else."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": "sts:AssumeRole",
+                "Resource": "arn:aws:iam::*:role/recgw-*",
             }
         ],
     }

@@ -18,31 +18,26 @@ from recgw_server.domain import (
     TenantCredentials,
     build_object_key,
     quote_client,
-    validate_tenant_id,
 )
 from recgw_server.events.model import CREDENTIALS_FAILING, Event
 from recgw_server.events.webhooks import EventRouter, WebhookSettings
 from recgw_server.metrics import GatewayMetrics
 from recgw_server.pipeline.budget import MemoryBudget
-from recgw_server.pipeline.buffers import PartBody, Spool
-from recgw_server.pipeline.digest import crc32c
+from recgw_server.pipeline.buffers import Spool
 from recgw_server.pipeline.model import (
     DONE_STATES,
-    VERIFY_BODY,
-    VERIFY_OBJECT_NAME,
     AbortReport,
     PipelineSettings,
     SalvageReport,
     StartRequest,
     UploadState,
     UploadStatus,
-    VerifyReport,
     validate_start,
 )
 from recgw_server.pipeline.parts import plan_parts
 from recgw_server.pipeline.uploads import Upload
 from recgw_server.sessions.base import Lease, SessionRecord, SessionStore
-from recgw_server.storage.base import AbortOutcome, ObjectSpec, ObjectStore, ObjectWriter
+from recgw_server.storage.base import AbortOutcome, ObjectStore, ObjectWriter
 
 log = logging.getLogger(__name__)
 
@@ -446,32 +441,6 @@ class UploadManager:
             await self.sessions.release(lease)
             return False
         return True
-
-    async def verify_write(self, tenant_id: str) -> VerifyReport:
-        """Prove the stored credentials can write, with one PutObject at a fixed key.
-
-        The key is the same every time and the write is unconditional, so nothing accumulates;
-        PutObject is all the seed's least-privilege policy needs to allow.
-        """
-        validate_tenant_id(tenant_id)
-        credentials = await self.credentials.get(tenant_id)
-        if credentials is None:
-            raise RecgwError(
-                ErrorKind.NOT_FOUND,
-                f"tenant '{tenant_id}' has no S3 credentials to verify",
-                reason=Reason.CREDENTIALS_NOT_FOUND,
-            )
-        key = credentials.target.prefix + VERIFY_OBJECT_NAME
-        spec = ObjectSpec(key, "text/plain", {}, if_none_match=False)
-        try:
-            writer = await self.store.writer_for(credentials)
-            body = PartBody([VERIFY_BODY], None, len(VERIFY_BODY))
-            await writer.put_object(spec, body, crc32c(VERIFY_BODY))
-        except RecgwError as error:
-            if error.kind is ErrorKind.INTERNAL:
-                raise
-            return VerifyReport(False, key, error.store_code or error.kind.value, error.message)
-        return VerifyReport(True, key)
 
     async def spill_slow_parts(self) -> None:
         """Move parts that have been filling for too long to disk (run every second or so)."""

@@ -104,18 +104,6 @@ class SalvageReport:
     result: UploadResult | None
 
 
-@dataclass(frozen=True)
-class VerifyReport:
-    ok: bool
-    key: str
-    error_code: str = ""
-    error_message: str = ""
-
-
-VERIFY_OBJECT_NAME = ".recgw-write-check"
-VERIFY_BODY = b"recgw write check: this object is overwritten by every VerifyCredentials call\n"
-
-
 def validate_start(request: StartRequest) -> str:
     """Check a start request; return the upload id to use."""
     validate_tenant_id(request.tenant_id)

@@ -52,6 +52,7 @@ from recgw_server.pipeline.parts import PartPlan
 from recgw_server.sessions.base import Fenced, Lease, PartRecord, SessionRecord
 from recgw_server.storage.base import (
     AbortOutcome,
+    BytesBody,
     ObjectSpec,
     ObjectWriter,
     WrittenObject,
@@ -580,7 +581,7 @@ class Upload:
         ).encode()
         spec = ObjectSpec(result.key + ".salvaged.json", "application/json", {}, False)
         try:
-            await writer.put_object(spec, PartBody([note], None, len(note)), crc32c(note))
+            await writer.put_object(spec, BytesBody(note), crc32c(note))
         except RecgwError as error:
             log.warning(
                 "upload %s: the salvage note could not be written: %s",

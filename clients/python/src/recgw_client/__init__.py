@@ -12,6 +12,7 @@ from recgw_client.admin import (
     CredentialsView,
     ServerSideEncryption,
     StorageTarget,
+    VerifyCheck,
     VerifyResult,
 )
 from recgw_client.checksums import Checksummer, ObjectChecksums, crc32c
@@ -57,6 +58,7 @@ __all__ = [
     "UploadResult",
     "UploadState",
     "UploadStatus",
+    "VerifyCheck",
     "VerifyResult",
     "abort_upload",
     "crc32c",
