@@ -466,6 +466,12 @@ class FakeGateway(
         response.create_time.FromSeconds(1_800_000_000)
         return response
 
+    async def SalvageUpload(
+        self, request: upload_pb2.SalvageUploadRequest, context: Any
+    ) -> upload_pb2.SalvageUploadResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake gateway does not salvage")
+        raise AssertionError("context.abort returned")
+
     async def AbortUpload(
         self, request: upload_pb2.AbortUploadRequest, context: Any
     ) -> upload_pb2.AbortUploadResponse:

@@ -24,6 +24,7 @@ class ErrorKind(enum.Enum):
     """What went wrong, independent of any transport; the gRPC layer maps it to a code."""
 
     INVALID_ARGUMENT = "invalid_argument"
+    UNAUTHENTICATED = "unauthenticated"
     OUT_OF_RANGE = "out_of_range"
     NOT_FOUND = "not_found"
     ALREADY_EXISTS = "already_exists"
@@ -86,6 +87,7 @@ class Reason(enum.Enum):
 # The reason of an error raised without one; every other kind names its reason explicitly.
 _DEFAULT_REASONS = {
     ErrorKind.INVALID_ARGUMENT: Reason.INVALID_FIELD,
+    ErrorKind.UNAUTHENTICATED: Reason.TOKEN_INVALID,
     ErrorKind.UNAVAILABLE: Reason.STORAGE_UNAVAILABLE,
     ErrorKind.CANCELLED: Reason.CANCELLED,
     ErrorKind.INTERNAL: Reason.INTERNAL_ERROR,

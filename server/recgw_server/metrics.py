@@ -60,3 +60,9 @@ class GatewayMetrics:
         self.credential_writes = Counter(
             "recgw_credential_writes", "Credential changes by operation", ["operation"], registry=r
         )
+        self.config_reloads = Counter(
+            "recgw_config_reloads",
+            "Reloads of tokens and limits, by outcome",
+            ["outcome"],
+            registry=r,
+        )
