@@ -297,6 +297,10 @@ class Gateway:
                 self.metrics.config_reloads.labels("invalid").inc()
                 log.error("configuration not reloaded, the old one stays in force: %s", error)
                 return False
+            except Exception as exc:
+                self.metrics.config_reloads.labels("invalid").inc()
+                log.error("configuration not reloaded (%s); the old one stays", type(exc).__name__)
+                return False
             report = self.authenticator.replace(fresh.token_entries())
             unchanged = fresh.model_dump(exclude={"tokens", "limits"}) == self.settings.model_dump(
                 exclude={"tokens", "limits"}

@@ -7,6 +7,7 @@ Nested settings use `__` in environment variables, for example
 from __future__ import annotations
 
 import math
+import tomllib
 from pathlib import Path
 from typing import Literal
 
@@ -285,6 +286,14 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Setti
 
     try:
         return FileSettings(**overrides)  # type: ignore[arg-type]
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            f"invalid configuration: {config_file} is not valid TOML ({exc})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"invalid configuration: cannot read {config_file} ({exc.strerror})"
+        ) from None
     except ValidationError as exc:
         # pydantic's own text repeats the input values, which may hold secrets.
         problems = "; ".join(
