@@ -25,6 +25,7 @@ from tests.harness import (
     UPLOADER_TOKEN,
     CapturedLogs,
     GatewayThread,
+    Metadata,
     MiB,
     ServedGateway,
     Tenant,
@@ -50,7 +51,7 @@ def tokens(with_doomed: bool) -> str:
     return text
 
 
-def status_code(stub: upload_pb2_grpc.UploadServiceStub, metadata: object) -> grpc.StatusCode:
+def status_code(stub: upload_pb2_grpc.UploadServiceStub, metadata: Metadata) -> grpc.StatusCode:
     request = upload_pb2.GetUploadStatusRequest(upload_id=str(uuid.uuid4()))
     with pytest.raises(grpc.RpcError) as caught:
         stub.GetUploadStatus(request, metadata=metadata, timeout=5)
@@ -58,7 +59,11 @@ def status_code(stub: upload_pb2_grpc.UploadServiceStub, metadata: object) -> gr
 
 
 def held_stream(
-    gateway: GatewayThread, tenant: Tenant, data: bytes, metadata: object, pool: ThreadPoolExecutor
+    gateway: GatewayThread,
+    tenant: Tenant,
+    data: bytes,
+    metadata: Metadata,
+    pool: ThreadPoolExecutor,
 ) -> tuple[str, threading.Event, Future[upload_pb2.UploadResponse]]:
     """A stream that sends 6 MiB (one committed part) and then waits for the event."""
     upload_id = str(uuid.uuid4())
@@ -90,11 +95,11 @@ def test_revoked_token_is_refused_and_its_stream_ends_cleanly(
     captured_logs: CapturedLogs,
 ) -> None:
     config = tmp_path / "recgw.toml"
-    write = lambda doomed: config.write_text(  # noqa: E731
-        config_toml(
-            0, tmp_path, openbao, identities, tokens(doomed), top="reload_check_seconds = 0.05"
-        )
-    )
+
+    def write(doomed: bool) -> None:
+        top = "reload_check_seconds = 0.05"
+        config.write_text(config_toml(0, tmp_path, openbao, identities, tokens(doomed), top=top))
+
     write(True)
     gateway = GatewayThread(load_settings(config), config_file=config)
     releases: list[threading.Event] = []

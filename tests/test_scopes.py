@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -175,7 +176,7 @@ def test_resuming_another_tenants_upload_is_denied(scoped: Scoped) -> None:
     assert error_info(error)[0] == "TENANT_NOT_ALLOWED"
 
 
-def _credentials_calls(tenant: Tenant) -> dict[str, tuple[str, object]]:
+def _credentials_calls(tenant: Tenant) -> dict[str, tuple[str, Any]]:
     keys = tenant.keys
     return {
         "set": (
