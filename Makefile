@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/recgw/v1/*.proto)
 BUF_VERSION := 1.75.0
 
-.PHONY: install run test lint proto-lint typecheck pytest bench clean
+.PHONY: install run test lint proto-lint typecheck pytest fuzz bench clean
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ proto-lint:
 
 pytest: install
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# A long, randomized fuzzing pass (make test runs a short, fixed one); FUZZ_EXAMPLES per target.
+FUZZ_EXAMPLES ?= 5000
+fuzz: install
+	RECGW_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/test_fuzz.py $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)

@@ -271,8 +271,9 @@ class CredentialsInfo:
 
 
 def check_key_segments(name: str, what: str = "object_name") -> None:
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise invalid(f"{what} must not contain control characters")
+    # Also C1 controls and line separators: some log viewers break lines at them.
+    if _CONTROL.search(name):
+        raise invalid(f"{what} must not contain control characters or line separators")
     if "\\" in name:
         raise invalid(f"{what} must not contain '\\'; use '/' to separate segments")
     segments = name.split("/")
