@@ -125,3 +125,21 @@ def test_tls_files_are_checked(tmp_path: Path) -> None:
         load_material(pki.cert_file, pki.key_file, tmp_path / "missing.pem")
     with pytest.raises(TlsError, match="no unencrypted PEM private key"):
         load_material(pki.cert_file, pki.cert_file, None)
+
+
+def test_serve_with_unreadable_tls_files_exits_with_the_reason(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.harness import RECGW
+
+    config = tmp_path / "recgw.toml"
+    config.write_text(
+        f'listen = "127.0.0.1:0"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[tls]\ncert_file = "{tmp_path / "missing.pem"}"\nkey_file = "{tmp_path / "k"}"\n' + VAULT
+    )
+    result = subprocess.run(
+        [RECGW, "serve", "--config", str(config)], capture_output=True, timeout=60, check=False
+    )
+    assert result.returncode == 2
+    assert b"cannot read tls.cert_file" in result.stderr
+    assert b"Traceback" not in result.stderr

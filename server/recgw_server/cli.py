@@ -44,7 +44,13 @@ def serve(
         typer.echo(str(error), err=True)
         raise typer.Exit(2) from None
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(run_server(settings, config))
+    from recgw_server.tls import TlsError
+
+    try:
+        asyncio.run(run_server(settings, config))
+    except TlsError as error:
+        typer.echo(f"recgw serve: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
