@@ -7,7 +7,7 @@ PROTOS := $(wildcard protos/recgw/v1/*.proto)
 BUF_VERSION := 1.75.0
 TS_CLIENT := clients/ts
 
-.PHONY: install run test lint proto-lint typecheck pytest test-ts test-java bench clean
+.PHONY: install run test lint proto-lint typecheck pytest test-ts test-java fuzz bench clean
 
 install: $(STAMP)
 
@@ -52,6 +52,11 @@ MVN_JAVA := mvn -B -ntp -Dstyle.color=never -f clients/java/pom.xml -Dorg.slf4j.
 test-java: install
 	$(MVN_JAVA) verify
 	$(BIN)/python -m tests.e2e_stack -- $(MVN_JAVA) surefire:test -Dgroups=e2e
+
+# A long, randomized fuzzing pass (make test runs a short, fixed one); FUZZ_EXAMPLES per target.
+FUZZ_EXAMPLES ?= 5000
+fuzz: install
+	RECGW_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/test_fuzz.py $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)

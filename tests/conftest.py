@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from recgw_server.auth.tokens import hash_token
@@ -26,6 +27,7 @@ from recgw_server.dev.stack import (
 )
 from tests.harness import (
     ADMIN_TOKEN,
+    AUDIT_FILES,
     UPLOADER_TOKEN,
     CapturedLogs,
     GatewayThread,
@@ -111,8 +113,11 @@ def make_gateway(
     """A factory for gateways with their own settings; all are stopped after the test."""
     started: list[GatewayThread] = []
 
-    def make(**overrides: Any) -> GatewayThread:
-        thread = GatewayThread(make_settings(openbao, identities, **overrides))
+    def make(
+        channel_credentials: grpc.ChannelCredentials | None = None, **overrides: Any
+    ) -> GatewayThread:
+        settings = make_settings(openbao, identities, **overrides)
+        thread = GatewayThread(settings, channel_credentials=channel_credentials)
         started.append(thread)
         return thread
 
@@ -153,6 +158,9 @@ def canaries_never_logged(captured_logs: CapturedLogs) -> Iterator[None]:
     """After the whole session: no secret any test used appears in any captured log line."""
     yield
     assert_no_secrets(captured_logs.text())
+    for audit_file in AUDIT_FILES:
+        if audit_file.exists():
+            assert_no_secrets(audit_file.read_text())
 
 
 @pytest.fixture
@@ -164,18 +172,24 @@ def served(
     config.write_text(
         f"""
 listen = "127.0.0.1:{port}"
+plaintext = true
 data_dir = "{tmp_path / "data"}"
 shutdown_grace_seconds = 2
+
+[audit]
+sink = "{tmp_path / "audit.jsonl"}"
 
 [[tokens]]
 name = "uploader"
 role = "uploader"
 sha256 = "{hash_token(UPLOADER_TOKEN)}"
+tenants = ["*"]
 
 [[tokens]]
 name = "admin"
 role = "admin"
 sha256 = "{hash_token(ADMIN_TOKEN)}"
+tenants = ["*"]
 
 [vault]
 address = "{openbao.address}"
@@ -203,6 +217,8 @@ part_size_mib = 5
     yield gateway
     gateway.stop()
     assert_no_secrets(gateway.log.read_text())
+    if (tmp_path / "audit.jsonl").exists():
+        assert_no_secrets((tmp_path / "audit.jsonl").read_text())
 
 
 @pytest.fixture(autouse=True)

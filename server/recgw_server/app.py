@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import ssl
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
 
+from recgw_server.api.limits import TenantUploadLimits
 from recgw_server.api.services import CredentialsService, UploadService
-from recgw_server.auth.tokens import AuthInterceptor, TokenVerifier
-from recgw_server.config import RolesSetting, Settings, VaultAuthSetting
+from recgw_server.audit import AuditLog
+from recgw_server.auth.guard import Authenticator, AuthInterceptor
+from recgw_server.config import ConfigError, RolesSetting, Settings, VaultAuthSetting, load_settings
 from recgw_server.credentials.base import CredentialsAdmin, CredentialsSource
 from recgw_server.credentials.changes import CredentialsChanges, LocalCredentialsChanges
 from recgw_server.credentials.roles import RoleAssumer, RoleSettings
@@ -44,6 +50,7 @@ from recgw_server.sessions.sqlite import SqliteSessionStore
 from recgw_server.storage.base import ObjectStore
 from recgw_server.storage.doctor import ActivityTrackingSource, SetupDoctor
 from recgw_server.storage.s3 import S3ObjectStore, S3Settings
+from recgw_server.tls import CertificateFiles, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +152,33 @@ def _webhook_settings(settings: Settings) -> WebhookSettings:
     )
 
 
-class Gateway:
-    """One recgw gateway: gRPC server, upload pipeline, adapters and metrics."""
+def _file_stamp(path: Path) -> tuple[int, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def __init__(self, settings: Settings, adapters: Adapters | None = None) -> None:
+
+class Gateway:
+    """One recgw gateway: gRPC server, upload pipeline, adapters and metrics.
+
+    With a `config_file`, its tokens and limits are reloaded when the file changes (checked
+    every `reload_check_seconds`) or on `reload()` (SIGHUP), without a restart.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        adapters: Adapters | None = None,
+        config_file: Path | None = None,
+    ) -> None:
         self.settings = settings
+        self.config_file = config_file
+        self.authenticator = Authenticator(settings.token_entries())
+        self.tenant_limits = TenantUploadLimits(lambda t: self.settings.limits.max_uploads(t))
+        self.audit = AuditLog(settings.audit.sink)
+        self.certificates: CertificateFiles | None = None
         self.replica_id = replica_id(settings)
         self.adapters = adapters or build_adapters(settings, self.replica_id)
         self.metrics = GatewayMetrics()
@@ -208,6 +237,10 @@ class Gateway:
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._metrics_server: Any = None
+        self._metrics_tls: tuple[ssl.SSLContext, int] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._config_stamp = _file_stamp(config_file) if config_file else (0, 0, 0)
+        self._reloading = asyncio.Lock()
 
     async def start(self) -> int:
         """Start serving; returns the bound port (useful with port 0)."""
@@ -218,11 +251,13 @@ class Gateway:
         self.adapters.changes.subscribe(self._credentials_changed)
         await self.adapters.changes.start()
         max_message = self.settings.uploads.max_message_mib * MiB + _MESSAGE_OVERHEAD
-        verifier = TokenVerifier(t.entry() for t in self.settings.tokens)
+        tls = self.settings.tls
+        if tls is not None:
+            self.certificates = await asyncio.to_thread(
+                CertificateFiles, tls.cert_file, tls.key_file, tls.client_ca_file
+            )
         server = grpc.aio.server(
-            interceptors=[
-                AuthInterceptor(verifier, lambda code: self.metrics.rpc_errors.labels(code).inc())
-            ],
+            interceptors=[AuthInterceptor(self.authenticator, self.metrics, self.audit)],
             options=[
                 ("grpc.max_receive_message_length", max_message),
                 # Notice dead client connections within seconds. (A resuming stream does not
@@ -253,7 +288,7 @@ class Gateway:
             ],
         )
         upload_pb2_grpc.add_UploadServiceServicer_to_server(
-            UploadService(self.manager, self.metrics), server
+            UploadService(self.manager, self.metrics, self.tenant_limits), server
         )
         store = self.adapters.store
         credentials_pb2_grpc.add_CredentialsServiceServicer_to_server(
@@ -266,6 +301,7 @@ class Gateway:
                 publish=self.adapters.changes.publish,
                 trusted_principal=self.settings.roles.gateway_principal_arn,
                 on_changed=self.manager.credentials_changed,
+                audit=self.audit,
             ),
             server,
         )
@@ -279,20 +315,26 @@ class Gateway:
                 reflection.SERVICE_NAME,
             )
             reflection.enable_server_reflection(names, server)
-        self.port = server.add_insecure_port(self.settings.listen)
+        listen = self.settings.listen
+        if self.certificates is not None:
+            self.port = server.add_secure_port(listen, self.certificates.server_credentials())
+        else:
+            self.port = server.add_insecure_port(listen)
+            if not is_loopback(listen):
+                log.warning(
+                    "listening on %s WITHOUT TLS (plaintext = true): tokens, recordings and "
+                    "secret keys cross the network in the clear; configure [tls] unless a "
+                    "TLS-terminating proxy is in front",
+                    listen,
+                )
         if self.port == 0:
-            raise RuntimeError(f"cannot listen on {self.settings.listen}")
+            raise RuntimeError(f"cannot listen on {listen}")
         await server.start()
         self._server = server
         for service in ("", "recgw.v1.UploadService", "recgw.v1.CredentialsService"):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self.settings.metrics_listen:
-            from prometheus_client import start_http_server
-
-            host, _, port = self.settings.metrics_listen.rpartition(":")
-            self._metrics_server, _ = start_http_server(
-                int(port), addr=host or "127.0.0.1", registry=self.metrics.registry
-            )
+            self._start_metrics()
         self._expiry = asyncio.ensure_future(self._expire_periodically())
         self._spiller = asyncio.ensure_future(self.manager.run_spiller())
         self._dispatcher = asyncio.ensure_future(self.webhooks.run())
@@ -301,8 +343,112 @@ class Gateway:
             self._rechecks = asyncio.ensure_future(
                 self.doctor.run_periodically(doctor.interval_seconds, doctor.active_window_seconds)
             )
-        log.info("recgw listening on %s (port %d)", self.settings.listen, self.port)
+        if self.settings.reload_check_seconds > 0 and (self.config_file or self._metrics_tls):
+            self._watch = asyncio.ensure_future(self._watch_files())
+        mode = "plaintext"
+        if self.certificates is not None:
+            mode = "mTLS" if self.certificates.mutual else "TLS"
+        log.info("recgw listening on %s (port %d, %s)", listen, self.port, mode)
         return self.port
+
+    def _start_metrics(self) -> None:
+        from prometheus_client import start_http_server
+
+        host, _, port = self.settings.metrics_listen.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        if self.settings.metrics_tls and self.settings.tls is not None:
+            tls = self.settings.tls
+            self._metrics_server, _ = start_http_server(
+                int(port),
+                addr=host,
+                registry=self.metrics.registry,
+                certfile=str(tls.cert_file),
+                keyfile=str(tls.key_file),
+                tls_min_version=ssl.TLSVersion.TLSv1_2,
+            )
+            assert self.certificates is not None
+            context: ssl.SSLContext = self._metrics_server.socket.context
+            self._metrics_tls = (context, self.certificates.version)
+            return
+        if not is_loopback(self.settings.metrics_listen):
+            log.warning(
+                "metrics on %s without TLS; bind them to loopback or set metrics_tls = true",
+                self.settings.metrics_listen,
+            )
+        self._metrics_server, _ = start_http_server(
+            int(port), addr=host, registry=self.metrics.registry
+        )
+
+    async def _watch_files(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reload_check_seconds)
+            try:
+                if self.config_file and _file_stamp(self.config_file) != self._config_stamp:
+                    await self.reload()
+                await self._refresh_metrics_certificate()
+            except Exception:
+                log.exception("checking the configuration files failed; trying again later")
+
+    async def _refresh_metrics_certificate(self) -> None:
+        if self._metrics_tls is None or self.certificates is None:
+            return
+        await asyncio.to_thread(self.certificates.refresh)
+        context, version = self._metrics_tls
+        if version == self.certificates.version:
+            return
+        tls = self.settings.tls
+        assert tls is not None
+        # New handshakes of the metrics port use the new pair; the files were just checked.
+        try:
+            await asyncio.to_thread(context.load_cert_chain, tls.cert_file, tls.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("metrics keep the current certificate (%s)", type(exc).__name__)
+            return
+        self._metrics_tls = (context, self.certificates.version)
+
+    async def reload(self, source: Callable[[], Settings] | None = None) -> bool:
+        """Re-read the configuration and put its tokens and limits in force.
+
+        Streams of a removed or changed token end with UNAUTHENTICATED; their uploads stay
+        resumable. Other settings only change with a restart. False if the file is invalid.
+        """
+        async with self._reloading:
+            config_file = self.config_file
+            if source is None and config_file is None:
+                log.warning("reload asked for, but the gateway was started without a file")
+                return False
+            if config_file is not None:
+                self._config_stamp = _file_stamp(config_file)
+            try:
+                fresh = await asyncio.to_thread(source or (lambda: load_settings(config_file)))
+            except ConfigError as error:
+                self.metrics.config_reloads.labels("invalid").inc()
+                log.error("configuration not reloaded, the old one stays in force: %s", error)
+                return False
+            except Exception as exc:
+                self.metrics.config_reloads.labels("invalid").inc()
+                log.error("configuration not reloaded (%s); the old one stays", type(exc).__name__)
+                return False
+            report = self.authenticator.replace(fresh.token_entries())
+            unchanged = fresh.model_dump(exclude={"tokens", "limits"}) == self.settings.model_dump(
+                exclude={"tokens", "limits"}
+            )
+            self.settings = self.settings.model_copy(
+                update={"tokens": fresh.tokens, "limits": fresh.limits}
+            )
+            self.metrics.config_reloads.labels("ok").inc()
+            log.info(
+                "configuration reloaded: %d tokens (added %s, removed %s, changed %s); "
+                "%d running streams ended",
+                len(fresh.tokens),
+                report.added or "none",
+                report.removed or "none",
+                report.changed or "none",
+                report.streams_ended,
+            )
+            if not unchanged:
+                log.warning("only tokens and [limits] are reloaded; other changes need a restart")
+            return True
 
     def _credentials_changed(self, tenant_id: str | None) -> None:
         """Another replica (or this one) changed credentials: drop what is cached of them."""
@@ -341,7 +487,7 @@ class Gateway:
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking new streams, let running ones finish within the grace period."""
         await self.health.enter_graceful_shutdown()
-        for task in (self._expiry, self._spiller, self._dispatcher, self._rechecks):
+        for task in (self._expiry, self._spiller, self._dispatcher, self._rechecks, self._watch):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -358,20 +504,30 @@ class Gateway:
             self._metrics_server.shutdown()
         self.adapters.store.close()
         await self.adapters.sessions.close()
+        self.audit.close()
 
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
 
 
-async def serve(settings: Settings) -> None:
-    """Run a gateway until SIGTERM or SIGINT, then shut down gracefully."""
-    gateway = Gateway(settings)
+async def serve(settings: Settings, config_file: Path | None = None) -> None:
+    """Run a gateway until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the
+    configuration's tokens and limits."""
+    gateway = Gateway(settings, config_file=config_file)
     await gateway.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload() -> None:
+        task = asyncio.ensure_future(gateway.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     log.info("shutting down")
     await gateway.stop()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from recgw_server import cli_client
+from recgw_server.logs import configure_logging
 
 app = typer.Typer(
     help="recgw: a gRPC gateway that streams call recordings into the customer's S3 bucket.",
@@ -18,16 +18,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 cli_client.register(app)
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    # boto3/urllib3 at DEBUG would print request details; keep them at INFO or above.
-    for noisy in ("botocore", "boto3", "urllib3", "hvac"):
-        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
 
 
 @app.command()
@@ -44,7 +34,7 @@ def serve(
         ),
     ] = None,
 ) -> None:
-    """Run the gateway (production)."""
+    """Run the gateway (production). SIGHUP reloads tokens and limits from the file."""
     from recgw_server.app import serve as run_server
     from recgw_server.config import ConfigError, load_settings
 
@@ -53,8 +43,14 @@ def serve(
     except ConfigError as error:
         typer.echo(str(error), err=True)
         raise typer.Exit(2) from None
-    _configure_logging(settings.log_level)
-    asyncio.run(run_server(settings))
+    configure_logging(settings.log_level, settings.log_format)
+    from recgw_server.tls import TlsError
+
+    try:
+        asyncio.run(run_server(settings, config))
+    except TlsError as error:
+        typer.echo(f"recgw serve: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -103,17 +99,24 @@ def dev(
     data_dir: Annotated[Path, typer.Option(help="Where logs of the stack go.")] = Path(
         ".recgw-dev"
     ),
+    tls: Annotated[
+        bool, typer.Option("--tls", help="Serve TLS with a throwaway CA made in the data dir.")
+    ] = False,
+    mtls: Annotated[
+        bool, typer.Option("--mtls", help="Like --tls, and require client certificates.")
+    ] = False,
 ) -> None:
     """Start a local stack: OpenBao, moto (S3 with IAM on), a demo tenant and the gateway."""
     from recgw_server.dev.command import DevOptions, run_dev
 
-    _configure_logging("INFO")
+    configure_logging("INFO")
     options = DevOptions(
         port=port,
         s3_port=s3_port,
         vault_port=vault_port,
         metrics_port=metrics_port,
         data_dir=data_dir,
+        tls="mtls" if mtls else "tls" if tls else "",
     )
     asyncio.run(run_dev(options))
 

@@ -6,10 +6,20 @@ Nested settings use `__` in environment variables, for example
 
 from __future__ import annotations
 
+import math
+import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -17,26 +27,131 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from recgw_server.auth.tokens import Role, TokenEntry
+from recgw_server.auth.tokens import (
+    Role,
+    TenantScope,
+    TokenEntry,
+    check_tenant_pattern,
+    parse_client_identity,
+)
+from recgw_server.domain import TENANT_ID_PATTERN
 
 
 class TokenSetting(BaseModel):
-    """A bearer token, configured by the SHA-256 hex digest of its value (never the value)."""
+    """Who may call: a bearer token (by its SHA-256, never its value), a client certificate
+    identity, or both, with a role and the tenants it may act for."""
 
-    name: str
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
     role: Role
-    sha256: str
+    # SHA-256 hex digest of the token; empty: a client certificate alone stands in for a token.
+    sha256: str = ""
+    # "dns:NAME", "uri:URI" or "cn:NAME" of a client certificate (mTLS). With sha256 set, the
+    # token is only accepted together with a certificate carrying this identity.
+    client_identity: str = ""
+    # Tenant ids or patterns with '*' ("acme", "acme-*"); ["*"] for all, which must be written.
+    tenants: list[str]
+    # Rate of new streams and unary calls for this token; unset: [limits] defaults.
+    calls_per_second: float | None = Field(None, ge=0)
+    burst: int | None = Field(None, ge=1)
 
     @field_validator("sha256")
     @classmethod
     def _hex_digest(cls, value: str) -> str:
         value = value.strip().lower()
-        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        if value and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
             raise ValueError("sha256 must be 64 hex digits: the SHA-256 of the token")
         return value
 
-    def entry(self) -> TokenEntry:
-        return TokenEntry(self.name, self.role, self.sha256)
+    @field_validator("client_identity")
+    @classmethod
+    def _identity(cls, value: str) -> str:
+        if value:
+            parse_client_identity(value)
+        return value
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenants(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(
+                'list the tenant ids or patterns this token may act for; write ["*"] for all'
+            )
+        for pattern in value:
+            check_tenant_pattern(pattern)
+        return value
+
+    @model_validator(mode="after")
+    def _credential(self) -> TokenSetting:
+        if not self.sha256 and not self.client_identity:
+            raise ValueError("needs sha256 (a bearer token), client_identity (mTLS), or both")
+        return self
+
+    def entry(self, limits: LimitsSetting | None = None) -> TokenEntry:
+        limits = limits or LimitsSetting()
+        rate = (
+            limits.token_calls_per_second
+            if self.calls_per_second is None
+            else (self.calls_per_second)
+        )
+        burst = self.burst or limits.token_burst or max(1, math.ceil(2 * rate))
+        return TokenEntry(
+            self.name,
+            self.role,
+            self.sha256,
+            client_identity=self.client_identity,
+            tenants=TenantScope(tuple(self.tenants)),
+            calls_per_second=rate,
+            burst=burst,
+        )
+
+
+class TlsSetting(BaseModel):
+    """TLS for the gRPC port (and the metrics port with metrics_tls); files are re-read when
+    they change, so certificates rotate without a restart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert_file: Path  # PEM certificate chain, leaf first
+    key_file: Path  # PEM private key of the leaf
+    # PEM CA bundle: when set, every client must present a certificate it signed (mTLS).
+    client_ca_file: Path | None = None
+
+
+class LimitsSetting(BaseModel):
+    """Limits that keep one tenant or token from starving the others; 0 turns a limit off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Concurrent Upload streams per tenant, and per-tenant exceptions to it.
+    max_uploads_per_tenant: int = Field(0, ge=0)
+    tenant_max_uploads: dict[str, int] = Field(default_factory=dict)
+    # Default rate of new streams and unary calls per token (a token's own setting wins).
+    token_calls_per_second: float = Field(0, ge=0)
+    token_burst: int = Field(0, ge=0)  # 0: twice the rate
+
+    @field_validator("tenant_max_uploads")
+    @classmethod
+    def _tenant_ids(cls, value: dict[str, int]) -> dict[str, int]:
+        for tenant_id, limit in value.items():
+            if not TENANT_ID_PATTERN.fullmatch(tenant_id):
+                raise ValueError("keys must be tenant ids")
+            if limit < 0:
+                raise ValueError("limits must be 0 (no limit) or more")
+        return value
+
+    def max_uploads(self, tenant_id: str) -> int:
+        return self.tenant_max_uploads.get(tenant_id, self.max_uploads_per_tenant)
+
+
+class AuditSetting(BaseModel):
+    """Where the audit trail of credential changes goes: JSON lines, append-only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # "stdout", or the path of a file that is only ever appended to; "" turns auditing off.
+    sink: str = "stdout"
 
 
 class VaultAuthSetting(BaseModel):
@@ -225,13 +340,23 @@ class Settings(BaseSettings):
     )
 
     listen: str = "127.0.0.1:50051"
+    # TLS for the gRPC port; without it the gateway only starts with plaintext = true.
+    tls: TlsSetting | None = None
+    plaintext: bool = False
     metrics_listen: str = ""  # host:port for Prometheus; empty turns it off
+    metrics_tls: bool = False  # serve metrics over HTTPS with [tls]'s certificate and key
     reflection: bool = False
     shutdown_grace_seconds: float = 30.0
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line
+    # How often the config file (tokens, limits) and the metrics certificate are checked for
+    # changes; SIGHUP reloads at once. 0 turns the file watch off.
+    reload_check_seconds: float = Field(5.0, ge=0)
     # Where the embedded session store (SQLite) lives; keep it on durable storage.
     data_dir: Path = Path("recgw-data")
     tokens: list[TokenSetting] = Field(default_factory=list)
+    limits: LimitsSetting = Field(default_factory=lambda: LimitsSetting())
+    audit: AuditSetting = Field(default_factory=lambda: AuditSetting())
     vault: VaultSetting
     uploads: UploadsSetting = Field(default_factory=lambda: UploadsSetting())
     s3: S3Setting = Field(default_factory=lambda: S3Setting())
@@ -241,6 +366,31 @@ class Settings(BaseSettings):
     sessions: SessionsSetting = Field(default_factory=lambda: SessionsSetting())
     roles: RolesSetting = Field(default_factory=lambda: RolesSetting())
     doctor: DoctorSetting = Field(default_factory=lambda: DoctorSetting())
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.tls is None and not self.plaintext:
+            raise ValueError(
+                "no [tls] section: set tls.cert_file and tls.key_file, or plaintext = true to "
+                "listen without TLS (loopback or behind a TLS-terminating proxy only)"
+            )
+        if self.tls is not None and self.plaintext:
+            raise ValueError("plaintext = true and a [tls] section exclude each other")
+        if self.metrics_tls and self.tls is None:
+            raise ValueError("metrics_tls needs a [tls] section (its certificate and key)")
+        names = [t.name for t in self.tokens]
+        if len(set(names)) != len(names):
+            raise ValueError("token names must be unique")
+        mtls = self.tls is not None and self.tls.client_ca_file is not None
+        if any(t.client_identity for t in self.tokens) and not mtls:
+            raise ValueError("tokens with client_identity need tls.client_ca_file (mTLS)")
+        alone = [t.client_identity for t in self.tokens if t.client_identity and not t.sha256]
+        if len(set(alone)) != len(alone):
+            raise ValueError("two tokens without sha256 have the same client_identity")
+        return self
+
+    def token_entries(self) -> list[TokenEntry]:
+        return [t.entry(self.limits) for t in self.tokens]
 
     @classmethod
     def settings_customise_sources(
@@ -269,6 +419,14 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Setti
 
     try:
         return FileSettings(**overrides)  # type: ignore[arg-type]
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            f"invalid configuration: {config_file} is not valid TOML ({exc})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"invalid configuration: cannot read {config_file} ({exc.strerror})"
+        ) from None
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
 

@@ -28,6 +28,7 @@ class ErrorKind(enum.Enum):
     """What went wrong, independent of any transport; the gRPC layer maps it to a code."""
 
     INVALID_ARGUMENT = "invalid_argument"
+    UNAUTHENTICATED = "unauthenticated"
     OUT_OF_RANGE = "out_of_range"
     NOT_FOUND = "not_found"
     ALREADY_EXISTS = "already_exists"
@@ -90,6 +91,7 @@ class Reason(enum.Enum):
 # The reason of an error raised without one; every other kind names its reason explicitly.
 _DEFAULT_REASONS = {
     ErrorKind.INVALID_ARGUMENT: Reason.INVALID_FIELD,
+    ErrorKind.UNAUTHENTICATED: Reason.TOKEN_INVALID,
     ErrorKind.UNAVAILABLE: Reason.STORAGE_UNAVAILABLE,
     ErrorKind.CANCELLED: Reason.CANCELLED,
     ErrorKind.INTERNAL: Reason.INTERNAL_ERROR,
@@ -341,8 +343,9 @@ class CredentialsInfo:
 
 
 def check_key_segments(name: str, what: str = "object_name") -> None:
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise invalid(f"{what} must not contain control characters")
+    # Also C1 controls and line separators: some log viewers break lines at them.
+    if _CONTROL.search(name):
+        raise invalid(f"{what} must not contain control characters or line separators")
     if "\\" in name:
         raise invalid(f"{what} must not contain '\\'; use '/' to separate segments")
     segments = name.split("/")

@@ -87,3 +87,9 @@ class GatewayMetrics:
             ["tenant"],
             registry=r,
         )
+        self.config_reloads = Counter(
+            "recgw_config_reloads",
+            "Reloads of tokens and limits, by outcome",
+            ["outcome"],
+            registry=r,
+        )
