@@ -452,6 +452,9 @@ func (u *uploadRun) recover(ctx context.Context, cause *Error) (int64, *Result, 
 				"the gateway no longer knows upload %s, and its first %d bytes are no longer held to send again",
 				u.uploadID, u.retained.start)
 		}
+		if u.cfg.onRetry != nil {
+			u.cfg.onRetry(cause, u.streams+1)
+		}
 		return 0, nil, nil
 	}
 	switch {
@@ -703,6 +706,11 @@ func (u *uploadRun) attempt(ctx context.Context, resumeAt int64) (*recgwv1.Uploa
 		}
 	}()
 	for !u.eof {
+		select { // the upload id first: the caller may need it to resume or abort
+		case md := <-s.headers:
+			u.announce(md)
+		default:
+		}
 		var chunks <-chan sourceChunk
 		var pollDue <-chan time.Time
 		if u.room() {
