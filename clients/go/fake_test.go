@@ -54,7 +54,7 @@ type fakeUpload struct {
 	result    *recgwv1.UploadResponse
 }
 
-func newFakeGateway(t *testing.T, partSize int64) (*fakeGateway, *grpc.ClientConn) {
+func newFakeGateway(t testing.TB, partSize int64) (*fakeGateway, *grpc.ClientConn) {
 	t.Helper()
 	g := &fakeGateway{partSize: partSize, token: "unit-test-token-0123456789", uploads: map[string]*fakeUpload{}}
 	listener := bufconn.Listen(1 << 20)

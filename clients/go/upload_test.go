@@ -401,3 +401,4 @@ func TestCredentialsNeverFormatTheirSecret(t *testing.T) {
 		}
 	}
 }
+
