@@ -43,6 +43,8 @@ type fakeGateway struct {
 	statusFault func(query int) error
 	// loseResponse ends a stream that completed the upload with UNAVAILABLE instead of the result.
 	loseResponse bool
+	// unconfirmed completes uploads in state COMPLETION_UNCONFIRMED.
+	unconfirmed bool
 }
 
 type fakeUpload struct {
@@ -172,7 +174,7 @@ func (g *fakeGateway) Upload(stream grpc.ClientStreamingServer[recgwv1.UploadReq
 func (g *fakeGateway) apply(u *fakeUpload, msg *recgwv1.UploadRequest) (*recgwv1.UploadResponse, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if u.state == recgwv1.UploadState_UPLOAD_STATE_COMPLETE {
+	if u.state == recgwv1.UploadState_UPLOAD_STATE_COMPLETE || u.state == recgwv1.UploadState_UPLOAD_STATE_COMPLETION_UNCONFIRMED {
 		if !msg.GetFinishWrite() || len(msg.GetData()) > 0 {
 			return nil, statusError(codes.FailedPrecondition, "UPLOAD_COMPLETE", "complete", nil)
 		}
@@ -203,11 +205,39 @@ func (g *fakeGateway) apply(u *fakeUpload, msg *recgwv1.UploadRequest) (*recgwv1
 	}
 	u.committed = int64(len(u.data))
 	u.state = recgwv1.UploadState_UPLOAD_STATE_COMPLETE
-	u.result = &recgwv1.UploadResponse{
-		UploadId: u.id, Bucket: "bucket", Key: "uploads/" + u.start.GetObjectName(), Size: int64(len(u.data)),
+	if g.unconfirmed {
+		u.state = recgwv1.UploadState_UPLOAD_STATE_COMPLETION_UNCONFIRMED
+	}
+	u.result = g.describe(u, u.data)
+	u.result.Unconfirmed = g.unconfirmed
+	return u.result, nil
+}
+
+func (g *fakeGateway) describe(u *fakeUpload, data []byte) *recgwv1.UploadResponse {
+	crc := CRC32C(0, data)
+	sha := sha256.Sum256(data)
+	return &recgwv1.UploadResponse{
+		UploadId: u.id, Bucket: "bucket", Key: "uploads/" + u.start.GetObjectName(), Size: int64(len(data)),
 		Checksums: &recgwv1.ObjectChecksums{Crc32C: &crc, Sha256: sha[:]},
 	}
-	return u.result, nil
+}
+
+func (g *fakeGateway) SalvageUpload(ctx context.Context, req *recgwv1.SalvageUploadRequest) (*recgwv1.SalvageUploadResponse, error) {
+	if err := g.authorized(ctx); err != nil {
+		return nil, err
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	u := g.uploads[req.GetUploadId()]
+	if u == nil {
+		return nil, statusError(codes.NotFound, "UPLOAD_NOT_FOUND", "no such upload", nil)
+	}
+	if u.state != recgwv1.UploadState_UPLOAD_STATE_OPEN {
+		return nil, statusError(codes.FailedPrecondition, "UPLOAD_ENDED", "the upload has ended", nil)
+	}
+	u.state = recgwv1.UploadState_UPLOAD_STATE_SALVAGED
+	u.result = g.describe(u, u.data[:u.committed])
+	return &recgwv1.SalvageUploadResponse{State: u.state, Result: u.result}, nil
 }
 
 func (g *fakeGateway) GetUploadStatus(ctx context.Context, req *recgwv1.GetUploadStatusRequest) (*recgwv1.GetUploadStatusResponse, error) {

@@ -402,3 +402,71 @@ func TestCredentialsNeverFormatTheirSecret(t *testing.T) {
 	}
 }
 
+
+func TestAnUnconfirmedCompletionIsDoneWithTheFlag(t *testing.T) {
+	g, conn := newFakeGateway(t, MiB)
+	g.loseResponse, g.unconfirmed = true, true
+	result := mustUpload(t, NewClient(conn, g.token), bytes.NewReader(ramp(5000)), Start{Tenant: "acme", Object: "u.bin"}, quick)
+	if !result.Unconfirmed || result.Size != 5000 {
+		t.Fatalf("result %+v", result)
+	}
+}
+
+func TestSalvagedAndAbortedUploadsCannotBeResumed(t *testing.T) {
+	g, conn := newFakeGateway(t, MiB)
+	client := NewClient(conn, g.token)
+	data := ramp(2*MiB + 100)
+	for _, end := range []string{"salvage", "abort"} {
+		id := NewUploadID()
+		failing := newGatedReader(data, MiB+50)
+		failing.failWith = errors.New("source gone")
+		close(failing.release)
+		if _, err := client.Upload(context.Background(), failing, Start{Tenant: "acme", Object: end, UploadID: id}); err == nil {
+			t.Fatal("the failing source did not fail the upload")
+		}
+		if end == "salvage" {
+			salvaged, err := client.Salvage(context.Background(), id)
+			if err != nil || salvaged.State != StateSalvaged || salvaged.Result.Size != MiB {
+				t.Fatalf("salvage %+v, %v", salvaged, err)
+			}
+			_, err = client.Salvage(context.Background(), id)
+			if e := asError(t, err); e.Code != codes.FailedPrecondition || e.Reason != "UPLOAD_ENDED" || e.UploadID != id {
+				t.Fatalf("second salvage: %+v", e)
+			}
+		} else if aborted, err := client.Abort(context.Background(), id); err != nil || aborted.State != StateAborted {
+			t.Fatalf("abort %+v, %v", aborted, err)
+		}
+		_, err := client.Upload(context.Background(), bytes.NewReader(data), Start{Tenant: "acme", Object: end, UploadID: id})
+		if e := asError(t, err); e.Code != codes.FailedPrecondition || e.Reason != "UPLOAD_ENDED" {
+			t.Fatalf("resuming a %sd upload: %+v", end, e)
+		}
+	}
+}
+
+func TestAFailingStatusQueryOfAResumeIsRetried(t *testing.T) {
+	g, conn := newFakeGateway(t, 64<<10)
+	var once sync.Once
+	g.fault = func(_ int, msg *recgwv1.UploadRequest, _ *fakeUpload) error {
+		var err error
+		if msg.GetWriteOffset() == 128<<10 {
+			once.Do(func() { err = status.Error(codes.Unavailable, "cut") })
+		}
+		return err
+	}
+	g.statusFault = func(query int) error {
+		if query <= 2 {
+			return statusError(codes.Unavailable, "SHUTTING_DOWN", "restarting", nil)
+		}
+		return nil
+	}
+	data := ramp(300 << 10)
+	result := mustUpload(t, NewClient(conn, g.token), bytes.NewReader(data), Start{Tenant: "acme", Object: "q.bin"},
+		WithChunkSize(64<<10), quick)
+	if result.Streams != 2 || g.queries != 3 || !bytes.Equal(g.upload(result.UploadID).data, data) {
+		t.Fatalf("streams %d, queries %d", result.Streams, g.queries)
+	}
+	second := g.streamMessages(1)
+	if second[0].GetWriteOffset() != 128<<10 {
+		t.Fatalf("resumed at %d", second[0].GetWriteOffset())
+	}
+}
