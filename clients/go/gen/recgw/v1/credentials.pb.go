@@ -75,6 +75,123 @@ func (ServerSideEncryptionMode) EnumDescriptor() ([]byte, []int) {
 	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{0}
 }
 
+// AbandonedUploadPolicy decides the fate of an upload whose writer is gone.
+type AbandonedUploadPolicy int32
+
+const (
+	// As ABORT.
+	AbandonedUploadPolicy_ABANDONED_UPLOAD_POLICY_UNSPECIFIED AbandonedUploadPolicy = 0
+	// Expire it: nothing becomes visible (AbortMultipartUpload is tried).
+	AbandonedUploadPolicy_ABANDONED_UPLOAD_POLICY_ABORT AbandonedUploadPolicy = 1
+	// Keep what was recorded: the committed parts, and the bytes received after
+	// them when the last stream ended (uploaded as a short last part), are
+	// completed as the object at its key. Beside it the gateway writes
+	// `<key>.salvaged.json` (PutObject only), which marks the object as salvaged
+	// and gives its real size and checksums; the object's own metadata cannot
+	// say so, because S3 fixes it when the multipart upload starts. A client
+	// that resumes before then continues as if nothing happened.
+	AbandonedUploadPolicy_ABANDONED_UPLOAD_POLICY_SALVAGE AbandonedUploadPolicy = 2
+)
+
+// Enum value maps for AbandonedUploadPolicy.
+var (
+	AbandonedUploadPolicy_name = map[int32]string{
+		0: "ABANDONED_UPLOAD_POLICY_UNSPECIFIED",
+		1: "ABANDONED_UPLOAD_POLICY_ABORT",
+		2: "ABANDONED_UPLOAD_POLICY_SALVAGE",
+	}
+	AbandonedUploadPolicy_value = map[string]int32{
+		"ABANDONED_UPLOAD_POLICY_UNSPECIFIED": 0,
+		"ABANDONED_UPLOAD_POLICY_ABORT":       1,
+		"ABANDONED_UPLOAD_POLICY_SALVAGE":     2,
+	}
+)
+
+func (x AbandonedUploadPolicy) Enum() *AbandonedUploadPolicy {
+	p := new(AbandonedUploadPolicy)
+	*p = x
+	return p
+}
+
+func (x AbandonedUploadPolicy) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (AbandonedUploadPolicy) Descriptor() protoreflect.EnumDescriptor {
+	return file_recgw_v1_credentials_proto_enumTypes[1].Descriptor()
+}
+
+func (AbandonedUploadPolicy) Type() protoreflect.EnumType {
+	return &file_recgw_v1_credentials_proto_enumTypes[1]
+}
+
+func (x AbandonedUploadPolicy) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use AbandonedUploadPolicy.Descriptor instead.
+func (AbandonedUploadPolicy) EnumDescriptor() ([]byte, []int) {
+	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{1}
+}
+
+// CredentialsCheckResult is the outcome of one check of the setup doctor.
+type CredentialsCheckResult int32
+
+const (
+	// Not used.
+	CredentialsCheckResult_CREDENTIALS_CHECK_RESULT_UNSPECIFIED CredentialsCheckResult = 0
+	// The capability works.
+	CredentialsCheckResult_CREDENTIALS_CHECK_RESULT_PASSED CredentialsCheckResult = 1
+	// The capability does not work; `fix` says what to change.
+	CredentialsCheckResult_CREDENTIALS_CHECK_RESULT_FAILED CredentialsCheckResult = 2
+	// Not checked; `detail` says why (not used by this tenant, or an earlier
+	// check failed).
+	CredentialsCheckResult_CREDENTIALS_CHECK_RESULT_SKIPPED CredentialsCheckResult = 3
+)
+
+// Enum value maps for CredentialsCheckResult.
+var (
+	CredentialsCheckResult_name = map[int32]string{
+		0: "CREDENTIALS_CHECK_RESULT_UNSPECIFIED",
+		1: "CREDENTIALS_CHECK_RESULT_PASSED",
+		2: "CREDENTIALS_CHECK_RESULT_FAILED",
+		3: "CREDENTIALS_CHECK_RESULT_SKIPPED",
+	}
+	CredentialsCheckResult_value = map[string]int32{
+		"CREDENTIALS_CHECK_RESULT_UNSPECIFIED": 0,
+		"CREDENTIALS_CHECK_RESULT_PASSED":      1,
+		"CREDENTIALS_CHECK_RESULT_FAILED":      2,
+		"CREDENTIALS_CHECK_RESULT_SKIPPED":     3,
+	}
+)
+
+func (x CredentialsCheckResult) Enum() *CredentialsCheckResult {
+	p := new(CredentialsCheckResult)
+	*p = x
+	return p
+}
+
+func (x CredentialsCheckResult) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (CredentialsCheckResult) Descriptor() protoreflect.EnumDescriptor {
+	return file_recgw_v1_credentials_proto_enumTypes[2].Descriptor()
+}
+
+func (CredentialsCheckResult) Type() protoreflect.EnumType {
+	return &file_recgw_v1_credentials_proto_enumTypes[2]
+}
+
+func (x CredentialsCheckResult) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use CredentialsCheckResult.Descriptor instead.
+func (CredentialsCheckResult) EnumDescriptor() ([]byte, []int) {
+	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{2}
+}
+
 // ServerSideEncryption is applied to every write of the tenant.
 type ServerSideEncryption struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -133,9 +250,14 @@ func (x *ServerSideEncryption) GetKmsKeyId() string {
 // StorageTarget is where and how a tenant's objects are written (no secret).
 type StorageTarget struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// AWS region, for example `us-west-1`.
+	// AWS region, for example `us-west-1`. Empty: the gateway finds it from the
+	// bucket (HeadBucket's `x-amz-bucket-region`); with an access point ARN the
+	// ARN's region is used.
 	Region string `protobuf:"bytes,1,opt,name=region,proto3" json:"region,omitempty"`
-	// Bucket name, access point alias, or access point ARN.
+	// Bucket name, access point alias, or access point ARN
+	// (`arn:aws:s3:REGION:ACCOUNT:accesspoint/NAME`). An ARN works only against
+	// AWS with virtual-hosted addressing: with `endpoint_url` or
+	// `force_path_style` it is refused (INVALID_ARGUMENT).
 	Bucket string `protobuf:"bytes,2,opt,name=bucket,proto3" json:"bucket,omitempty"`
 	// Key prefix for every object; default `uploads/`. Must end with `/`.
 	Prefix string `protobuf:"bytes,3,opt,name=prefix,proto3" json:"prefix,omitempty"`
@@ -150,8 +272,16 @@ type StorageTarget struct {
 	AllowOverwrite bool `protobuf:"varint,7,opt,name=allow_overwrite,json=allowOverwrite,proto3" json:"allow_overwrite,omitempty"`
 	// Use equal-size parts (all but the last), for stores that require it.
 	EqualPartSizes bool `protobuf:"varint,8,opt,name=equal_part_sizes,json=equalPartSizes,proto3" json:"equal_part_sizes,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The 12-digit AWS account id that must own the bucket; sent as
+	// `x-amz-expected-bucket-owner` with every request, so that a bucket of the
+	// same name re-created in another account never receives recordings. Empty:
+	// not checked.
+	ExpectedBucketOwner string `protobuf:"bytes,9,opt,name=expected_bucket_owner,json=expectedBucketOwner,proto3" json:"expected_bucket_owner,omitempty"`
+	// What happens to an upload whose writer never comes back (it expires, or
+	// SalvageUpload is called).
+	AbandonedUploads AbandonedUploadPolicy `protobuf:"varint,20,opt,name=abandoned_uploads,json=abandonedUploads,proto3,enum=recgw.v1.AbandonedUploadPolicy" json:"abandoned_uploads,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *StorageTarget) Reset() {
@@ -240,24 +370,95 @@ func (x *StorageTarget) GetEqualPartSizes() bool {
 	return false
 }
 
-// SetCredentialsRequest carries the tenant's credentials.
-type SetCredentialsRequest struct {
+func (x *StorageTarget) GetExpectedBucketOwner() string {
+	if x != nil {
+		return x.ExpectedBucketOwner
+	}
+	return ""
+}
+
+func (x *StorageTarget) GetAbandonedUploads() AbandonedUploadPolicy {
+	if x != nil {
+		return x.AbandonedUploads
+	}
+	return AbandonedUploadPolicy_ABANDONED_UPLOAD_POLICY_UNSPECIFIED
+}
+
+// IamRole is a role in the customer's account that the gateway assumes.
+//
+// Its trust policy must allow the gateway's principal with the condition
+// `sts:ExternalId` equal to the tenant's `external_id` (see CredentialsView);
+// `recgw policy --role` prints it.
+type IamRole struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Tenant id: `[a-z0-9][a-z0-9_-]{0,62}`.
-	TenantId string `protobuf:"bytes,1,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
-	// AWS access key id.
-	AccessKeyId string `protobuf:"bytes,2,opt,name=access_key_id,json=accessKeyId,proto3" json:"access_key_id,omitempty"`
-	// AWS secret access key. Stored in Vault; never returned.
-	SecretAccessKey string `protobuf:"bytes,3,opt,name=secret_access_key,json=secretAccessKey,proto3" json:"secret_access_key,omitempty"`
-	// Where objects go.
-	Target        *StorageTarget `protobuf:"bytes,4,opt,name=target,proto3" json:"target,omitempty"`
+	// Role ARN, for example `arn:aws:iam::123456789012:role/recgw-writer`.
+	RoleArn       string `protobuf:"bytes,1,opt,name=role_arn,json=roleArn,proto3" json:"role_arn,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
+func (x *IamRole) Reset() {
+	*x = IamRole{}
+	mi := &file_recgw_v1_credentials_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IamRole) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IamRole) ProtoMessage() {}
+
+func (x *IamRole) ProtoReflect() protoreflect.Message {
+	mi := &file_recgw_v1_credentials_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IamRole.ProtoReflect.Descriptor instead.
+func (*IamRole) Descriptor() ([]byte, []int) {
+	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *IamRole) GetRoleArn() string {
+	if x != nil {
+		return x.RoleArn
+	}
+	return ""
+}
+
+// SetCredentialsRequest carries the tenant's credentials: either an access key
+// pair (`access_key_id` and `secret_access_key`) or `role`, never both.
+type SetCredentialsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Tenant id: `[a-z0-9][a-z0-9_-]{0,62}`.
+	TenantId string `protobuf:"bytes,1,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	// AWS access key id; empty with `role`.
+	AccessKeyId string `protobuf:"bytes,2,opt,name=access_key_id,json=accessKeyId,proto3" json:"access_key_id,omitempty"`
+	// AWS secret access key. Stored in Vault; never returned. Empty with `role`.
+	SecretAccessKey string `protobuf:"bytes,3,opt,name=secret_access_key,json=secretAccessKey,proto3" json:"secret_access_key,omitempty"`
+	// Where objects go.
+	Target *StorageTarget `protobuf:"bytes,4,opt,name=target,proto3" json:"target,omitempty"`
+	// The role the gateway assumes instead of using an access key pair.
+	Role *IamRole `protobuf:"bytes,5,opt,name=role,proto3" json:"role,omitempty"`
+	// Generate a new external id for the tenant. Without it the external id
+	// made at the tenant's first SetCredentials is kept across overwrites; after
+	// a rotation the role's trust policy must name the new one.
+	RotateExternalId bool `protobuf:"varint,6,opt,name=rotate_external_id,json=rotateExternalId,proto3" json:"rotate_external_id,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
 func (x *SetCredentialsRequest) Reset() {
 	*x = SetCredentialsRequest{}
-	mi := &file_recgw_v1_credentials_proto_msgTypes[2]
+	mi := &file_recgw_v1_credentials_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -269,7 +470,7 @@ func (x *SetCredentialsRequest) String() string {
 func (*SetCredentialsRequest) ProtoMessage() {}
 
 func (x *SetCredentialsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_recgw_v1_credentials_proto_msgTypes[2]
+	mi := &file_recgw_v1_credentials_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -282,7 +483,7 @@ func (x *SetCredentialsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetCredentialsRequest.ProtoReflect.Descriptor instead.
 func (*SetCredentialsRequest) Descriptor() ([]byte, []int) {
-	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{2}
+	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *SetCredentialsRequest) GetTenantId() string {
@@ -313,6 +514,20 @@ func (x *SetCredentialsRequest) GetTarget() *StorageTarget {
 	return nil
 }
 
+func (x *SetCredentialsRequest) GetRole() *IamRole {
+	if x != nil {
+		return x.Role
+	}
+	return nil
+}
+
+func (x *SetCredentialsRequest) GetRotateExternalId() bool {
+	if x != nil {
+		return x.RotateExternalId
+	}
+	return false
+}
+
 // CredentialsView is what a UI may show about stored credentials.
 type CredentialsView struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -322,17 +537,29 @@ type CredentialsView struct {
 	Version int64 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
 	// When this version was written.
 	UpdateTime *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
-	// The access key id masked to its last 4 characters, e.g. `****WXYZ`.
+	// The access key id masked to its last 4 characters, e.g. `****WXYZ`;
+	// empty for a role.
 	AccessKeyIdHint string `protobuf:"bytes,4,opt,name=access_key_id_hint,json=accessKeyIdHint,proto3" json:"access_key_id_hint,omitempty"`
 	// Where objects go.
-	Target        *StorageTarget `protobuf:"bytes,5,opt,name=target,proto3" json:"target,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Target *StorageTarget `protobuf:"bytes,5,opt,name=target,proto3" json:"target,omitempty"`
+	// The role the gateway assumes; empty with an access key pair.
+	RoleArn string `protobuf:"bytes,6,opt,name=role_arn,json=roleArn,proto3" json:"role_arn,omitempty"`
+	// The external id the gateway sends with sts:AssumeRole for this tenant.
+	// Generated by recgw (never chosen by the customer) at the first
+	// SetCredentials and kept until `rotate_external_id`; not a secret. The
+	// role's trust policy must require it (`sts:ExternalId`).
+	ExternalId string `protobuf:"bytes,7,opt,name=external_id,json=externalId,proto3" json:"external_id,omitempty"`
+	// The AWS principal (ARN) the gateway assumes roles as, which the role's
+	// trust policy must allow; empty when the gateway's configuration does not
+	// name it (`roles.gateway_principal_arn`).
+	TrustedPrincipal string `protobuf:"bytes,8,opt,name=trusted_principal,json=trustedPrincipal,proto3" json:"trusted_principal,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *CredentialsView) Reset() {
 	*x = CredentialsView{}
-	mi := &file_recgw_v1_credentials_proto_msgTypes[3]
+	mi := &file_recgw_v1_credentials_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -344,7 +571,7 @@ func (x *CredentialsView) String() string {
 func (*CredentialsView) ProtoMessage() {}
 
 func (x *CredentialsView) ProtoReflect() protoreflect.Message {
-	mi := &file_recgw_v1_credentials_proto_msgTypes[3]
+	mi := &file_recgw_v1_credentials_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -357,7 +584,7 @@ func (x *CredentialsView) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CredentialsView.ProtoReflect.Descriptor instead.
 func (*CredentialsView) Descriptor() ([]byte, []int) {
-	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{3}
+	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *CredentialsView) GetTenantId() string {
@@ -395,6 +622,27 @@ func (x *CredentialsView) GetTarget() *StorageTarget {
 	return nil
 }
 
+func (x *CredentialsView) GetRoleArn() string {
+	if x != nil {
+		return x.RoleArn
+	}
+	return ""
+}
+
+func (x *CredentialsView) GetExternalId() string {
+	if x != nil {
+		return x.ExternalId
+	}
+	return ""
+}
+
+func (x *CredentialsView) GetTrustedPrincipal() string {
+	if x != nil {
+		return x.TrustedPrincipal
+	}
+	return ""
+}
+
 // SetCredentialsResponse is the non-secret view of what was stored.
 type SetCredentialsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -406,7 +654,7 @@ type SetCredentialsResponse struct {
 
 func (x *SetCredentialsResponse) Reset() {
 	*x = SetCredentialsResponse{}
-	mi := &file_recgw_v1_credentials_proto_msgTypes[4]
+	mi := &file_recgw_v1_credentials_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -418,7 +666,7 @@ func (x *SetCredentialsResponse) String() string {
 func (*SetCredentialsResponse) ProtoMessage() {}
 
 func (x *SetCredentialsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_recgw_v1_credentials_proto_msgTypes[4]
+	mi := &file_recgw_v1_credentials_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -431,7 +679,7 @@ func (x *SetCredentialsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetCredentialsResponse.ProtoReflect.Descriptor instead.
 func (*SetCredentialsResponse) Descriptor() ([]byte, []int) {
-	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{4}
+	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *SetCredentialsResponse) GetCredentials() *CredentialsView {
@@ -452,7 +700,7 @@ type DescribeCredentialsRequest struct {
 
 func (x *DescribeCredentialsRequest) Reset() {
 	*x = DescribeCredentialsRequest{}
-	mi := &file_recgw_v1_credentials_proto_msgTypes[5]
+	mi := &file_recgw_v1_credentials_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -464,7 +712,7 @@ func (x *DescribeCredentialsRequest) String() string {
 func (*DescribeCredentialsRequest) ProtoMessage() {}
 
 func (x *DescribeCredentialsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_recgw_v1_credentials_proto_msgTypes[5]
+	mi := &file_recgw_v1_credentials_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -477,7 +725,7 @@ func (x *DescribeCredentialsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeCredentialsRequest.ProtoReflect.Descriptor instead.
 func (*DescribeCredentialsRequest) Descriptor() ([]byte, []int) {
-	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{5}
+	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *DescribeCredentialsRequest) GetTenantId() string {
@@ -498,7 +746,7 @@ type DescribeCredentialsResponse struct {
 
 func (x *DescribeCredentialsResponse) Reset() {
 	*x = DescribeCredentialsResponse{}
-	mi := &file_recgw_v1_credentials_proto_msgTypes[6]
+	mi := &file_recgw_v1_credentials_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -510,7 +758,7 @@ func (x *DescribeCredentialsResponse) String() string {
 func (*DescribeCredentialsResponse) ProtoMessage() {}
 
 func (x *DescribeCredentialsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_recgw_v1_credentials_proto_msgTypes[6]
+	mi := &file_recgw_v1_credentials_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -523,7 +771,7 @@ func (x *DescribeCredentialsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeCredentialsResponse.ProtoReflect.Descriptor instead.
 func (*DescribeCredentialsResponse) Descriptor() ([]byte, []int) {
-	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{6}
+	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *DescribeCredentialsResponse) GetCredentials() *CredentialsView {
@@ -544,7 +792,7 @@ type DeleteCredentialsRequest struct {
 
 func (x *DeleteCredentialsRequest) Reset() {
 	*x = DeleteCredentialsRequest{}
-	mi := &file_recgw_v1_credentials_proto_msgTypes[7]
+	mi := &file_recgw_v1_credentials_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -556,7 +804,7 @@ func (x *DeleteCredentialsRequest) String() string {
 func (*DeleteCredentialsRequest) ProtoMessage() {}
 
 func (x *DeleteCredentialsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_recgw_v1_credentials_proto_msgTypes[7]
+	mi := &file_recgw_v1_credentials_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -569,7 +817,7 @@ func (x *DeleteCredentialsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteCredentialsRequest.ProtoReflect.Descriptor instead.
 func (*DeleteCredentialsRequest) Descriptor() ([]byte, []int) {
-	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{7}
+	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *DeleteCredentialsRequest) GetTenantId() string {
@@ -588,7 +836,7 @@ type DeleteCredentialsResponse struct {
 
 func (x *DeleteCredentialsResponse) Reset() {
 	*x = DeleteCredentialsResponse{}
-	mi := &file_recgw_v1_credentials_proto_msgTypes[8]
+	mi := &file_recgw_v1_credentials_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -600,7 +848,7 @@ func (x *DeleteCredentialsResponse) String() string {
 func (*DeleteCredentialsResponse) ProtoMessage() {}
 
 func (x *DeleteCredentialsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_recgw_v1_credentials_proto_msgTypes[8]
+	mi := &file_recgw_v1_credentials_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -613,7 +861,7 @@ func (x *DeleteCredentialsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteCredentialsResponse.ProtoReflect.Descriptor instead.
 func (*DeleteCredentialsResponse) Descriptor() ([]byte, []int) {
-	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{8}
+	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{9}
 }
 
 // VerifyCredentialsRequest names a tenant.
@@ -627,7 +875,7 @@ type VerifyCredentialsRequest struct {
 
 func (x *VerifyCredentialsRequest) Reset() {
 	*x = VerifyCredentialsRequest{}
-	mi := &file_recgw_v1_credentials_proto_msgTypes[9]
+	mi := &file_recgw_v1_credentials_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -639,7 +887,7 @@ func (x *VerifyCredentialsRequest) String() string {
 func (*VerifyCredentialsRequest) ProtoMessage() {}
 
 func (x *VerifyCredentialsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_recgw_v1_credentials_proto_msgTypes[9]
+	mi := &file_recgw_v1_credentials_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -652,7 +900,7 @@ func (x *VerifyCredentialsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyCredentialsRequest.ProtoReflect.Descriptor instead.
 func (*VerifyCredentialsRequest) Descriptor() ([]byte, []int) {
-	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{9}
+	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *VerifyCredentialsRequest) GetTenantId() string {
@@ -662,24 +910,31 @@ func (x *VerifyCredentialsRequest) GetTenantId() string {
 	return ""
 }
 
-// VerifyCredentialsResponse reports whether a test write succeeded.
+// VerifyCredentialsResponse is the setup doctor's report.
 type VerifyCredentialsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// True when the test object was written.
+	// True when no check failed.
 	Ok bool `protobuf:"varint,1,opt,name=ok,proto3" json:"ok,omitempty"`
-	// Key of the test object.
+	// Key of the test object (`<prefix>.recgw-write-check`).
 	Key string `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
-	// S3 error code when not ok, e.g. `AccessDenied`, `InvalidAccessKeyId`.
+	// The error code of the first failed check when not ok: S3's or STS's own
+	// code (`AccessDenied`, `InvalidAccessKeyId`, `NoSuchBucket`...), or
+	// `WrongRegion` and `ConditionalWriteIgnored` for the doctor's own findings.
 	ErrorCode string `protobuf:"bytes,3,opt,name=error_code,json=errorCode,proto3" json:"error_code,omitempty"`
-	// What to fix when not ok.
-	ErrorMessage  string `protobuf:"bytes,4,opt,name=error_message,json=errorMessage,proto3" json:"error_message,omitempty"`
+	// What failed and what to fix, when not ok.
+	ErrorMessage string `protobuf:"bytes,4,opt,name=error_message,json=errorMessage,proto3" json:"error_message,omitempty"`
+	// Every check, in the order run.
+	Checks []*CredentialsCheck `protobuf:"bytes,5,rep,name=checks,proto3" json:"checks,omitempty"`
+	// The bucket's region as found (HeadBucket's `x-amz-bucket-region`, or the
+	// access point ARN's); empty when the store did not say.
+	BucketRegion  string `protobuf:"bytes,6,opt,name=bucket_region,json=bucketRegion,proto3" json:"bucket_region,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *VerifyCredentialsResponse) Reset() {
 	*x = VerifyCredentialsResponse{}
-	mi := &file_recgw_v1_credentials_proto_msgTypes[10]
+	mi := &file_recgw_v1_credentials_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -691,7 +946,7 @@ func (x *VerifyCredentialsResponse) String() string {
 func (*VerifyCredentialsResponse) ProtoMessage() {}
 
 func (x *VerifyCredentialsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_recgw_v1_credentials_proto_msgTypes[10]
+	mi := &file_recgw_v1_credentials_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -704,7 +959,7 @@ func (x *VerifyCredentialsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyCredentialsResponse.ProtoReflect.Descriptor instead.
 func (*VerifyCredentialsResponse) Descriptor() ([]byte, []int) {
-	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{10}
+	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *VerifyCredentialsResponse) GetOk() bool {
@@ -735,6 +990,125 @@ func (x *VerifyCredentialsResponse) GetErrorMessage() string {
 	return ""
 }
 
+func (x *VerifyCredentialsResponse) GetChecks() []*CredentialsCheck {
+	if x != nil {
+		return x.Checks
+	}
+	return nil
+}
+
+func (x *VerifyCredentialsResponse) GetBucketRegion() string {
+	if x != nil {
+		return x.BucketRegion
+	}
+	return ""
+}
+
+// CredentialsCheck is one capability the setup doctor checked.
+type CredentialsCheck struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Stable name of the check: `assume_role`, `bucket_region`,
+	// `create_multipart_upload`, `upload_part`, `complete_multipart_upload`,
+	// `conditional_write` (or `put_object` when the tenant allows overwrites).
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The outcome.
+	Result CredentialsCheckResult `protobuf:"varint,2,opt,name=result,proto3,enum=recgw.v1.CredentialsCheckResult" json:"result,omitempty"`
+	// The S3 or STS operation the check sent, e.g. `CreateMultipartUpload`.
+	Operation string `protobuf:"bytes,3,opt,name=operation,proto3" json:"operation,omitempty"`
+	// The store's error code when failed, e.g. `AccessDenied`.
+	ErrorCode string `protobuf:"bytes,4,opt,name=error_code,json=errorCode,proto3" json:"error_code,omitempty"`
+	// For AccessDenied: the permission that is missing, in IAM terms, e.g.
+	// `s3:PutObject on arn:aws:s3:::bucket/uploads/*` or
+	// `kms:Decrypt on arn:aws:kms:us-east-1:123456789012:key/...`.
+	MissingPermission string `protobuf:"bytes,5,opt,name=missing_permission,json=missingPermission,proto3" json:"missing_permission,omitempty"`
+	// What to change when failed, in the customer's terms.
+	Fix string `protobuf:"bytes,6,opt,name=fix,proto3" json:"fix,omitempty"`
+	// What was checked and with which settings (checksums, encryption...), or
+	// why it was skipped.
+	Detail        string `protobuf:"bytes,7,opt,name=detail,proto3" json:"detail,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CredentialsCheck) Reset() {
+	*x = CredentialsCheck{}
+	mi := &file_recgw_v1_credentials_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CredentialsCheck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CredentialsCheck) ProtoMessage() {}
+
+func (x *CredentialsCheck) ProtoReflect() protoreflect.Message {
+	mi := &file_recgw_v1_credentials_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CredentialsCheck.ProtoReflect.Descriptor instead.
+func (*CredentialsCheck) Descriptor() ([]byte, []int) {
+	return file_recgw_v1_credentials_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *CredentialsCheck) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CredentialsCheck) GetResult() CredentialsCheckResult {
+	if x != nil {
+		return x.Result
+	}
+	return CredentialsCheckResult_CREDENTIALS_CHECK_RESULT_UNSPECIFIED
+}
+
+func (x *CredentialsCheck) GetOperation() string {
+	if x != nil {
+		return x.Operation
+	}
+	return ""
+}
+
+func (x *CredentialsCheck) GetErrorCode() string {
+	if x != nil {
+		return x.ErrorCode
+	}
+	return ""
+}
+
+func (x *CredentialsCheck) GetMissingPermission() string {
+	if x != nil {
+		return x.MissingPermission
+	}
+	return ""
+}
+
+func (x *CredentialsCheck) GetFix() string {
+	if x != nil {
+		return x.Fix
+	}
+	return ""
+}
+
+func (x *CredentialsCheck) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
 var File_recgw_v1_credentials_proto protoreflect.FileDescriptor
 
 const file_recgw_v1_credentials_proto_rawDesc = "" +
@@ -743,7 +1117,7 @@ const file_recgw_v1_credentials_proto_rawDesc = "" +
 	"\x14ServerSideEncryption\x126\n" +
 	"\x04mode\x18\x01 \x01(\x0e2\".recgw.v1.ServerSideEncryptionModeR\x04mode\x12\x1c\n" +
 	"\n" +
-	"kms_key_id\x18\x02 \x01(\tR\bkmsKeyId\"\xb7\x02\n" +
+	"kms_key_id\x18\x02 \x01(\tR\bkmsKeyId\"\xb9\x03\n" +
 	"\rStorageTarget\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\x12\x16\n" +
 	"\x06bucket\x18\x02 \x01(\tR\x06bucket\x12\x16\n" +
@@ -754,19 +1128,29 @@ const file_recgw_v1_credentials_proto_rawDesc = "" +
 	"encryption\x18\x06 \x01(\v2\x1e.recgw.v1.ServerSideEncryptionR\n" +
 	"encryption\x12'\n" +
 	"\x0fallow_overwrite\x18\a \x01(\bR\x0eallowOverwrite\x12(\n" +
-	"\x10equal_part_sizes\x18\b \x01(\bR\x0eequalPartSizes\"\xb5\x01\n" +
+	"\x10equal_part_sizes\x18\b \x01(\bR\x0eequalPartSizes\x122\n" +
+	"\x15expected_bucket_owner\x18\t \x01(\tR\x13expectedBucketOwner\x12L\n" +
+	"\x11abandoned_uploads\x18\x14 \x01(\x0e2\x1f.recgw.v1.AbandonedUploadPolicyR\x10abandonedUploads\"$\n" +
+	"\aIamRole\x12\x19\n" +
+	"\brole_arn\x18\x01 \x01(\tR\aroleArn\"\x8a\x02\n" +
 	"\x15SetCredentialsRequest\x12\x1b\n" +
 	"\ttenant_id\x18\x01 \x01(\tR\btenantId\x12\"\n" +
 	"\raccess_key_id\x18\x02 \x01(\tR\vaccessKeyId\x12*\n" +
 	"\x11secret_access_key\x18\x03 \x01(\tR\x0fsecretAccessKey\x12/\n" +
-	"\x06target\x18\x04 \x01(\v2\x17.recgw.v1.StorageTargetR\x06target\"\xe3\x01\n" +
+	"\x06target\x18\x04 \x01(\v2\x17.recgw.v1.StorageTargetR\x06target\x12%\n" +
+	"\x04role\x18\x05 \x01(\v2\x11.recgw.v1.IamRoleR\x04role\x12,\n" +
+	"\x12rotate_external_id\x18\x06 \x01(\bR\x10rotateExternalId\"\xcc\x02\n" +
 	"\x0fCredentialsView\x12\x1b\n" +
 	"\ttenant_id\x18\x01 \x01(\tR\btenantId\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x03R\aversion\x12;\n" +
 	"\vupdate_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"updateTime\x12+\n" +
 	"\x12access_key_id_hint\x18\x04 \x01(\tR\x0faccessKeyIdHint\x12/\n" +
-	"\x06target\x18\x05 \x01(\v2\x17.recgw.v1.StorageTargetR\x06target\"U\n" +
+	"\x06target\x18\x05 \x01(\v2\x17.recgw.v1.StorageTargetR\x06target\x12\x19\n" +
+	"\brole_arn\x18\x06 \x01(\tR\aroleArn\x12\x1f\n" +
+	"\vexternal_id\x18\a \x01(\tR\n" +
+	"externalId\x12+\n" +
+	"\x11trusted_principal\x18\b \x01(\tR\x10trustedPrincipal\"U\n" +
 	"\x16SetCredentialsResponse\x12;\n" +
 	"\vcredentials\x18\x01 \x01(\v2\x19.recgw.v1.CredentialsViewR\vcredentials\"9\n" +
 	"\x1aDescribeCredentialsRequest\x12\x1b\n" +
@@ -777,17 +1161,37 @@ const file_recgw_v1_credentials_proto_rawDesc = "" +
 	"\ttenant_id\x18\x01 \x01(\tR\btenantId\"\x1b\n" +
 	"\x19DeleteCredentialsResponse\"7\n" +
 	"\x18VerifyCredentialsRequest\x12\x1b\n" +
-	"\ttenant_id\x18\x01 \x01(\tR\btenantId\"\x81\x01\n" +
+	"\ttenant_id\x18\x01 \x01(\tR\btenantId\"\xda\x01\n" +
 	"\x19VerifyCredentialsResponse\x12\x0e\n" +
 	"\x02ok\x18\x01 \x01(\bR\x02ok\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x1d\n" +
 	"\n" +
 	"error_code\x18\x03 \x01(\tR\terrorCode\x12#\n" +
-	"\rerror_message\x18\x04 \x01(\tR\ferrorMessage*\x90\x01\n" +
+	"\rerror_message\x18\x04 \x01(\tR\ferrorMessage\x122\n" +
+	"\x06checks\x18\x05 \x03(\v2\x1a.recgw.v1.CredentialsCheckR\x06checks\x12#\n" +
+	"\rbucket_region\x18\x06 \x01(\tR\fbucketRegion\"\xf6\x01\n" +
+	"\x10CredentialsCheck\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x128\n" +
+	"\x06result\x18\x02 \x01(\x0e2 .recgw.v1.CredentialsCheckResultR\x06result\x12\x1c\n" +
+	"\toperation\x18\x03 \x01(\tR\toperation\x12\x1d\n" +
+	"\n" +
+	"error_code\x18\x04 \x01(\tR\terrorCode\x12-\n" +
+	"\x12missing_permission\x18\x05 \x01(\tR\x11missingPermission\x12\x10\n" +
+	"\x03fix\x18\x06 \x01(\tR\x03fix\x12\x16\n" +
+	"\x06detail\x18\a \x01(\tR\x06detail*\x90\x01\n" +
 	"\x18ServerSideEncryptionMode\x12+\n" +
 	"'SERVER_SIDE_ENCRYPTION_MODE_UNSPECIFIED\x10\x00\x12\"\n" +
 	"\x1eSERVER_SIDE_ENCRYPTION_MODE_S3\x10\x01\x12#\n" +
-	"\x1fSERVER_SIDE_ENCRYPTION_MODE_KMS\x10\x022\x89\x03\n" +
+	"\x1fSERVER_SIDE_ENCRYPTION_MODE_KMS\x10\x02*\x88\x01\n" +
+	"\x15AbandonedUploadPolicy\x12'\n" +
+	"#ABANDONED_UPLOAD_POLICY_UNSPECIFIED\x10\x00\x12!\n" +
+	"\x1dABANDONED_UPLOAD_POLICY_ABORT\x10\x01\x12#\n" +
+	"\x1fABANDONED_UPLOAD_POLICY_SALVAGE\x10\x02*\xb2\x01\n" +
+	"\x16CredentialsCheckResult\x12(\n" +
+	"$CREDENTIALS_CHECK_RESULT_UNSPECIFIED\x10\x00\x12#\n" +
+	"\x1fCREDENTIALS_CHECK_RESULT_PASSED\x10\x01\x12#\n" +
+	"\x1fCREDENTIALS_CHECK_RESULT_FAILED\x10\x02\x12$\n" +
+	" CREDENTIALS_CHECK_RESULT_SKIPPED\x10\x032\x89\x03\n" +
 	"\x12CredentialsService\x12S\n" +
 	"\x0eSetCredentials\x12\x1f.recgw.v1.SetCredentialsRequest\x1a .recgw.v1.SetCredentialsResponse\x12b\n" +
 	"\x13DescribeCredentials\x12$.recgw.v1.DescribeCredentialsRequest\x1a%.recgw.v1.DescribeCredentialsResponse\x12\\\n" +
@@ -807,44 +1211,52 @@ func file_recgw_v1_credentials_proto_rawDescGZIP() []byte {
 	return file_recgw_v1_credentials_proto_rawDescData
 }
 
-var file_recgw_v1_credentials_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_recgw_v1_credentials_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_recgw_v1_credentials_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_recgw_v1_credentials_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_recgw_v1_credentials_proto_goTypes = []any{
 	(ServerSideEncryptionMode)(0),       // 0: recgw.v1.ServerSideEncryptionMode
-	(*ServerSideEncryption)(nil),        // 1: recgw.v1.ServerSideEncryption
-	(*StorageTarget)(nil),               // 2: recgw.v1.StorageTarget
-	(*SetCredentialsRequest)(nil),       // 3: recgw.v1.SetCredentialsRequest
-	(*CredentialsView)(nil),             // 4: recgw.v1.CredentialsView
-	(*SetCredentialsResponse)(nil),      // 5: recgw.v1.SetCredentialsResponse
-	(*DescribeCredentialsRequest)(nil),  // 6: recgw.v1.DescribeCredentialsRequest
-	(*DescribeCredentialsResponse)(nil), // 7: recgw.v1.DescribeCredentialsResponse
-	(*DeleteCredentialsRequest)(nil),    // 8: recgw.v1.DeleteCredentialsRequest
-	(*DeleteCredentialsResponse)(nil),   // 9: recgw.v1.DeleteCredentialsResponse
-	(*VerifyCredentialsRequest)(nil),    // 10: recgw.v1.VerifyCredentialsRequest
-	(*VerifyCredentialsResponse)(nil),   // 11: recgw.v1.VerifyCredentialsResponse
-	(*timestamppb.Timestamp)(nil),       // 12: google.protobuf.Timestamp
+	(AbandonedUploadPolicy)(0),          // 1: recgw.v1.AbandonedUploadPolicy
+	(CredentialsCheckResult)(0),         // 2: recgw.v1.CredentialsCheckResult
+	(*ServerSideEncryption)(nil),        // 3: recgw.v1.ServerSideEncryption
+	(*StorageTarget)(nil),               // 4: recgw.v1.StorageTarget
+	(*IamRole)(nil),                     // 5: recgw.v1.IamRole
+	(*SetCredentialsRequest)(nil),       // 6: recgw.v1.SetCredentialsRequest
+	(*CredentialsView)(nil),             // 7: recgw.v1.CredentialsView
+	(*SetCredentialsResponse)(nil),      // 8: recgw.v1.SetCredentialsResponse
+	(*DescribeCredentialsRequest)(nil),  // 9: recgw.v1.DescribeCredentialsRequest
+	(*DescribeCredentialsResponse)(nil), // 10: recgw.v1.DescribeCredentialsResponse
+	(*DeleteCredentialsRequest)(nil),    // 11: recgw.v1.DeleteCredentialsRequest
+	(*DeleteCredentialsResponse)(nil),   // 12: recgw.v1.DeleteCredentialsResponse
+	(*VerifyCredentialsRequest)(nil),    // 13: recgw.v1.VerifyCredentialsRequest
+	(*VerifyCredentialsResponse)(nil),   // 14: recgw.v1.VerifyCredentialsResponse
+	(*CredentialsCheck)(nil),            // 15: recgw.v1.CredentialsCheck
+	(*timestamppb.Timestamp)(nil),       // 16: google.protobuf.Timestamp
 }
 var file_recgw_v1_credentials_proto_depIdxs = []int32{
 	0,  // 0: recgw.v1.ServerSideEncryption.mode:type_name -> recgw.v1.ServerSideEncryptionMode
-	1,  // 1: recgw.v1.StorageTarget.encryption:type_name -> recgw.v1.ServerSideEncryption
-	2,  // 2: recgw.v1.SetCredentialsRequest.target:type_name -> recgw.v1.StorageTarget
-	12, // 3: recgw.v1.CredentialsView.update_time:type_name -> google.protobuf.Timestamp
-	2,  // 4: recgw.v1.CredentialsView.target:type_name -> recgw.v1.StorageTarget
-	4,  // 5: recgw.v1.SetCredentialsResponse.credentials:type_name -> recgw.v1.CredentialsView
-	4,  // 6: recgw.v1.DescribeCredentialsResponse.credentials:type_name -> recgw.v1.CredentialsView
-	3,  // 7: recgw.v1.CredentialsService.SetCredentials:input_type -> recgw.v1.SetCredentialsRequest
-	6,  // 8: recgw.v1.CredentialsService.DescribeCredentials:input_type -> recgw.v1.DescribeCredentialsRequest
-	8,  // 9: recgw.v1.CredentialsService.DeleteCredentials:input_type -> recgw.v1.DeleteCredentialsRequest
-	10, // 10: recgw.v1.CredentialsService.VerifyCredentials:input_type -> recgw.v1.VerifyCredentialsRequest
-	5,  // 11: recgw.v1.CredentialsService.SetCredentials:output_type -> recgw.v1.SetCredentialsResponse
-	7,  // 12: recgw.v1.CredentialsService.DescribeCredentials:output_type -> recgw.v1.DescribeCredentialsResponse
-	9,  // 13: recgw.v1.CredentialsService.DeleteCredentials:output_type -> recgw.v1.DeleteCredentialsResponse
-	11, // 14: recgw.v1.CredentialsService.VerifyCredentials:output_type -> recgw.v1.VerifyCredentialsResponse
-	11, // [11:15] is the sub-list for method output_type
-	7,  // [7:11] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	3,  // 1: recgw.v1.StorageTarget.encryption:type_name -> recgw.v1.ServerSideEncryption
+	1,  // 2: recgw.v1.StorageTarget.abandoned_uploads:type_name -> recgw.v1.AbandonedUploadPolicy
+	4,  // 3: recgw.v1.SetCredentialsRequest.target:type_name -> recgw.v1.StorageTarget
+	5,  // 4: recgw.v1.SetCredentialsRequest.role:type_name -> recgw.v1.IamRole
+	16, // 5: recgw.v1.CredentialsView.update_time:type_name -> google.protobuf.Timestamp
+	4,  // 6: recgw.v1.CredentialsView.target:type_name -> recgw.v1.StorageTarget
+	7,  // 7: recgw.v1.SetCredentialsResponse.credentials:type_name -> recgw.v1.CredentialsView
+	7,  // 8: recgw.v1.DescribeCredentialsResponse.credentials:type_name -> recgw.v1.CredentialsView
+	15, // 9: recgw.v1.VerifyCredentialsResponse.checks:type_name -> recgw.v1.CredentialsCheck
+	2,  // 10: recgw.v1.CredentialsCheck.result:type_name -> recgw.v1.CredentialsCheckResult
+	6,  // 11: recgw.v1.CredentialsService.SetCredentials:input_type -> recgw.v1.SetCredentialsRequest
+	9,  // 12: recgw.v1.CredentialsService.DescribeCredentials:input_type -> recgw.v1.DescribeCredentialsRequest
+	11, // 13: recgw.v1.CredentialsService.DeleteCredentials:input_type -> recgw.v1.DeleteCredentialsRequest
+	13, // 14: recgw.v1.CredentialsService.VerifyCredentials:input_type -> recgw.v1.VerifyCredentialsRequest
+	8,  // 15: recgw.v1.CredentialsService.SetCredentials:output_type -> recgw.v1.SetCredentialsResponse
+	10, // 16: recgw.v1.CredentialsService.DescribeCredentials:output_type -> recgw.v1.DescribeCredentialsResponse
+	12, // 17: recgw.v1.CredentialsService.DeleteCredentials:output_type -> recgw.v1.DeleteCredentialsResponse
+	14, // 18: recgw.v1.CredentialsService.VerifyCredentials:output_type -> recgw.v1.VerifyCredentialsResponse
+	15, // [15:19] is the sub-list for method output_type
+	11, // [11:15] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_recgw_v1_credentials_proto_init() }
@@ -857,8 +1269,8 @@ func file_recgw_v1_credentials_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_recgw_v1_credentials_proto_rawDesc), len(file_recgw_v1_credentials_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   11,
+			NumEnums:      3,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

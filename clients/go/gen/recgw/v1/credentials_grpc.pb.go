@@ -31,6 +31,11 @@ const (
 //
 // CredentialsService stores each tenant's S3 credentials in Vault.
 //
+// A tenant's credentials are either an access key pair (for example of an IAM
+// user allowed only s3:PutObject under the prefix) or an IAM role that the
+// gateway assumes with sts:AssumeRole and a recgw-generated external id, so
+// that no customer secret exists at all.
+//
 // Credentials can be written, described, verified and deleted, never read
 // back: no response carries a secret. Every call needs
 // `authorization: Bearer <token>` metadata with a token of role `admin`.
@@ -41,8 +46,12 @@ type CredentialsServiceClient interface {
 	DescribeCredentials(ctx context.Context, in *DescribeCredentialsRequest, opts ...grpc.CallOption) (*DescribeCredentialsResponse, error)
 	// DeleteCredentials removes the tenant's credentials, all versions.
 	DeleteCredentials(ctx context.Context, in *DeleteCredentialsRequest, opts ...grpc.CallOption) (*DeleteCredentialsResponse, error)
-	// VerifyCredentials writes a tiny object at one fixed key under the prefix
-	// (overwritten each time) to prove the stored credentials can write.
+	// VerifyCredentials is the setup doctor: it proves, with the stored
+	// credentials, every capability this tenant's uploads use (assuming the
+	// role, the bucket's region, a multipart upload with the tenant's checksum
+	// and encryption settings, and that the store refuses a conditional write
+	// to an existing object), and reports each check. It leaves one small
+	// object at `<prefix>.recgw-write-check`, overwritten by every call.
 	VerifyCredentials(ctx context.Context, in *VerifyCredentialsRequest, opts ...grpc.CallOption) (*VerifyCredentialsResponse, error)
 }
 
@@ -100,6 +109,11 @@ func (c *credentialsServiceClient) VerifyCredentials(ctx context.Context, in *Ve
 //
 // CredentialsService stores each tenant's S3 credentials in Vault.
 //
+// A tenant's credentials are either an access key pair (for example of an IAM
+// user allowed only s3:PutObject under the prefix) or an IAM role that the
+// gateway assumes with sts:AssumeRole and a recgw-generated external id, so
+// that no customer secret exists at all.
+//
 // Credentials can be written, described, verified and deleted, never read
 // back: no response carries a secret. Every call needs
 // `authorization: Bearer <token>` metadata with a token of role `admin`.
@@ -110,8 +124,12 @@ type CredentialsServiceServer interface {
 	DescribeCredentials(context.Context, *DescribeCredentialsRequest) (*DescribeCredentialsResponse, error)
 	// DeleteCredentials removes the tenant's credentials, all versions.
 	DeleteCredentials(context.Context, *DeleteCredentialsRequest) (*DeleteCredentialsResponse, error)
-	// VerifyCredentials writes a tiny object at one fixed key under the prefix
-	// (overwritten each time) to prove the stored credentials can write.
+	// VerifyCredentials is the setup doctor: it proves, with the stored
+	// credentials, every capability this tenant's uploads use (assuming the
+	// role, the bucket's region, a multipart upload with the tenant's checksum
+	// and encryption settings, and that the store refuses a conditional write
+	// to an existing object), and reports each check. It leaves one small
+	// object at `<prefix>.recgw-write-check`, overwritten by every call.
 	VerifyCredentials(context.Context, *VerifyCredentialsRequest) (*VerifyCredentialsResponse, error)
 	mustEmbedUnimplementedCredentialsServiceServer()
 }

@@ -39,7 +39,13 @@ const (
 //   - `limit`: the name of the limit that was hit, for RESOURCE_EXHAUSTED;
 //   - `store_code`: the object store's own error code, for example
 //     "AccessDenied", when S3 refused a request;
-//   - `operation`: the S3 operation that failed, for example "UploadPart".
+//   - `operation`: the S3 operation that failed, for example "UploadPart", or
+//     "AssumeRole" when STS refused to hand out the tenant's role credentials;
+//   - `missing_permission`: with ACCESS_DENIED, the permission the store or STS
+//     said is missing, e.g. "kms:Decrypt on arn:aws:kms:...:key/...", when it
+//     said so;
+//   - `bucket_region`: the region the bucket is in, when S3 refused a request
+//     sent to another region.
 //
 // The retry table (what a client does after each reason) is in
 // `testdata/retry_table.json`, shared by all client libraries.
@@ -120,13 +126,17 @@ const (
 	// FAILED_PRECONDITION: S3 rejected the stored credentials
 	// (InvalidAccessKeyId, SignatureDoesNotMatch, ExpiredToken...).
 	ErrorReason_ERROR_REASON_CREDENTIALS_REJECTED ErrorReason = 70
-	// PERMISSION_DENIED: S3 denied the request (AccessDenied); `operation`
-	// and `store_code` say which. Fix the tenant's IAM or bucket policy.
+	// PERMISSION_DENIED: S3 denied the request (AccessDenied), or STS denied
+	// assuming the tenant's role (`operation` "AssumeRole": the role's trust
+	// policy or external id); `operation` and `store_code` say which. Fix the
+	// tenant's IAM, bucket or trust policy; VerifyCredentials says what is
+	// missing.
 	ErrorReason_ERROR_REASON_ACCESS_DENIED ErrorReason = 71
 	// FAILED_PRECONDITION: the bucket does not exist.
 	ErrorReason_ERROR_REASON_BUCKET_NOT_FOUND ErrorReason = 72
 	// FAILED_PRECONDITION: S3 refused the request for another reason (KMS,
-	// encryption, invalid argument); `store_code` says which.
+	// encryption, invalid argument, a wrong region: then `bucket_region` names
+	// the right one); `store_code` says which.
 	ErrorReason_ERROR_REASON_STORAGE_REJECTED ErrorReason = 73
 	// UNAVAILABLE: S3 could not be reached or throttled after retries.
 	ErrorReason_ERROR_REASON_STORAGE_UNAVAILABLE ErrorReason = 80

@@ -121,7 +121,14 @@ type UploadStart struct {
 	ExpectedSize *int64 `protobuf:"varint,5,opt,name=expected_size,json=expectedSize,proto3,oneof" json:"expected_size,omitempty"`
 	// Optional client-chosen upload id (a UUID). When empty the gateway
 	// generates one. Naming an existing upload id is reserved for resuming.
-	UploadId      string `protobuf:"bytes,6,opt,name=upload_id,json=uploadId,proto3" json:"upload_id,omitempty"`
+	UploadId string `protobuf:"bytes,6,opt,name=upload_id,json=uploadId,proto3" json:"upload_id,omitempty"`
+	// Ask the gateway to compute the object's SHA-256 (returned in
+	// `UploadResponse.checksums.sha256`, and required for verifying
+	// `object_checksums.sha256` at finish). It costs gateway CPU; CRC32C is
+	// always computed and verified end to end. A gateway configured with
+	// `uploads.sha256 = "always"` computes it for every upload. Repeat it on
+	// every resuming stream; it can change only while nothing is committed.
+	ComputeSha256 bool `protobuf:"varint,7,opt,name=compute_sha256,json=computeSha256,proto3" json:"compute_sha256,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -196,6 +203,13 @@ func (x *UploadStart) GetUploadId() string {
 		return x.UploadId
 	}
 	return ""
+}
+
+func (x *UploadStart) GetComputeSha256() bool {
+	if x != nil {
+		return x.ComputeSha256
+	}
+	return false
 }
 
 // ObjectChecksums are checksums of a whole object.
@@ -863,7 +877,7 @@ var File_recgw_v1_upload_proto protoreflect.FileDescriptor
 
 const file_recgw_v1_upload_proto_rawDesc = "" +
 	"\n" +
-	"\x15recgw/v1/upload.proto\x12\brecgw.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc5\x02\n" +
+	"\x15recgw/v1/upload.proto\x12\brecgw.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xec\x02\n" +
 	"\vUploadStart\x12\x1b\n" +
 	"\ttenant_id\x18\x01 \x01(\tR\btenantId\x12\x1f\n" +
 	"\vobject_name\x18\x02 \x01(\tR\n" +
@@ -871,7 +885,8 @@ const file_recgw_v1_upload_proto_rawDesc = "" +
 	"\fcontent_type\x18\x03 \x01(\tR\vcontentType\x12?\n" +
 	"\bmetadata\x18\x04 \x03(\v2#.recgw.v1.UploadStart.MetadataEntryR\bmetadata\x12(\n" +
 	"\rexpected_size\x18\x05 \x01(\x03H\x00R\fexpectedSize\x88\x01\x01\x12\x1b\n" +
-	"\tupload_id\x18\x06 \x01(\tR\buploadId\x1a;\n" +
+	"\tupload_id\x18\x06 \x01(\tR\buploadId\x12%\n" +
+	"\x0ecompute_sha256\x18\a \x01(\bR\rcomputeSha256\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x10\n" +
