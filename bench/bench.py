@@ -834,11 +834,13 @@ def gateway_config(
 name = "bench-{role}"
 role = "{role}"
 sha256 = {toml_string(digest)}
+tenants = ["*"]
 """
         for role, digest in token_hashes.items()
     )
     return f"""\
 listen = {toml_string(f"127.0.0.1:{port}")}
+plaintext = true
 metrics_listen = ""
 shutdown_grace_seconds = 2
 log_level = "INFO"

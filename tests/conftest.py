@@ -1,4 +1,4 @@
-"""Session-wide real services: OpenBao dev server, moto_server with IAM on, and a gateway."""
+"""Session-wide real services: OpenBao, moto_server with IAM on, PostgreSQL, and a gateway."""
 
 from __future__ import annotations
 
@@ -8,22 +8,26 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from recgw_server.auth.tokens import hash_token
 from recgw_server.dev.stack import (
     MotoS3,
     OpenBao,
+    PostgresCluster,
     VaultIdentities,
     bootstrap_vault,
     free_port,
     seed_policy,
     start_moto,
     start_openbao,
+    start_postgres,
     wait_until,
 )
 from tests.harness import (
     ADMIN_TOKEN,
+    AUDIT_FILES,
     UPLOADER_TOKEN,
     CapturedLogs,
     GatewayThread,
@@ -58,6 +62,14 @@ def moto(service_logs: Path) -> Iterator[MotoS3]:
     s3.create_bucket(SHARED_BUCKET)
     yield s3
     s3.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster; tests take databases of their own from it."""
+    cluster = start_postgres()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")
@@ -101,8 +113,11 @@ def make_gateway(
     """A factory for gateways with their own settings; all are stopped after the test."""
     started: list[GatewayThread] = []
 
-    def make(**overrides: Any) -> GatewayThread:
-        thread = GatewayThread(make_settings(openbao, identities, **overrides))
+    def make(
+        channel_credentials: grpc.ChannelCredentials | None = None, **overrides: Any
+    ) -> GatewayThread:
+        settings = make_settings(openbao, identities, **overrides)
+        thread = GatewayThread(settings, channel_credentials=channel_credentials)
         started.append(thread)
         return thread
 
@@ -143,6 +158,9 @@ def canaries_never_logged(captured_logs: CapturedLogs) -> Iterator[None]:
     """After the whole session: no secret any test used appears in any captured log line."""
     yield
     assert_no_secrets(captured_logs.text())
+    for audit_file in AUDIT_FILES:
+        if audit_file.exists():
+            assert_no_secrets(audit_file.read_text())
 
 
 @pytest.fixture
@@ -154,18 +172,24 @@ def served(
     config.write_text(
         f"""
 listen = "127.0.0.1:{port}"
+plaintext = true
 data_dir = "{tmp_path / "data"}"
 shutdown_grace_seconds = 2
+
+[audit]
+sink = "{tmp_path / "audit.jsonl"}"
 
 [[tokens]]
 name = "uploader"
 role = "uploader"
 sha256 = "{hash_token(UPLOADER_TOKEN)}"
+tenants = ["*"]
 
 [[tokens]]
 name = "admin"
 role = "admin"
 sha256 = "{hash_token(ADMIN_TOKEN)}"
+tenants = ["*"]
 
 [vault]
 address = "{openbao.address}"
@@ -193,6 +217,8 @@ part_size_mib = 5
     yield gateway
     gateway.stop()
     assert_no_secrets(gateway.log.read_text())
+    if (tmp_path / "audit.jsonl").exists():
+        assert_no_secrets((tmp_path / "audit.jsonl").read_text())
 
 
 @pytest.fixture(autouse=True)

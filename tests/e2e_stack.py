@@ -59,6 +59,7 @@ ADMIN_TOKEN = "admin-CANARY-TOKEN-" + uuid.uuid4().hex
 def _config(port: int, data_dir: Path, bao: OpenBao, identities: VaultIdentities) -> str:
     return f"""
 listen = "127.0.0.1:{port}"
+plaintext = true
 data_dir = "{data_dir}"
 shutdown_grace_seconds = 2
 
@@ -66,11 +67,13 @@ shutdown_grace_seconds = 2
 name = "e2e-uploader"
 role = "uploader"
 sha256 = "{hash_token(UPLOADER_TOKEN)}"
+tenants = ["*"]
 
 [[tokens]]
 name = "e2e-admin"
 role = "admin"
 sha256 = "{hash_token(ADMIN_TOKEN)}"
+tenants = ["*"]
 
 [vault]
 address = "{bao.address}"

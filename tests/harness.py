@@ -33,6 +33,8 @@ UPLOADER_TOKEN = "uploader-CANARY-TOKEN-" + uuid.uuid4().hex
 ADMIN_TOKEN = "admin-CANARY-TOKEN-" + uuid.uuid4().hex
 # Every secret value a test hands to the system; none may ever show up in logs or responses.
 CANARIES: set[str] = {UPLOADER_TOKEN, ADMIN_TOKEN}
+# The audit trails the test gateways write; the session's end scans them for secrets.
+AUDIT_FILES: list[Path] = []
 # OpenBao/Vault token formats: service tokens (s./hvs.), batch tokens (b./hvb.).
 VAULT_TOKEN_PATTERN = re.compile(r"\b(hv[sb]|[sb])\.[A-Za-z0-9_-]{20,}")
 
@@ -89,13 +91,28 @@ def make_settings(
         "completion_backoff_seconds": 0.05,
     }
     uploads.update(overrides.pop("uploads", {}))
+    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="recgw-test-"))
+    audit_file = data_dir / "audit.jsonl"
+    AUDIT_FILES.append(audit_file)
     values: dict[str, Any] = {
         "listen": "127.0.0.1:0",
-        "data_dir": data_dir or Path(tempfile.mkdtemp(prefix="recgw-test-")),
+        "plaintext": "tls" not in overrides,
+        "data_dir": data_dir,
         "shutdown_grace_seconds": 1.0,
+        "audit": {"sink": str(audit_file)},
         "tokens": [
-            {"name": "test-uploader", "role": "uploader", "sha256": hash_token(UPLOADER_TOKEN)},
-            {"name": "test-admin", "role": "admin", "sha256": hash_token(ADMIN_TOKEN)},
+            {
+                "name": "test-uploader",
+                "role": "uploader",
+                "sha256": hash_token(UPLOADER_TOKEN),
+                "tenants": ["*"],
+            },
+            {
+                "name": "test-admin",
+                "role": "admin",
+                "sha256": hash_token(ADMIN_TOKEN),
+                "tenants": ["*"],
+            },
         ],
         "vault": {
             "address": vault_address or bao.address,
@@ -113,23 +130,34 @@ def make_settings(
 class GatewayThread:
     """Runs a Gateway on its own event loop in a daemon thread."""
 
-    def __init__(self, settings: Settings, adapters: Adapters | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        adapters: Adapters | None = None,
+        *,
+        channel_credentials: grpc.ChannelCredentials | None = None,
+        config_file: Path | None = None,
+    ) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.gateway = self.run(self._build(settings, adapters))
+        self.gateway = self.run(self._build(settings, adapters, config_file))
         self.port = self.run(self.gateway.start())
         self.address = f"127.0.0.1:{self.port}"
-        self.channel = grpc.insecure_channel(
-            self.address,
-            options=[("grpc.max_send_message_length", 64 * MiB)],
-        )
+        options: list[tuple[str, Any]] = [("grpc.max_send_message_length", 64 * MiB)]
+        if channel_credentials is None:
+            self.channel = grpc.insecure_channel(self.address, options=options)
+        else:  # TLS: the test certificates are issued for "localhost"
+            options.append(("grpc.ssl_target_name_override", "localhost"))
+            self.channel = grpc.secure_channel(self.address, channel_credentials, options=options)
         self.uploads = upload_pb2_grpc.UploadServiceStub(self.channel)
         self.credentials = credentials_pb2_grpc.CredentialsServiceStub(self.channel)
 
     @staticmethod
-    async def _build(settings: Settings, adapters: Adapters | None) -> Gateway:
-        return Gateway(settings, adapters)
+    async def _build(
+        settings: Settings, adapters: Adapters | None, config_file: Path | None
+    ) -> Gateway:
+        return Gateway(settings, adapters, config_file)
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 60) -> T:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
@@ -356,3 +384,52 @@ class ServedGateway:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def set_role_credentials(
+    gateway: HasCredentialsStub,
+    tenant_id: str,
+    bucket: str,
+    role_arn: str,
+    *,
+    endpoint_url: str,
+    region: str = "us-east-1",
+    prefix: str = "uploads/",
+    rotate_external_id: bool = False,
+    **target: Any,
+) -> credentials_pb2.SetCredentialsResponse:
+    """SetCredentials with a role instead of an access key pair."""
+    request = credentials_pb2.SetCredentialsRequest(
+        tenant_id=tenant_id,
+        role=credentials_pb2.IamRole(role_arn=role_arn),
+        rotate_external_id=rotate_external_id,
+        target=credentials_pb2.StorageTarget(
+            region=region,
+            bucket=bucket,
+            prefix=prefix,
+            endpoint_url=endpoint_url,
+            force_path_style=True,
+            **target,
+        ),
+    )
+    response: credentials_pb2.SetCredentialsResponse = gateway.credentials.SetCredentials(
+        request, metadata=ADMIN
+    )
+    return response
+
+
+def verify_credentials(
+    gateway: HasCredentialsStub, tenant_id: str
+) -> credentials_pb2.VerifyCredentialsResponse:
+    response: credentials_pb2.VerifyCredentialsResponse = gateway.credentials.VerifyCredentials(
+        credentials_pb2.VerifyCredentialsRequest(tenant_id=tenant_id), metadata=ADMIN
+    )
+    return response
+
+
+def check_results(report: credentials_pb2.VerifyCredentialsResponse) -> dict[str, str]:
+    """Each check's name and result, e.g. {"upload_part": "PASSED"}."""
+    return {
+        check.name: credentials_pb2.CredentialsCheckResult.Name(check.result).rsplit("_", 1)[-1]
+        for check in report.checks
+    }

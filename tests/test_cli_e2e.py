@@ -100,7 +100,9 @@ def test_creds_set_reads_the_secret_from_stdin(
         check=False,
     )
     assert verify.returncode == 0, verify.stderr
-    assert json.loads(verify.stdout)["ok"] is True
+    report = json.loads(verify.stdout)
+    assert report["ok"] is True
+    assert {c["name"]: c["result"] for c in report["checks"]}["conditional_write"] == "passed"
     assert_no_secrets(result.stdout + result.stderr + verify.stdout + verify.stderr)
 
 

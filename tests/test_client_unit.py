@@ -647,6 +647,16 @@ class FakeGateway(
                 key="uploads/.recgw-verify",
                 error_code="AccessDenied",
                 error_message="the key may not s3:PutObject on customer-bucket/uploads/*",
+                checks=[
+                    credentials_pb2.CredentialsCheck(
+                        name="create_multipart_upload",
+                        result=credentials_pb2.CREDENTIALS_CHECK_RESULT_FAILED,
+                        operation="CreateMultipartUpload",
+                        error_code="AccessDenied",
+                        missing_permission="s3:PutObject on arn:aws:s3:::customer-bucket/uploads/*",
+                        fix="allow it in the policy of the IAM user of access key ****MPLE",
+                    )
+                ],
             )
         return credentials_pb2.VerifyCredentialsResponse(ok=True, key="uploads/.recgw-verify")
 
@@ -1548,3 +1558,34 @@ def test_cli_ctrl_c_cancels_the_upload_and_exits_130(fake: FakeServer) -> None:
     assert upload.ended.wait(WAIT)
     assert upload.data == b"recording..."
     assert not any(r.finish_write for r in upload.requests)
+
+
+def test_cli_creds_set_with_a_role_reads_no_secret(
+    runner: typer.testing.CliRunner, fake: FakeServer
+) -> None:
+    role = "arn:aws:iam::123456789012:role/recgw-writer"
+    args = ["creds", "set", "--tenant", "acme", "--bucket", "customer-bucket", "--json"]
+    result = invoke(runner, [*args, "--role-arn", role, "--rotate-external-id"])
+    assert result.exit_code == 0, result.output
+    [request] = fake.gateway.unary_requests
+    assert isinstance(request, credentials_pb2.SetCredentialsRequest)
+    assert (request.role.role_arn, request.access_key_id, request.secret_access_key) == (
+        role,
+        "",
+        "",
+    )
+    assert request.rotate_external_id and request.target.region == ""
+    result = invoke(runner, [*args, "--role-arn", role, "--access-key-id", "AKIAIOSFODNN7EXAMPLE"])
+    assert result.exit_code == 2 and "not both" in result.stderr
+
+
+def test_cli_creds_verify_lists_the_checks(
+    runner: typer.testing.CliRunner, fake: FakeServer
+) -> None:
+    result = invoke(runner, ["creds", "verify", "--tenant", "broken"])
+    assert result.exit_code == 1
+    assert "FAILED   create_multipart_upload  (CreateMultipartUpload)" in result.stdout
+    assert "missing: s3:PutObject on arn:aws:s3:::customer-bucket/uploads/*" in result.stdout
+    result = invoke(runner, ["creds", "verify", "--tenant", "broken", "--json"])
+    [check] = json.loads(result.stdout)["checks"]
+    assert (check["name"], check["result"]) == ("create_multipart_upload", "failed")

@@ -455,3 +455,47 @@ def test_expected_multipart_etag() -> None:
     assert expected_multipart_etag([f'"{m}"' for m in md5s]) == (
         f'"{hashlib.md5(joined).hexdigest()}-2"'
     )
+
+
+def test_a_frozen_client_is_noticed_within_seconds(
+    make_gateway: Callable[..., GatewayThread], new_tenant: Callable[..., Tenant]
+) -> None:
+    """A SIGSTOPped client keeps its TCP connection but answers no HTTP/2 ping. With keepalive
+    1 s + 1 s the gateway ends its stream within seconds (it took a minute before: gRPC waited
+    for a ping's ack for `grpc.http2.ping_timeout_ms`, 60 s by default, not the keepalive
+    timeout); the upload stays open for a resume."""
+    import subprocess
+    import sys
+
+    from tests.harness import UPLOADER_TOKEN
+
+    gateway = make_gateway(server={"keepalive_time_seconds": 1, "keepalive_timeout_seconds": 1})
+    tenant = new_tenant(gateway=gateway)
+    upload_id = str(uuid.uuid4())
+    frozen = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.frozen_client",
+            gateway.address,
+            UPLOADER_TOKEN,
+            tenant.tenant_id,
+            upload_id,
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert frozen.stdout is not None and frozen.stdout.readline().strip() == b"sent"
+        started = time.monotonic()
+        uploads = gateway.gateway.manager
+
+        def detached() -> bool:
+            upload = uploads._uploads.get(upload_id)
+            return upload is not None and not upload.attached
+
+        wait_until(detached, 30, "the frozen client's stream to end")
+        assert time.monotonic() - started < 10
+        assert status(gateway, upload_id).state == upload_pb2.UPLOAD_STATE_OPEN
+    finally:
+        frozen.kill()
+        frozen.wait()

@@ -21,10 +21,17 @@ import typer.testing
 from recgw_server.cli import app
 from recgw_server.dev.stack import AwsKeys, MotoS3
 from recgw_server.policy import (
+    EXTERNAL_ID_PLACEHOLDER,
+    GATEWAY_PRINCIPAL_PLACEHOLDER,
     PRINCIPAL_PLACEHOLDER,
+    access_point_delegation_statement,
+    access_point_policy,
     bucket_policy,
     identity_policy,
     lifecycle_rule,
+    permission_policy,
+    role_cloudformation,
+    trust_policy,
 )
 
 PRINCIPAL = "arn:aws:iam::123456789012:user/recgw-uploader"
@@ -423,4 +430,104 @@ def test_cli_bad_input_exits_2_and_says_what_to_fix(
     result = runner.invoke(app, ["policy", *args])
     assert result.exit_code == 2
     assert result.stdout == ""
+    assert message in result.stderr
+
+
+# --- roles and access points ----------------------------------------------------------------
+
+GATEWAY = "arn:aws:iam::111122223333:role/recgw-gateway"
+EXTERNAL_ID = "recgw-0123456789abcdef0123456789abcdef"
+KMS_KEY = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+ACCESS_POINT = "arn:aws:s3:us-west-2:123456789012:accesspoint/recordings-ap"
+
+
+def test_trust_policy_lets_only_the_gateway_assume_with_the_external_id() -> None:
+    [statement] = statements(trust_policy(GATEWAY, EXTERNAL_ID))
+    assert statement["Principal"] == {"AWS": GATEWAY}
+    assert statement["Action"] == "sts:AssumeRole"
+    assert statement["Condition"] == {"StringEquals": {"sts:ExternalId": EXTERNAL_ID}}
+    [unedited] = statements(trust_policy(None, None))
+    assert unedited["Principal"] == {"AWS": GATEWAY_PRINCIPAL_PLACEHOLDER}
+    assert unedited["Condition"]["StringEquals"]["sts:ExternalId"] == EXTERNAL_ID_PLACEHOLDER
+
+
+def test_permission_policy_adds_the_kms_actions_only_with_sse_kms() -> None:
+    [put] = statements(permission_policy("videsk-storage-s3"))
+    assert put == statements(identity_policy("videsk-storage-s3"))[0]
+    put, kms = statements(permission_policy("videsk-storage-s3", kms_key_arn=KMS_KEY))
+    assert actions(put) == ["s3:PutObject"]
+    assert (actions(kms), kms["Resource"]) == (["kms:GenerateDataKey", "kms:Decrypt"], KMS_KEY)
+    [through] = statements(permission_policy(ACCESS_POINT, "calls/"))
+    assert through["Resource"] == f"{ACCESS_POINT}/object/calls/*"
+
+
+def test_the_template_creates_the_role_with_both_policies() -> None:
+    template = role_cloudformation("videsk-storage-s3", "uploads/", GATEWAY, EXTERNAL_ID)
+    role = template["Resources"]["RecgwWriterRole"]
+    assert role["Type"] == "AWS::IAM::Role"
+    properties = role["Properties"]
+    assert properties["AssumeRolePolicyDocument"] == trust_policy(GATEWAY, EXTERNAL_ID)
+    [inline] = properties["Policies"]
+    assert inline["PolicyDocument"] == permission_policy("videsk-storage-s3")
+    assert template["Outputs"]["RoleArn"]["Value"] == {"Fn::GetAtt": ["RecgwWriterRole", "Arn"]}
+
+
+def test_access_point_policy_and_the_delegating_bucket_statement() -> None:
+    [statement] = statements(access_point_policy(ACCESS_POINT, "uploads/", PRINCIPAL))
+    assert statement["Principal"] == {"AWS": PRINCIPAL}
+    assert statement["Resource"] == f"{ACCESS_POINT}/object/uploads/*"
+    delegation = access_point_delegation_statement("videsk-storage-s3", ACCESS_POINT)
+    assert delegation["Resource"] == "arn:aws:s3:::videsk-storage-s3/uploads/*"
+    assert delegation["Condition"] == {"StringEquals": {"s3:DataAccessPointArn": ACCESS_POINT}}
+
+
+def test_cli_role_prints_trust_permission_and_template(runner: typer.testing.CliRunner) -> None:
+    args = ["policy", "--bucket", "videsk-storage-s3", "--role", "--kms-key-arn", KMS_KEY]
+    result = runner.invoke(
+        app, [*args, "--gateway-principal", GATEWAY, "--external-id", EXTERNAL_ID]
+    )
+    assert result.exit_code == 0, result.stderr
+    output = json.loads(result.stdout)
+    assert output["trust_policy"] == trust_policy(GATEWAY, EXTERNAL_ID)
+    assert output["permission_policy"] == permission_policy(
+        "videsk-storage-s3", kms_key_arn=KMS_KEY
+    )
+    assert output["cloudformation_template"] == role_cloudformation(
+        "videsk-storage-s3", "uploads/", GATEWAY, EXTERNAL_ID, kms_key_arn=KMS_KEY
+    )
+    assert "aws cloudformation deploy" in result.stderr
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and EXTERNAL_ID_PLACEHOLDER in result.stderr
+
+
+def test_cli_access_point_prints_its_policy_and_the_note(runner: typer.testing.CliRunner) -> None:
+    args = ["policy", "--bucket", "videsk-storage-s3", "--access-point", ACCESS_POINT]
+    result = runner.invoke(app, [*args, "--principal", PRINCIPAL])
+    assert result.exit_code == 0, result.stderr
+    output = json.loads(result.stdout)
+    assert output["identity_policy"] == permission_policy(ACCESS_POINT)
+    assert output["access_point_policy"] == access_point_policy(ACCESS_POINT, "uploads/", PRINCIPAL)
+    assert output["bucket_policy_statement"] == access_point_delegation_statement(
+        "videsk-storage-s3", ACCESS_POINT
+    )
+    assert "does NOT grant writes through an" in result.stderr
+    result = runner.invoke(app, [*args, "--role"])
+    [statement] = json.loads(result.stdout)["access_point_policy"]["Statement"]
+    assert statement["Principal"] == {"AWS": "arn:aws:iam::123456789012:role/recgw-writer"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--role", "--external-id", "x"], "invalid external id"),
+        (["--role", "--gateway-principal", "*"], "invalid gateway principal"),
+        (["--kms-key-arn", "arn:aws:kms:us-east-1:123456789012:alias/s3"], "invalid KMS key"),
+        (["--access-point", "arn:aws:s3:::videsk-storage-s3"], "invalid access point ARN"),
+    ],
+)
+def test_cli_bad_role_and_access_point_input_exits_2(
+    runner: typer.testing.CliRunner, args: list[str], message: str
+) -> None:
+    result = runner.invoke(app, ["policy", "--bucket", "videsk-storage-s3", *args])
+    assert result.exit_code == 2 and result.stdout == ""
     assert message in result.stderr

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 import grpc
 import pytest
@@ -16,8 +14,6 @@ from awscrt import checksums
 from recgw.v1 import upload_pb2
 
 from recgw_server.dev.stack import MotoS3
-from recgw_server.sessions.base import PartRecord, SessionRecord
-from recgw_server.sessions.sqlite import SqliteSessionStore
 from tests.harness import (
     UPLOADER,
     GatewayThread,
@@ -216,71 +212,6 @@ def test_abort_of_a_detached_upload(gateway: GatewayThread, moto: MotoS3, tenant
     assert not report.storage_aborted  # the seed policy has no AbortMultipartUpload
     assert "lifecycle rule" in report.detail
     assert status(gateway, upload_id).state == upload_pb2.UPLOAD_STATE_ABORTED
-
-
-def test_session_store_survives_reopening(tmp_path: Path) -> None:
-    path = tmp_path / "sessions.sqlite3"
-    record = SessionRecord(
-        upload_id=str(uuid.uuid4()),
-        tenant_id="tenant-a",
-        object_name="calls/1.webm",
-        key="uploads/calls/1.webm",
-        bucket="bucket-a",
-        content_type="video/webm",
-        metadata={"call-id": "1"},
-        if_none_match=True,
-        expected_size=None,
-        credentials_version=3,
-        part_base_size=8 * MiB,
-        part_growing=True,
-        growth_interval=1000,
-        state="open",
-        created_at=1000.5,
-        updated_at=1001.5,
-    )
-    parts = [
-        PartRecord(1, '"etag-1"', 8 * MiB, 11, 111, bytes(range(112))),
-        PartRecord(2, '"etag-2"', 8 * MiB, 22, 222, bytes(reversed(range(112)))),
-    ]
-
-    async def write() -> None:
-        store = SqliteSessionStore(path)
-        await store.create(record)
-        await store.update(record.upload_id, 1002.0, store_upload_id="s3-upload-id")
-        for part in parts:
-            await store.save_part(record.upload_id, part, part.number * 8 * MiB, 1003.0)
-        await store.update(
-            record.upload_id,
-            1004.0,
-            state="complete",
-            result={"etag": "x"},
-            error_message="",
-            abort_outcome="",
-        )
-        await store.close()
-
-    async def read() -> SessionRecord | None:
-        store = SqliteSessionStore(path)
-        try:
-            return await store.get(record.upload_id)
-        finally:
-            await store.close()
-
-    asyncio.run(write())
-    loaded = asyncio.run(read())
-    assert loaded is not None
-    assert loaded.store_upload_id == "s3-upload-id"
-    assert loaded.parts == tuple(parts)
-    assert loaded.committed_parts() == tuple(parts)
-    assert loaded.committed_size == 16 * MiB
-    assert (loaded.state, loaded.result, loaded.updated_at) == ("complete", {"etag": "x"}, 1004.0)
-    expected = {
-        name: getattr(record, name)
-        for name in record.__dataclass_fields__
-        if name
-        not in ("store_upload_id", "parts", "committed_size", "state", "result", "updated_at")
-    }
-    assert {name: getattr(loaded, name) for name in expected} == expected
 
 
 def test_equal_part_sizes_tenant_setting(

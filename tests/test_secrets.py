@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 from prometheus_client import generate_latest
@@ -67,6 +68,7 @@ def test_canary_secret_never_leaks(
         except grpc.RpcError as error:
             seen.append(f"{error.code()} {details(error)} {error!r}")
     seen.append(repr(gateway.gateway.settings))
+    seen.append(Path(gateway.gateway.settings.audit.sink).read_text())  # the audit trail
     seen.append(generate_latest(gateway.gateway.metrics.registry).decode())
     assert len(seen) >= 6
     assert_no_secrets("\n".join(seen))

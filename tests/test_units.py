@@ -124,6 +124,7 @@ def test_secret_never_shows_itself() -> None:
 
 
 MINIMAL = """
+plaintext = true
 [vault]
 address = "http://127.0.0.1:8200"
 [vault.writer]

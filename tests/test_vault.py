@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
+import re
 import socket
 import threading
 import traceback
@@ -56,6 +58,7 @@ FULL_TARGET = StorageTarget(
     kms_key_id="arn:aws:kms:eu-central-1:123456789012:key/abcd",
     allow_overwrite=True,
     equal_part_sizes=True,
+    expected_bucket_owner="123456789012",
 )
 
 
@@ -224,9 +227,45 @@ def test_reader_gets_the_full_credentials(
     secret = leaks.canary()
     run(admin.set(tenant, "AKIAREADER0001", secret, FULL_TARGET))
     credentials = run(source.get(tenant))
-    assert credentials == TenantCredentials(tenant, "AKIAREADER0001", secret, FULL_TARGET, 1)
+    assert re.fullmatch(r"recgw-[0-9a-f]{32}", credentials.external_id)
+    assert credentials == TenantCredentials(
+        tenant, "AKIAREADER0001", secret, FULL_TARGET, 1, external_id=credentials.external_id
+    )
     assert credentials.secret_access_key.reveal() == secret.reveal()
     leaks.assert_clean(repr(credentials), "TenantCredentials' repr")
+
+
+def test_a_role_is_stored_without_any_secret_and_keeps_its_external_id(
+    admin: VaultCredentialsAdmin, source: VaultCredentialsSource, tenant: str, leaks: LeakCheck
+) -> None:
+    """The external id is made at the first set, survives overwrites (also a switch from keys
+    to a role) and changes only on rotation; the writer keeps it without reading the data."""
+    role_arn = "arn:aws:iam::123456789012:role/recgw-writer"
+    keys = run(admin.set(tenant, "AKIABEFOREROLE", leaks.canary(), TARGET))
+    info = run(admin.set(tenant, "", Secret(""), TARGET, role_arn=role_arn))
+    assert (info.role_arn, info.access_key_id_hint) == (role_arn, "")
+    assert info.external_id == keys.external_id
+    assert run(admin.describe(tenant)) == info
+    credentials = run(source.get(tenant))
+    assert credentials is not None
+    assert (credentials.role_arn, credentials.external_id) == (role_arn, info.external_id)
+    assert (credentials.access_key_id, credentials.secret_access_key.reveal()) == ("", "")
+    assert credentials.identity == role_arn
+    rotated = run(
+        admin.set(tenant, "", Secret(""), TARGET, role_arn=role_arn, rotate_external_id=True)
+    )
+    assert rotated.external_id != info.external_id
+    assert run(source.get(tenant)).external_id == rotated.external_id
+    for bad in ("arn:aws:iam::123456789012:user/someone", "recgw-writer"):
+        set_bad = admin.set(tenant, "", Secret(""), TARGET, role_arn=bad)
+        leaks.raises(ErrorKind.INVALID_ARGUMENT, functools.partial(run, set_bad))
+    leaks.raises(
+        ErrorKind.INVALID_ARGUMENT,
+        lambda: run(admin.set(tenant, "AKIABOTH", leaks.canary(), TARGET, role_arn=role_arn)),
+    )
+    run(admin.delete(tenant))
+    again = run(admin.set(tenant, "", Secret(""), TARGET, role_arn=role_arn))
+    assert again.external_id != rotated.external_id  # a deleted tenant starts afresh
 
 
 def test_unknown_tenant_is_none(
@@ -709,6 +748,9 @@ class FakeSource:
 
     def invalidate(self, tenant_id: str) -> None:
         self.invalidated.append(tenant_id)
+
+    def invalidate_all(self) -> None:
+        self.invalidated.append("*")
 
 
 class FakeClock:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import re
+import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -14,9 +15,12 @@ TENANT_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 DEFAULT_PREFIX = "uploads/"
 MAX_KEY_BYTES = 1024
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_ACCESS_POINT_ARN = re.compile(
-    r"arn:aws[a-z-]*:s3(-object-lambda)?:[a-z0-9-]+:\d{12}:accesspoint/[a-z0-9][a-z0-9-]{1,48}[a-z0-9]"
+ACCESS_POINT_ARN = re.compile(
+    r"arn:(?P<partition>aws[a-z-]*):(?P<service>s3|s3-object-lambda):(?P<region>[a-z0-9-]+):"
+    r"(?P<account>\d{12}):accesspoint/(?P<name>[a-z0-9][a-z0-9-]{1,48}[a-z0-9])"
 )
+ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}")
+ACCOUNT_ID = re.compile(r"\d{12}")
 _REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-\d{1,2}|[a-z0-9-]{1,32}")
 
 
@@ -24,6 +28,7 @@ class ErrorKind(enum.Enum):
     """What went wrong, independent of any transport; the gRPC layer maps it to a code."""
 
     INVALID_ARGUMENT = "invalid_argument"
+    UNAUTHENTICATED = "unauthenticated"
     OUT_OF_RANGE = "out_of_range"
     NOT_FOUND = "not_found"
     ALREADY_EXISTS = "already_exists"
@@ -86,6 +91,7 @@ class Reason(enum.Enum):
 # The reason of an error raised without one; every other kind names its reason explicitly.
 _DEFAULT_REASONS = {
     ErrorKind.INVALID_ARGUMENT: Reason.INVALID_FIELD,
+    ErrorKind.UNAUTHENTICATED: Reason.TOKEN_INVALID,
     ErrorKind.UNAVAILABLE: Reason.STORAGE_UNAVAILABLE,
     ErrorKind.CANCELLED: Reason.CANCELLED,
     ErrorKind.INTERNAL: Reason.INTERNAL_ERROR,
@@ -211,15 +217,29 @@ class StorageTarget:
     equal_part_sizes: bool = False
     # "abort" or "salvage": the fate of an upload whose writer never comes back.
     abandoned_uploads: str = "abort"
+    # The AWS account that must own the bucket (x-amz-expected-bucket-owner); empty: unchecked.
+    expected_bucket_owner: str = ""
 
     def validated(self) -> StorageTarget:
-        """Check every field; return a copy with defaults filled in."""
-        if not self.region or not _REGION.fullmatch(self.region):
-            raise invalid("region is required, for example 'us-west-1'")
-        if not (_BUCKET_NAME.fullmatch(self.bucket) or _ACCESS_POINT_ARN.fullmatch(self.bucket)):
+        """Check every field; return a copy with defaults filled in.
+
+        An empty region means "find it from the bucket" (HeadBucket's x-amz-bucket-region);
+        an access point ARN's region is taken from the ARN.
+        """
+        if self.region and not _REGION.fullmatch(self.region):
+            raise invalid("region must be an AWS region such as 'us-west-1', or empty to find it")
+        access_point = ACCESS_POINT_ARN.fullmatch(self.bucket)
+        if not (_BUCKET_NAME.fullmatch(self.bucket) or access_point):
             raise invalid(
                 "bucket must be a bucket name (3-63 characters of a-z, 0-9, '.' and '-'), "
                 "an access point alias, or an access point ARN"
+            )
+        if access_point:
+            _check_access_point(access_point, self)
+        if self.expected_bucket_owner and not ACCOUNT_ID.fullmatch(self.expected_bucket_owner):
+            raise invalid(
+                "expected_bucket_owner must be the 12-digit AWS account id that owns the bucket",
+                "target.expected_bucket_owner",
             )
         prefix = self.prefix or DEFAULT_PREFIX
         if prefix.startswith("/") or not prefix.endswith("/") or len(prefix.encode()) > 512:
@@ -248,18 +268,65 @@ class StorageTarget:
             allow_overwrite=self.allow_overwrite,
             equal_part_sizes=self.equal_part_sizes,
             abandoned_uploads=self.abandoned_uploads,
+            expected_bucket_owner=self.expected_bucket_owner,
         )
+
+
+def _check_access_point(arn: re.Match[str], target: StorageTarget) -> None:
+    """Refuse access point ARN set-ups that can never reach the access point."""
+    if arn["service"] == "s3-object-lambda":
+        raise invalid(
+            "bucket is an S3 Object Lambda access point, which does not accept writes "
+            "(PutObject); give the ARN of the supporting S3 access point instead",
+            "target.bucket",
+        )
+    if target.endpoint_url:
+        raise invalid(
+            "an access point ARN cannot be used with a custom endpoint_url: requests would go to "
+            f"'{arn['name']}-{arn['account']}.<endpoint host>', a host that does not exist; "
+            "leave endpoint_url empty for AWS, or give an S3-compatible store its bucket name",
+            "target.endpoint_url",
+        )
+    if target.force_path_style:
+        raise invalid(
+            "an access point ARN cannot be used with path-style addressing: access points "
+            "answer only at their own host name "
+            f"({arn['name']}-{arn['account']}.s3-accesspoint.{arn['region']}.amazonaws.com); "
+            "turn force_path_style off",
+            "target.force_path_style",
+        )
+
+
+def new_external_id() -> str:
+    """A fresh external id for a tenant's role trust policy; the customer never chooses it."""
+    return "recgw-" + secrets.token_hex(16)
+
+
+def role_session_name(tenant_id: str) -> str:
+    """The AssumeRole session name: names recgw and the tenant (CloudTrail shows it)."""
+    return f"recgw-{tenant_id}"[:64]
 
 
 @dataclass(frozen=True)
 class TenantCredentials:
-    """The S3 credentials of one tenant, as read from Vault by the upload path."""
+    """The S3 credentials of one tenant, as read from Vault by the upload path.
+
+    Either an access key pair, or (with `role_arn`) a role the gateway assumes with
+    `external_id`; then access_key_id is empty and there is no secret at all.
+    """
 
     tenant_id: str
     access_key_id: str
     secret_access_key: Secret
     target: StorageTarget
     version: int = 0
+    role_arn: str = ""
+    external_id: str = ""
+
+    @property
+    def identity(self) -> str:
+        """What the S3 client authenticates as: the access key id or the role ARN."""
+        return self.role_arn or self.access_key_id
 
 
 @dataclass(frozen=True)
@@ -271,11 +338,14 @@ class CredentialsInfo:
     updated_at: datetime | None
     access_key_id_hint: str
     target: StorageTarget
+    role_arn: str = ""
+    external_id: str = ""
 
 
 def check_key_segments(name: str, what: str = "object_name") -> None:
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise invalid(f"{what} must not contain control characters")
+    # Also C1 controls and line separators: some log viewers break lines at them.
+    if _CONTROL.search(name):
+        raise invalid(f"{what} must not contain control characters or line separators")
     if "\\" in name:
         raise invalid(f"{what} must not contain '\\'; use '/' to separate segments")
     segments = name.split("/")

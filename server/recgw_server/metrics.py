@@ -1,4 +1,5 @@
-"""Prometheus metrics of one gateway. Labels never carry tenant data or secrets."""
+"""Prometheus metrics of one gateway. Labels never carry secrets, and tenant data only as the
+tenant id (a validated `[a-z0-9][a-z0-9_-]{0,62}`) of `recgw_credentials_healthy`."""
 
 from __future__ import annotations
 
@@ -78,4 +79,17 @@ class GatewayMetrics:
         )
         self.credential_writes = Counter(
             "recgw_credential_writes", "Credential changes by operation", ["operation"], registry=r
+        )
+        self.credentials_healthy = Gauge(
+            "recgw_credentials_healthy",
+            "1 when the last setup check of the tenant's credentials passed, 0 when it failed "
+            "(VerifyCredentials and the periodic re-check of recently active tenants)",
+            ["tenant"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "recgw_config_reloads",
+            "Reloads of tokens and limits, by outcome",
+            ["outcome"],
+            registry=r,
         )

@@ -18,6 +18,7 @@ STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 STATUS_CODES = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     ErrorKind.OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
     ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorKind.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,

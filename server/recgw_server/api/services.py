@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
 
-from recgw_server.api.errors import Context, abort_with
+from recgw_server.api.errors import STATUS_CODES, Context, abort_with
+from recgw_server.api.limits import TenantSlot, TenantUploadLimits
+from recgw_server.audit import AuditLog
+from recgw_server.auth.guard import current_caller
 from recgw_server.credentials.base import CredentialsAdmin, CredentialsSource
 from recgw_server.domain import (
+    TENANT_ID_PATTERN,
     CredentialsInfo,
     EncryptionMode,
     ErrorKind,
@@ -24,12 +30,14 @@ from recgw_server.domain import (
     UploadResult,
     invalid,
     mask_access_key_id,
+    quote_client,
     validate_tenant_id,
 )
 from recgw_server.metrics import GatewayMetrics
 from recgw_server.pipeline.manager import UploadManager
 from recgw_server.pipeline.model import DONE_STATES, StartRequest, UploadState, UploadStatus
 from recgw_server.pipeline.uploads import Upload as ActiveUpload
+from recgw_server.storage.doctor import CheckResult, DoctorReport, SetupDoctor
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +67,10 @@ _ABANDONED_TO_PROTO = {
     "abort": credentials_pb2.ABANDONED_UPLOAD_POLICY_ABORT,
     "salvage": credentials_pb2.ABANDONED_UPLOAD_POLICY_SALVAGE,
 }
-_ABANDONED_FROM_PROTO = {
-    credentials_pb2.ABANDONED_UPLOAD_POLICY_UNSPECIFIED: "abort",
-    credentials_pb2.ABANDONED_UPLOAD_POLICY_ABORT: "abort",
-    credentials_pb2.ABANDONED_UPLOAD_POLICY_SALVAGE: "salvage",
-}
-_ABANDONED_TO_PROTO = {
-    "abort": credentials_pb2.ABANDONED_UPLOAD_POLICY_ABORT,
-    "salvage": credentials_pb2.ABANDONED_UPLOAD_POLICY_SALVAGE,
+_CHECK_RESULTS = {
+    CheckResult.PASSED: credentials_pb2.CREDENTIALS_CHECK_RESULT_PASSED,
+    CheckResult.FAILED: credentials_pb2.CREDENTIALS_CHECK_RESULT_FAILED,
+    CheckResult.SKIPPED: credentials_pb2.CREDENTIALS_CHECK_RESULT_SKIPPED,
 }
 
 
@@ -149,14 +153,28 @@ def _expected_checksums(message: upload_pb2.UploadRequest) -> ObjectChecksums | 
 class UploadService(upload_pb2_grpc.UploadServiceServicer):
     """recgw.v1.UploadService over an UploadManager."""
 
-    def __init__(self, manager: UploadManager, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        manager: UploadManager,
+        metrics: GatewayMetrics,
+        tenant_limits: TenantUploadLimits | None = None,
+    ) -> None:
         self._manager = manager
         self._metrics = metrics
+        self._tenant_limits = tenant_limits or TenantUploadLimits(lambda tenant_id: 0)
+
+    async def _visible_upload(self, upload_id: str) -> ActiveUpload:
+        """The upload, if the caller may act for its tenant; NOT_FOUND alike for both cases."""
+        upload = await self._manager.find(upload_id)
+        if upload is None or not current_caller().may_act_for(upload.tenant_id):
+            raise upload_not_found(upload_id)
+        return upload
 
     async def Upload(
         self, request_iterator: AsyncIterator[upload_pb2.UploadRequest], context: Context
     ) -> upload_pb2.UploadResponse:
         upload: ActiveUpload | None = None
+        slot: TenantSlot | None = None
         log.debug("upload stream opened by %s", context.peer())
         try:
             first = await anext(request_iterator, None)
@@ -167,6 +185,9 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
                     "the first message must carry 'start' (tenant_id, object_name, ...); "
                     "data came before start"
                 )
+            tenant_id = validate_tenant_id(first.start.tenant_id)
+            current_caller().require_tenant(tenant_id)
+            slot = self._tenant_limits.acquire(tenant_id)
             stream = asyncio.current_task()
             upload = await self._manager.start(_start_request(first.start), stream)
             await context.send_initial_metadata(((UPLOAD_ID_HEADER, upload.upload_id),))
@@ -198,6 +219,9 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
                     RecgwError(ErrorKind.UNAVAILABLE, f"the stream failed ({type(exc).__name__})")
                 )
             raise
+        finally:
+            if slot is not None:
+                slot.release()
 
     async def _repeat_finish(
         self,
@@ -256,6 +280,7 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
         self, request: upload_pb2.GetUploadStatusRequest, context: Context
     ) -> upload_pb2.GetUploadStatusResponse:
         try:
+            await self._visible_upload(request.upload_id)
             return _status_to_proto(await self._manager.status(request.upload_id))
         except RecgwError as error:
             await abort_with(context, self._metrics, error)
@@ -264,6 +289,7 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
         self, request: upload_pb2.SalvageUploadRequest, context: Context
     ) -> upload_pb2.SalvageUploadResponse:
         try:
+            await self._visible_upload(request.upload_id)
             report = await self._manager.salvage(request.upload_id)
         except RecgwError as error:
             await abort_with(context, self._metrics, error)
@@ -276,6 +302,7 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
         self, request: upload_pb2.AbortUploadRequest, context: Context
     ) -> upload_pb2.AbortUploadResponse:
         try:
+            await self._visible_upload(request.upload_id)
             report = await self._manager.abort(request.upload_id)
         except RecgwError as error:
             await abort_with(context, self._metrics, error)
@@ -284,6 +311,15 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
             storage_aborted=report.storage_aborted,
             detail=report.detail,
         )
+
+
+def upload_not_found(upload_id: str) -> RecgwError:
+    """The NOT_FOUND of an unknown upload id, also given for another tenant's upload."""
+    return RecgwError(
+        ErrorKind.NOT_FOUND,
+        f"no upload with id {quote_client(upload_id, 64)}",
+        reason=Reason.UPLOAD_NOT_FOUND,
+    )
 
 
 def _target_from_proto(target: credentials_pb2.StorageTarget) -> StorageTarget:
@@ -303,6 +339,7 @@ def _target_from_proto(target: credentials_pb2.StorageTarget) -> StorageTarget:
         allow_overwrite=target.allow_overwrite,
         equal_part_sizes=target.equal_part_sizes,
         abandoned_uploads=_ABANDONED_FROM_PROTO.get(target.abandoned_uploads, "?"),
+        expected_bucket_owner=target.expected_bucket_owner,
     ).validated()
 
 
@@ -319,16 +356,43 @@ def _target_to_proto(target: StorageTarget) -> credentials_pb2.StorageTarget:
         allow_overwrite=target.allow_overwrite,
         equal_part_sizes=target.equal_part_sizes,
         abandoned_uploads=_ABANDONED_TO_PROTO[target.abandoned_uploads],
+        expected_bucket_owner=target.expected_bucket_owner,
     )
 
 
-def _view(info: CredentialsInfo) -> credentials_pb2.CredentialsView:
+def _view(info: CredentialsInfo, trusted_principal: str) -> credentials_pb2.CredentialsView:
     return credentials_pb2.CredentialsView(
         tenant_id=info.tenant_id,
         version=info.version,
         update_time=_timestamp(info.updated_at),
         access_key_id_hint=info.access_key_id_hint,
         target=_target_to_proto(info.target),
+        role_arn=info.role_arn,
+        external_id=info.external_id,
+        trusted_principal=trusted_principal,
+    )
+
+
+def _report_to_proto(report: DoctorReport) -> credentials_pb2.VerifyCredentialsResponse:
+    failed = report.first_failure
+    return credentials_pb2.VerifyCredentialsResponse(
+        ok=report.ok,
+        key=report.key,
+        error_code=failed.error_code if failed else "",
+        error_message=report.summary() if failed else "",
+        checks=[
+            credentials_pb2.CredentialsCheck(
+                name=check.name,
+                result=_CHECK_RESULTS[check.result],
+                operation=check.operation,
+                error_code=check.error_code,
+                missing_permission=check.missing_permission,
+                fix=check.fix,
+                detail=check.detail,
+            )
+            for check in report.checks
+        ],
+        bucket_region=report.bucket_region,
     )
 
 
@@ -351,94 +415,188 @@ def _validate_keys(access_key_id: str, secret_access_key: str) -> None:
 
 
 class CredentialsService(credentials_pb2_grpc.CredentialsServiceServicer):
-    """recgw.v1.CredentialsService: write, describe, delete and verify; never read back."""
+    """recgw.v1.CredentialsService: write, describe, delete and verify; never read back.
+
+    Every call leaves one audit record, whatever its outcome.
+    """
 
     def __init__(
         self,
         admin: CredentialsAdmin,
         source: CredentialsSource,
-        manager: UploadManager,
+        doctor: SetupDoctor,
         metrics: GatewayMetrics,
         forget_clients: Callable[[str], None] | None = None,
+        publish: Callable[[str], Awaitable[None]] | None = None,
+        trusted_principal: str = "",
+        on_changed: Callable[[str], None] | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self._admin = admin
         self._source = source
-        self._manager = manager
+        self._doctor = doctor
         self._metrics = metrics
         self._forget_clients = forget_clients
+        self._publish = publish
+        self._trusted_principal = trusted_principal
+        self._on_changed = on_changed
+        self._audit = audit or AuditLog("")
 
-    def _changed(self, tenant_id: str, operation: str) -> None:
+    async def _changed(self, tenant_id: str, operation: str) -> None:
         self._source.invalidate(tenant_id)
-        self._manager.credentials_changed(tenant_id)
+        if self._on_changed is not None:
+            self._on_changed(tenant_id)
         if self._forget_clients is not None:
             self._forget_clients(tenant_id)
         self._metrics.credential_writes.labels(operation).inc()
+        if self._publish is None or not TENANT_ID_PATTERN.fullmatch(tenant_id):
+            return
+        try:
+            # Every other replica drops its cached credentials and clients of this tenant.
+            await self._publish(tenant_id)
+        except Exception as error:
+            log.warning(
+                "could not tell other replicas that the credentials of tenant %s changed (%s); "
+                "they use the old ones until their cache expires",
+                tenant_id,
+                type(error).__name__,
+            )
+
+    def _authorized_tenant(self, tenant_id: str) -> str:
+        validate_tenant_id(tenant_id)
+        current_caller().require_tenant(tenant_id)
+        return tenant_id
+
+    @contextlib.asynccontextmanager
+    async def _audited(
+        self, operation: str, tenant_id: str, context: Context
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One audit record for the call in the block; the block adds facts to the dict."""
+        facts: dict[str, Any] = {}
+        base = {
+            "event": "credentials",
+            "operation": operation,
+            "tenant_id": tenant_id,
+            "peer": context.peer(),
+            **current_caller().audit_fields(),
+        }
+        try:
+            yield facts
+        except RecgwError as error:
+            await self._audit.record(
+                **base,
+                outcome="failed",
+                code=STATUS_CODES[error.kind].name,
+                reason=error.reason.value,
+                message=error.message,
+                **facts,
+            )
+            raise
+        except Exception:
+            await self._audit.record(**base, outcome="failed", code="INTERNAL", **facts)
+            raise
+        await self._audit.record(**base, outcome="ok", code="OK", **facts)
 
     async def SetCredentials(
         self, request: credentials_pb2.SetCredentialsRequest, context: Context
     ) -> credentials_pb2.SetCredentialsResponse:
+        role_arn = request.role.role_arn if request.HasField("role") else ""
         try:
-            tenant_id = validate_tenant_id(request.tenant_id)
-            _validate_keys(request.access_key_id, request.secret_access_key)
-            target = _target_from_proto(request.target)
-            info = await self._admin.set(
-                tenant_id, request.access_key_id, Secret(request.secret_access_key), target
-            )
+            async with self._audited("set", request.tenant_id, context) as facts:
+                facts["access_key_id"] = mask_access_key_id(request.access_key_id)
+                if role_arn:
+                    facts["role_arn"] = role_arn
+                tenant_id = self._authorized_tenant(request.tenant_id)
+                if role_arn:
+                    if request.access_key_id or request.secret_access_key:
+                        raise invalid(
+                            "give either role.role_arn or access_key_id and secret_access_key, "
+                            "not both",
+                            "role.role_arn",
+                        )
+                elif request.HasField("role"):
+                    raise invalid("role.role_arn is required with role", "role.role_arn")
+                else:
+                    _validate_keys(request.access_key_id, request.secret_access_key)
+                target = _target_from_proto(request.target)
+                # Role set-ups and external id rotations take the same path as key changes, so
+                # the audit trail records them too.
+                try:
+                    info = await self._admin.set(
+                        tenant_id,
+                        request.access_key_id,
+                        Secret(request.secret_access_key),
+                        target,
+                        role_arn=role_arn,
+                        rotate_external_id=request.rotate_external_id,
+                    )
+                finally:
+                    await self._changed(tenant_id, "set")
+                facts["vault_version"] = info.version
         except RecgwError as error:
             await abort_with(context, self._metrics, error)
-        finally:
-            self._changed(request.tenant_id, "set")
         log.info(
-            "credentials of tenant %s set: version=%d key=%s",
+            "credentials of tenant %s set: version=%d %s%s",
             tenant_id,
             info.version,
-            mask_access_key_id(request.access_key_id),
+            f"role={role_arn}" if role_arn else f"key={mask_access_key_id(request.access_key_id)}",
+            " (new external id)" if request.rotate_external_id else "",
         )
-        return credentials_pb2.SetCredentialsResponse(credentials=_view(info))
+        return credentials_pb2.SetCredentialsResponse(
+            credentials=_view(info, self._trusted_principal)
+        )
 
     async def DescribeCredentials(
         self, request: credentials_pb2.DescribeCredentialsRequest, context: Context
     ) -> credentials_pb2.DescribeCredentialsResponse:
         try:
-            info = await self._admin.describe(validate_tenant_id(request.tenant_id))
-            if info is None:
-                raise RecgwError(
-                    ErrorKind.NOT_FOUND,
-                    f"tenant '{request.tenant_id}' has no credentials",
-                    reason=Reason.CREDENTIALS_NOT_FOUND,
-                )
+            async with self._audited("describe", request.tenant_id, context) as facts:
+                info = await self._admin.describe(self._authorized_tenant(request.tenant_id))
+                if info is None:
+                    raise RecgwError(
+                        ErrorKind.NOT_FOUND,
+                        f"tenant '{request.tenant_id}' has no credentials",
+                        reason=Reason.CREDENTIALS_NOT_FOUND,
+                    )
+                facts["vault_version"] = info.version
         except RecgwError as error:
             await abort_with(context, self._metrics, error)
-        return credentials_pb2.DescribeCredentialsResponse(credentials=_view(info))
+        return credentials_pb2.DescribeCredentialsResponse(
+            credentials=_view(info, self._trusted_principal)
+        )
 
     async def DeleteCredentials(
         self, request: credentials_pb2.DeleteCredentialsRequest, context: Context
     ) -> credentials_pb2.DeleteCredentialsResponse:
         try:
-            existed = await self._admin.delete(validate_tenant_id(request.tenant_id))
-            if not existed:
-                raise RecgwError(
-                    ErrorKind.NOT_FOUND,
-                    f"tenant '{request.tenant_id}' has no credentials",
-                    reason=Reason.CREDENTIALS_NOT_FOUND,
-                )
+            async with self._audited("delete", request.tenant_id, context):
+                tenant_id = self._authorized_tenant(request.tenant_id)
+                try:
+                    existed = await self._admin.delete(tenant_id)
+                finally:
+                    await self._changed(tenant_id, "delete")
+                    self._doctor.forget(tenant_id)
+                if not existed:
+                    raise RecgwError(
+                        ErrorKind.NOT_FOUND,
+                        f"tenant '{tenant_id}' has no credentials",
+                        reason=Reason.CREDENTIALS_NOT_FOUND,
+                    )
         except RecgwError as error:
             await abort_with(context, self._metrics, error)
-        finally:
-            self._changed(request.tenant_id, "delete")
-        log.info("credentials of tenant %s deleted", request.tenant_id)
+        log.info("credentials of tenant %s deleted", tenant_id)
         return credentials_pb2.DeleteCredentialsResponse()
 
     async def VerifyCredentials(
         self, request: credentials_pb2.VerifyCredentialsRequest, context: Context
     ) -> credentials_pb2.VerifyCredentialsResponse:
         try:
-            report = await self._manager.verify_write(request.tenant_id)
+            async with self._audited("verify", request.tenant_id, context) as facts:
+                report = await self._doctor.examine(self._authorized_tenant(request.tenant_id))
+                facts["write_ok"] = report.ok
+                failure = report.first_failure
+                if failure is not None and failure.error_code:
+                    facts["store_code"] = failure.error_code
         except RecgwError as error:
             await abort_with(context, self._metrics, error)
-        return credentials_pb2.VerifyCredentialsResponse(
-            ok=report.ok,
-            key=report.key,
-            error_code=report.error_code,
-            error_message=report.error_message,
-        )
+        return _report_to_proto(report)

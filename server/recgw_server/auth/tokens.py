@@ -1,18 +1,15 @@
-"""Bearer-token authentication and role checks for every RPC."""
+"""Credentials the gateway accepts: bearer tokens, client certificate identities, their scopes."""
 
 from __future__ import annotations
 
 import enum
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
-import grpc
-
-from recgw_server.api.errors import error_trailers
-from recgw_server.domain import Reason
+from recgw_server.domain import TENANT_ID_PATTERN
 
 
 class Role(enum.Enum):
@@ -20,119 +17,99 @@ class Role(enum.Enum):
     ADMIN = "admin"
 
 
-# Services reachable without a token: health checks (and reflection, when switched on).
-PUBLIC_SERVICES = frozenset(
-    {
-        "grpc.health.v1.Health",
-        "grpc.reflection.v1alpha.ServerReflection",
-        "grpc.reflection.v1.ServerReflection",
-    }
-)
-SERVICE_ROLES = {
-    "recgw.v1.UploadService": Role.UPLOADER,
-    "recgw.v1.CredentialsService": Role.ADMIN,
-}
-
-
 def hash_token(token: str) -> str:
     """The SHA-256 hex digest under which a token is configured."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+_PATTERN_CHARS = re.compile(r"[a-z0-9_*-]{1,63}")
+IDENTITY_KINDS = ("dns", "uri", "cn")
+
+
+def check_tenant_pattern(pattern: str) -> None:
+    """A tenant id, or one with '*' standing for any run of characters ("acme-*", "*")."""
+    if not _PATTERN_CHARS.fullmatch(pattern) or not (
+        "*" in pattern or TENANT_ID_PATTERN.fullmatch(pattern)
+    ):
+        raise ValueError(
+            "tenant patterns are tenant ids ([a-z0-9][a-z0-9_-]*) where '*' may stand for any "
+            'characters, e.g. "acme", "acme-*" or "*"'
+        )
+
+
+def parse_client_identity(identity: str) -> tuple[str, str]:
+    """("dns", "fleet.example.com") from "dns:fleet.example.com"; likewise uri: and cn:."""
+    kind, sep, value = identity.partition(":")
+    if not sep or kind not in IDENTITY_KINDS or not value or value != value.strip():
+        raise ValueError(
+            "client_identity must be 'dns:NAME', 'uri:URI' or 'cn:NAME' of the client certificate"
+        )
+    return kind, value
+
+
+@dataclass(frozen=True)
+class TenantScope:
+    """The tenants a credential may act for: exact ids and patterns with '*'."""
+
+    patterns: tuple[str, ...] = ()
+    _compiled: tuple[re.Pattern[str], ...] = field(
+        init=False, repr=False, compare=False, hash=False, default=()
+    )
+
+    def __post_init__(self) -> None:
+        compiled = tuple(
+            re.compile(".*".join(re.escape(part) for part in p.split("*"))) for p in self.patterns
+        )
+        object.__setattr__(self, "_compiled", compiled)
+
+    def allows(self, tenant_id: str) -> bool:
+        return any(pattern.fullmatch(tenant_id) for pattern in self._compiled)
+
+
 @dataclass(frozen=True)
 class TokenEntry:
+    """One configured credential. `sha256_hex` empty: a client certificate alone."""
+
     name: str
     role: Role
-    sha256_hex: str
+    sha256_hex: str = ""
+    client_identity: str = ""
+    tenants: TenantScope = TenantScope()
+    calls_per_second: float = 0.0  # 0: no rate limit
+    burst: int = 1
+
+    def grant(self) -> tuple[object, ...]:
+        """What a running stream was admitted with; a reload that changes it ends the stream."""
+        return (self.name, self.role, self.sha256_hex, self.client_identity, self.tenants)
 
 
 class TokenVerifier:
-    """Looks a presented token up among configured SHA-256 hashes, in constant time."""
+    """Looks a presented token up among configured SHA-256 hashes, in constant time; finds
+    certificate-only credentials by the certificate's identities."""
 
     def __init__(self, entries: Iterable[TokenEntry]) -> None:
-        self._entries = [(bytes.fromhex(e.sha256_hex), e) for e in entries]
+        self.entries = list(entries)
+        self._hashed = [(bytes.fromhex(e.sha256_hex), e) for e in self.entries if e.sha256_hex]
+        self._by_identity = {
+            e.client_identity: e for e in self.entries if e.client_identity and not e.sha256_hex
+        }
 
     def verify(self, token: str) -> TokenEntry | None:
         digest = hashlib.sha256(token.encode("utf-8")).digest()
         found: TokenEntry | None = None
         # Compare against every entry, without stopping at a match, so timing tells nothing.
-        for expected, entry in self._entries:
+        for expected, entry in self._hashed:
             if hmac.compare_digest(digest, expected):
                 found = entry
         return found
 
+    def by_certificate(self, identities: Iterable[str]) -> TokenEntry | None:
+        """The certificate-only credential for one of a client certificate's identities."""
+        for identity in identities:
+            entry = self._by_identity.get(identity)
+            if entry is not None:
+                return entry
+        return None
 
-def _bearer_token(metadata: Iterable[tuple[str, Any]]) -> str | None:
-    for key, value in metadata:
-        if key == "authorization" and isinstance(value, str):
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-    return None
-
-
-def _denying_handler(
-    handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str, reason: Reason
-) -> grpc.RpcMethodHandler[Any, Any]:
-    trailers = error_trailers(code, message, reason)
-
-    async def deny_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(code, message, trailing_metadata=trailers)
-
-    async def deny_stream(
-        request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> Any:
-        await context.abort(code, message, trailing_metadata=trailers)
-
-    deserializer = handler.request_deserializer
-    serializer = handler.response_serializer
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny_stream, deserializer, serializer)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny_stream, deserializer, serializer)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(deny_unary, deserializer, serializer)
-    return grpc.unary_unary_rpc_method_handler(deny_unary, deserializer, serializer)
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """UNAUTHENTICATED without a known token; PERMISSION_DENIED with a token of the wrong role."""
-
-    def __init__(self, verifier: TokenVerifier, on_denied: Callable[[str], None] | None = None):
-        self._verifier = verifier
-        self._on_denied = on_denied
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        method: str = handler_call_details.method
-        service = method.split("/")[1] if method.count("/") >= 2 else ""
-        handler = await continuation(handler_call_details)
-        if handler is None or service in PUBLIC_SERVICES:
-            return handler
-        required = SERVICE_ROLES.get(service)
-        token = _bearer_token(handler_call_details.invocation_metadata or ())
-        entry = self._verifier.verify(token) if token is not None else None
-        if entry is None:
-            code, reason, message = (
-                grpc.StatusCode.UNAUTHENTICATED,
-                Reason.TOKEN_INVALID,
-                "missing or unknown bearer token; send metadata 'authorization: Bearer <token>'",
-            )
-        elif required is None or entry.role is not required:
-            needed = required.value if required else "none"
-            code, reason, message = (
-                grpc.StatusCode.PERMISSION_DENIED,
-                Reason.ROLE_NOT_ALLOWED,
-                f"token '{entry.name}' has role '{entry.role.value}'; {method} needs role "
-                f"'{needed}'",
-            )
-        else:
-            return handler
-        if self._on_denied is not None:
-            self._on_denied(code.name)
-        return _denying_handler(handler, code, message, reason)
+    def grants(self) -> set[tuple[object, ...]]:
+        return {e.grant() for e in self.entries}

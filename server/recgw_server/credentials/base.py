@@ -19,8 +19,16 @@ class CredentialsAdmin(Protocol):
         access_key_id: str,
         secret_access_key: Secret,
         target: StorageTarget,
+        *,
+        role_arn: str = "",
+        rotate_external_id: bool = False,
     ) -> CredentialsInfo:
-        """Create or overwrite; afterwards no older version's secret is readable."""
+        """Create or overwrite; afterwards no older version's secret is readable.
+
+        Either an access key pair, or `role_arn` (with an empty key id and secret) for a role
+        the gateway assumes. The tenant's external id is generated at the first write and kept
+        across overwrites, unless `rotate_external_id` asks for a new one.
+        """
         ...
 
     async def describe(self, tenant_id: str) -> CredentialsInfo | None:
@@ -40,5 +48,9 @@ class CredentialsSource(Protocol):
         ...
 
     def invalidate(self, tenant_id: str) -> None:
-        """Forget anything cached for this tenant (after Set/Delete in this process)."""
+        """Forget anything cached for this tenant (after a Set/Delete on any replica)."""
+        ...
+
+    def invalidate_all(self) -> None:
+        """Forget everything cached (a change of any tenant may have been missed)."""
         ...

@@ -28,6 +28,7 @@ import requests
 
 from recgw_server.credentials.base import CredentialsSource
 from recgw_server.domain import (
+    ROLE_ARN,
     CredentialsInfo,
     EncryptionMode,
     ErrorKind,
@@ -36,7 +37,9 @@ from recgw_server.domain import (
     Secret,
     StorageTarget,
     TenantCredentials,
+    invalid,
     mask_access_key_id,
+    new_external_id,
     validate_tenant_id,
 )
 
@@ -285,6 +288,7 @@ def _target_fields(target: StorageTarget) -> dict[str, str]:
         "allow_overwrite": str(target.allow_overwrite).lower(),
         "equal_part_sizes": str(target.equal_part_sizes).lower(),
         "abandoned_uploads": target.abandoned_uploads,
+        "expected_bucket_owner": target.expected_bucket_owner,
     }
     return {key: value for key, value in fields.items() if value}
 
@@ -299,7 +303,7 @@ def _parse_bool(value: object) -> bool:
 
 def _target_from_fields(fields: Mapping[str, Any]) -> StorageTarget:
     return StorageTarget(
-        region=str(fields["region"]),
+        region=str(fields.get("region") or ""),
         bucket=str(fields["bucket"]),
         prefix=str(fields.get("prefix") or ""),
         endpoint_url=str(fields.get("endpoint_url") or ""),
@@ -309,6 +313,7 @@ def _target_from_fields(fields: Mapping[str, Any]) -> StorageTarget:
         allow_overwrite=_parse_bool(fields.get("allow_overwrite")),
         equal_part_sizes=_parse_bool(fields.get("equal_part_sizes")),
         abandoned_uploads=str(fields.get("abandoned_uploads") or "abort"),
+        expected_bucket_owner=str(fields.get("expected_bucket_owner") or ""),
     )
 
 
@@ -348,50 +353,72 @@ class VaultCredentialsAdmin:
         access_key_id: str,
         secret_access_key: Secret,
         target: StorageTarget,
+        *,
+        role_arn: str = "",
+        rotate_external_id: bool = False,
     ) -> CredentialsInfo:
-        """Write a new version, record the non-secret view as metadata, destroy older versions."""
+        """Write a new version, record the non-secret view as metadata, destroy older versions.
+
+        The external id lives in the data (the upload path's reader needs it) and in the
+        metadata (the writer may read that, never the data), so that an overwrite keeps it.
+        """
         path = self._path(tenant_id)
-        if not _ACCESS_KEY_ID.fullmatch(access_key_id):
-            raise RecgwError(
-                ErrorKind.INVALID_ARGUMENT,
-                "access_key_id is required: 1-128 printable characters without spaces",
-            )
-        secret = secret_access_key.reveal()
-        if not secret or len(secret.encode()) > _MAX_SECRET_BYTES:
-            raise RecgwError(
-                ErrorKind.INVALID_ARGUMENT,
-                f"secret_access_key is required, at most {_MAX_SECRET_BYTES} bytes",
-            )
+        if role_arn:
+            if access_key_id or secret_access_key:
+                raise invalid(
+                    "give either role_arn or an access key pair, not both", "role.role_arn"
+                )
+            if not ROLE_ARN.fullmatch(role_arn):
+                raise invalid(
+                    "role_arn must be an IAM role ARN such as "
+                    "arn:aws:iam::123456789012:role/recgw-writer",
+                    "role.role_arn",
+                )
+            credential_fields = {"role_arn": role_arn}
+            hint = ""
+        else:
+            if not _ACCESS_KEY_ID.fullmatch(access_key_id):
+                raise RecgwError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    "access_key_id is required: 1-128 printable characters without spaces",
+                )
+            secret = secret_access_key.reveal()
+            if not secret or len(secret.encode()) > _MAX_SECRET_BYTES:
+                raise RecgwError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"secret_access_key is required, at most {_MAX_SECRET_BYTES} bytes",
+                )
+            credential_fields = {"access_key_id": access_key_id, "secret_access_key": secret}
+            hint = mask_access_key_id(access_key_id)
         target = target.validated()
         fields = _target_fields(target)
-        for key, value in fields.items():
+        for key, value in {**fields, **({"role_arn": role_arn} if role_arn else {})}.items():
             if len(value.encode()) > _MAX_METADATA_VALUE_BYTES:
                 raise RecgwError(
                     ErrorKind.INVALID_ARGUMENT,
                     f"{key} must be at most {_MAX_METADATA_VALUE_BYTES} bytes",
                 )
-        hint = mask_access_key_id(access_key_id)
-        data = {"access_key_id": access_key_id, "secret_access_key": secret, **fields}
         mount = self._mount
 
-        def write(client: hvac.Client) -> dict[str, Any]:
+        def write(client: hvac.Client) -> tuple[dict[str, Any], str]:
             kv = client.secrets.kv.v2
+            existing = self._read_metadata(path, client) or {}
+            external_id = str((existing.get("custom_metadata") or {}).get("external_id") or "")
+            if rotate_external_id or not external_id:
+                external_id = new_external_id()
+            data = {**credential_fields, "external_id": external_id, **fields}
             written: dict[str, Any] = kv.create_or_update_secret(
                 path=path, secret=data, mount_point=mount
             )["data"]
             version = int(written["version"])
             # The version is recorded so that describe can tell a metadata record that belongs
             # to another version (an interrupted or concurrent set) from the current one.
-            kv.update_metadata(
-                path=path,
-                max_versions=1,
-                mount_point=mount,
-                custom_metadata={
-                    **fields,
-                    "access_key_id_hint": hint,
-                    "version": str(version),
-                },
-            )
+            custom = {**fields, "external_id": external_id, "version": str(version)}
+            if hint:
+                custom["access_key_id_hint"] = hint
+            if role_arn:
+                custom["role_arn"] = role_arn
+            kv.update_metadata(path=path, max_versions=1, mount_point=mount, custom_metadata=custom)
             # max_versions=1 alone is not enough: a mount's max_versions larger than the key's
             # wins, and the key's setting only applies from the next write on.
             listed = kv.read_secret_metadata(path=path, mount_point=mount)["data"]["versions"]
@@ -402,15 +429,17 @@ class VaultCredentialsAdmin:
             )
             if older:
                 kv.destroy_secret_versions(path=path, versions=older, mount_point=mount)
-            return written
+            return written, external_id
 
-        written = await self._conn.call(write)
+        written, external_id = await self._conn.call(write)
         return CredentialsInfo(
             tenant_id=tenant_id,
             version=int(written["version"]),
             updated_at=_parse_time(written.get("created_time")),
             access_key_id_hint=hint,
             target=target,
+            role_arn=role_arn,
+            external_id=external_id,
         )
 
     async def describe(self, tenant_id: str) -> CredentialsInfo | None:
@@ -439,8 +468,12 @@ class VaultCredentialsAdmin:
             tenant_id=tenant_id,
             version=version,
             updated_at=_parse_time(current.get("created_time") or meta.get("updated_time")),
-            access_key_id_hint=str(custom.get("access_key_id_hint", "****")),
+            access_key_id_hint=str(
+                custom.get("access_key_id_hint", "" if custom.get("role_arn") else "****")
+            ),
             target=target,
+            role_arn=str(custom.get("role_arn") or ""),
+            external_id=str(custom.get("external_id") or ""),
         )
 
     async def delete(self, tenant_id: str) -> bool:
@@ -500,12 +533,15 @@ class VaultCredentialsSource:
             return None
         data = body["data"]
         try:
+            role_arn = str(data.get("role_arn") or "")
             return TenantCredentials(
                 tenant_id=tenant_id,
-                access_key_id=str(data["access_key_id"]),
-                secret_access_key=Secret(str(data["secret_access_key"])),
+                access_key_id="" if role_arn else str(data["access_key_id"]),
+                secret_access_key=Secret("" if role_arn else str(data["secret_access_key"])),
                 target=_target_from_fields(data),
                 version=int((body.get("metadata") or {}).get("version") or 0),
+                role_arn=role_arn,
+                external_id=str(data.get("external_id") or ""),
             )
         except (KeyError, ValueError, TypeError):
             # the message names no value: the data holds the secret
@@ -513,6 +549,9 @@ class VaultCredentialsSource:
         raise error
 
     def invalidate(self, tenant_id: str) -> None:
+        """Nothing is cached here."""
+
+    def invalidate_all(self) -> None:
         """Nothing is cached here."""
 
 
@@ -571,3 +610,9 @@ class CachedCredentialsSource:
         self._loading.pop(tenant_id, None)
         self._generations[tenant_id] = self._generations.get(tenant_id, 0) + 1
         self._inner.invalidate(tenant_id)
+
+    def invalidate_all(self) -> None:
+        """Drop every cached credential, and ignore every load already under way."""
+        for tenant_id in {*self._hits, *self._loading}:
+            self.invalidate(tenant_id)
+        self._inner.invalidate_all()

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from recgw.v1 import credentials_pb2, credentials_pb2_grpc
@@ -20,10 +22,13 @@ from recgw.v1 import credentials_pb2, credentials_pb2_grpc
 from recgw_server.app import Gateway
 from recgw_server.auth.tokens import hash_token
 from recgw_server.config import Settings
+from recgw_server.dev.certs import DevTlsFiles, write_dev_tls
 from recgw_server.dev.stack import (
+    MOTO_ACCOUNT,
     MotoS3,
     OpenBao,
     bootstrap_vault,
+    gateway_identity_policy,
     seed_policy,
     start_moto,
     start_openbao,
@@ -41,6 +46,7 @@ class DevOptions:
     data_dir: Path = Path(".recgw-dev")
     tenant: str = "demo"
     bucket: str = "recgw-demo"
+    tls: str = ""  # "", "tls", or "mtls" (client certificates required)
 
 
 @dataclass
@@ -50,6 +56,8 @@ class DevStack:
     gateway: Gateway
     uploader_token: str
     admin_token: str
+    gateway_principal: str = ""
+    tls: DevTlsFiles | None = None
 
 
 async def start_dev_stack(options: DevOptions) -> DevStack:
@@ -67,18 +75,52 @@ async def start_dev_stack(options: DevOptions) -> DevStack:
         demo_keys = await asyncio.to_thread(
             moto.create_user, "recgw-demo-writer", seed_policy(options.bucket)
         )
+        # The gateway's own AWS identity, for tenant roles, over the standard chain (environment)
+        gateway_keys = await asyncio.to_thread(
+            moto.create_user, "recgw-dev-gateway", gateway_identity_policy()
+        )
+        gateway_principal = f"arn:aws:iam::{MOTO_ACCOUNT}:user/recgw-dev-gateway"
+        os.environ["AWS_ACCESS_KEY_ID"] = gateway_keys.access_key_id
+        os.environ["AWS_SECRET_ACCESS_KEY"] = gateway_keys.secret_access_key.reveal()
+        os.environ.pop("AWS_SESSION_TOKEN", None)
         uploader_token = "upl_" + secrets.token_urlsafe(24)
         admin_token = "adm_" + secrets.token_urlsafe(24)
         assert identities.writer.secret_id and identities.reader.secret_id
+        tls = (
+            await asyncio.to_thread(write_dev_tls, options.data_dir / "tls")
+            if options.tls
+            else None
+        )
+        transport: dict[str, Any] = {"plaintext": True}
+        if tls is not None:
+            transport = {
+                "tls": {
+                    "cert_file": tls.server_cert,
+                    "key_file": tls.server_key,
+                    "client_ca_file": tls.ca_file if options.tls == "mtls" else None,
+                }
+            }
         settings = Settings(
             listen=f"127.0.0.1:{options.port}",
             metrics_listen=f"127.0.0.1:{options.metrics_port}" if options.metrics_port else "",
             shutdown_grace_seconds=5,
             data_dir=options.data_dir,
+            audit={"sink": str(options.data_dir / "audit.jsonl")},
             tokens=[
-                {"name": "dev-uploader", "role": "uploader", "sha256": hash_token(uploader_token)},
-                {"name": "dev-admin", "role": "admin", "sha256": hash_token(admin_token)},
+                {
+                    "name": "dev-uploader",
+                    "role": "uploader",
+                    "sha256": hash_token(uploader_token),
+                    "tenants": ["*"],
+                },
+                {
+                    "name": "dev-admin",
+                    "role": "admin",
+                    "sha256": hash_token(admin_token),
+                    "tenants": ["*"],
+                },
             ],
+            **transport,
             vault={
                 "address": bao.address,
                 "writer": {
@@ -92,11 +134,15 @@ async def start_dev_stack(options: DevOptions) -> DevStack:
                     "secret_id": identities.reader.secret_id.reveal(),
                 },
             },
+            roles={
+                "sts_endpoint_url": moto.endpoint_url,
+                "gateway_principal_arn": gateway_principal,
+            },
         )
         gateway = Gateway(settings)
         await gateway.start()
         # The demo tenant's keys go in the way a customer's would: through SetCredentials.
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        async with _channel(gateway.port, tls, options.tls == "mtls") as channel:
             await credentials_pb2_grpc.CredentialsServiceStub(channel).SetCredentials(
                 credentials_pb2.SetCredentialsRequest(
                     tenant_id=options.tenant,
@@ -116,7 +162,15 @@ async def start_dev_stack(options: DevOptions) -> DevStack:
         moto.stop()
         bao.stop()
         raise
-    return DevStack(bao, moto, gateway, uploader_token, admin_token)
+    return DevStack(bao, moto, gateway, uploader_token, admin_token, gateway_principal, tls)
+
+
+def _channel(port: int, tls: DevTlsFiles | None, mutual: bool) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    client = (tls.client_key.read_bytes(), tls.client_cert.read_bytes()) if mutual else (None, None)
+    credentials = grpc.ssl_channel_credentials(tls.ca_file.read_bytes(), *client)
+    return grpc.aio.secure_channel(f"{tls.server_name}:{port}", credentials)
 
 
 async def stop_dev_stack(stack: DevStack) -> None:
@@ -129,6 +183,21 @@ def banner(stack: DevStack, options: DevOptions) -> str:
     """What `make run` prints: where everything is and a command to copy."""
     recgw = Path(sys.executable).parent / "recgw"
     address = f"127.0.0.1:{stack.gateway.port}"
+    transport = "plaintext, loopback only"
+    tls_lines = ""
+    if stack.tls is not None:
+        address = f"{stack.tls.server_name}:{stack.gateway.port}"
+        mutual = options.tls == "mtls"
+        transport = "mTLS: client certificates required" if mutual else "TLS"
+        tls_lines = (
+            f"  CA file        {stack.tls.ca_file}   (server name {stack.tls.server_name})\n"
+        )
+        if mutual:
+            tls_lines += (
+                f"  client cert    {stack.tls.client_cert}\n"
+                f"  client key     {stack.tls.client_key}\n"
+            )
+        tls_lines += "                 (give these to the client's TLS options)\n"
     metrics = (
         f"  metrics        http://127.0.0.1:{options.metrics_port}/metrics\n"
         if options.metrics_port
@@ -137,14 +206,16 @@ def banner(stack: DevStack, options: DevOptions) -> str:
     return f"""
 recgw dev stack is up (Ctrl-C stops everything)
 
-  gateway        {address}   (gRPC, plaintext, loopback only)
-  uploader token {stack.uploader_token}
+  gateway        {address}   (gRPC, {transport})
+{tls_lines}  uploader token {stack.uploader_token}
   admin token    {stack.admin_token}
   OpenBao        {stack.bao.address}   (dev server, in memory)
   S3 (moto)      {stack.moto.endpoint_url}   (IAM enforced; bucket '{options.bucket}')
   S3 browser     {stack.moto.endpoint_url}/moto-api/
 {metrics}  tenant         '{options.tenant}' -> s3://{options.bucket}/uploads/ (PutObject only)
+  roles          assumed as {stack.gateway_principal} (recgw policy --role)
   logs           {options.data_dir / "logs"}
+  audit trail    {options.data_dir / "audit.jsonl"}
 
 Upload a file (copy and paste into another terminal):
 

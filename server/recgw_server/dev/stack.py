@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from recgw_server.credentials.vault import VaultAuth
 from recgw_server.domain import Secret
 
 SEED_POLICY_SID = "16933222-fba4-4de3-bf3e-427759b73a9d"
+MOTO_ACCOUNT = "123456789012"  # the account moto puts everything in
 
 
 def free_port() -> int:
@@ -203,6 +205,20 @@ def seed_policy(bucket: str, resource_suffix: str = "*") -> dict[str, Any]:
     }
 
 
+def gateway_identity_policy() -> dict[str, Any]:
+    """The gateway's own IAM policy: assume the recgw-* roles customers create, nothing else."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": "sts:AssumeRole",
+                "Resource": "arn:aws:iam::*:role/recgw-*",
+            }
+        ],
+    }
+
+
 def start_moto(log_dir: Path, port: int | None = None) -> MotoS3:
     port = port or free_port()
     managed = _spawn(
@@ -329,3 +345,103 @@ def bootstrap_vault(
             method="approle", role_id=role_id, secret_id=Secret(secret_id), name=name
         )
     return VaultIdentities(writer=identities["writer"], reader=identities["reader"])
+
+
+def postgres_bindir() -> Path:
+    """Where initdb and pg_ctl are: Debian's newest /usr/lib/postgresql/N/bin, else PATH."""
+    candidates = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    if candidates:
+        return candidates[-1].parent
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    raise RuntimeError(
+        "PostgreSQL server binaries not found; install them: apt-get install -y postgresql"
+    )
+
+
+@dataclass
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster in a temp dir: superuser `recgw`, trust auth, loopback."""
+
+    root: Path
+    port: int
+    bindir: Path
+    run_as: list[str]
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "postgres.log"
+
+    @property
+    def pg_ctl(self) -> str:
+        return str(self.bindir / "pg_ctl")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://recgw@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str = "") -> str:
+        """A new empty database; returns its URL."""
+        import psycopg
+
+        name = name or f"recgw_{secrets.token_hex(6)}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"'.encode())
+        return self.url(name)
+
+    def stop(self) -> None:
+        subprocess.run(
+            [*self.run_as, self.pg_ctl, "-D", str(self.data_dir), "stop", "-m", "immediate", "-w"],
+            check=False,
+            capture_output=True,
+        )
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def start_postgres(port: int | None = None) -> PostgresCluster:
+    """initdb (--no-sync) and start a cluster on 127.0.0.1:port, its unix socket in its dir.
+
+    initdb refuses to run as root, so as root the server runs as the `postgres` user.
+    """
+    bindir = postgres_bindir()
+    root = Path(tempfile.mkdtemp(prefix="recgw-pg-"))
+    run_as: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    cluster = PostgresCluster(root, port or free_port(), bindir, run_as)
+    try:
+        initdb = [str(bindir / "initdb"), "-D", str(cluster.data_dir), "--no-sync", "-U", "recgw"]
+        subprocess.run(
+            [*run_as, *initdb, "-A", "trust", "-E", "UTF8", "--no-instructions"],
+            check=True,
+            capture_output=True,
+        )
+        # fsync off: a test cluster never survives a crash anyway; commits stay synchronous.
+        server_options = (
+            f"-p {cluster.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c full_page_writes=off -c synchronous_commit=on"
+        )
+        start = ["-D", str(cluster.data_dir), "-l", str(cluster.log_path), "-o", server_options]
+        subprocess.run(
+            [*run_as, cluster.pg_ctl, *start, "-w", "-t", "60", "start"],
+            check=True,
+            capture_output=True,
+        )
+    except subprocess.CalledProcessError as exc:
+        log = cluster.log_path.read_text() if cluster.log_path.exists() else ""
+        cluster.stop()
+        raise RuntimeError(
+            f"PostgreSQL did not start: {exc.stderr.decode(errors='replace')} {log}"
+        ) from None
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster

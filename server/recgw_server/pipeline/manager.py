@@ -18,31 +18,26 @@ from recgw_server.domain import (
     TenantCredentials,
     build_object_key,
     quote_client,
-    validate_tenant_id,
 )
 from recgw_server.events.model import CREDENTIALS_FAILING, Event
 from recgw_server.events.webhooks import EventRouter, WebhookSettings
 from recgw_server.metrics import GatewayMetrics
 from recgw_server.pipeline.budget import MemoryBudget
-from recgw_server.pipeline.buffers import PartBody, Spool
-from recgw_server.pipeline.digest import crc32c
+from recgw_server.pipeline.buffers import Spool
 from recgw_server.pipeline.model import (
     DONE_STATES,
-    VERIFY_BODY,
-    VERIFY_OBJECT_NAME,
     AbortReport,
     PipelineSettings,
     SalvageReport,
     StartRequest,
     UploadState,
     UploadStatus,
-    VerifyReport,
     validate_start,
 )
 from recgw_server.pipeline.parts import plan_parts
 from recgw_server.pipeline.uploads import Upload
-from recgw_server.sessions.base import SessionRecord, SessionStore
-from recgw_server.storage.base import AbortOutcome, ObjectSpec, ObjectStore, ObjectWriter
+from recgw_server.sessions.base import Lease, SessionRecord, SessionStore
+from recgw_server.storage.base import AbortOutcome, ObjectStore, ObjectWriter
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +124,8 @@ class UploadManager:
                 f"no upload with id {quote_client(upload_id, 64)}",
                 reason=Reason.UPLOAD_NOT_FOUND,
             )
+        if upload.state is UploadState.OPEN and not upload.attached:
+            upload = await self._lease_for_control(upload, force=False)
         result = await upload.salvage("salvaged on request (SalvageUpload)")
         return SalvageReport(upload.state, result)
 
@@ -164,6 +161,8 @@ class UploadManager:
             if existing.committed == 0 and not existing.attached:
                 existing.adopt_sha256(self._wants_sha256(request))
             await existing.attach(stream)
+            if existing.attached:
+                existing = await self._attach_lease(existing, stream)
             if existing.state is UploadState.OPEN:
                 self.metrics.uploads_resumed.inc()
                 log.info("upload %s resumed at byte %d", upload_id, existing.committed)
@@ -222,11 +221,103 @@ class UploadManager:
             compute_sha256=self._wants_sha256(request),
         )
         # Durable before the stream may write: a restart must find every upload it acknowledged.
-        await self.sessions.create(record)
+        lease = await self.sessions.create(record, self.settings.replica_id)
         upload = Upload(self, record, writer)
+        upload.lease = lease
         await upload.attach(stream)
         self._remember(upload)
         return upload
+
+    async def _attach_lease(self, upload: Upload, stream: asyncio.Task[object] | None) -> Upload:
+        """Take the writer lease for a stream attached to `upload`; returns the current copy."""
+        try:
+            lease = await self.sessions.attach(
+                upload.upload_id, self.settings.replica_id, self.settings.lease_seconds
+            )
+            if lease is None:
+                await self.sessions.request_release(upload.upload_id)
+                raise RecgwError(
+                    ErrorKind.ABORTED,
+                    f"another gateway replica is writing upload {upload.upload_id}; it was asked "
+                    "to let go: retry in a few seconds (a silent stream is released after "
+                    f"{self.settings.takeover_after:g} s, a dead or frozen replica loses its "
+                    f"uploads after {self.settings.lease_seconds:g} s)",
+                    reason=Reason.ANOTHER_WRITER,
+                    details={"upload_id": upload.upload_id},
+                )
+            current = await self._leased(upload, lease)
+        except BaseException:
+            upload.attached = False
+            upload.release_stream()
+            raise
+        if current is not upload:
+            upload.attached = False
+            upload.release_stream()
+            try:
+                await current.attach(stream)
+            except BaseException:
+                await self.sessions.release(lease)
+                raise
+            if not current.attached:  # it completed elsewhere meanwhile
+                await self.sessions.release(lease)
+        return current
+
+    async def _leased(self, upload: Upload, lease: Lease) -> Upload:
+        """The copy of `upload` to write under the new `lease`.
+
+        The copy in memory is current only if it held the previous lease itself; otherwise
+        another replica may have written since, and a fresh copy is read from the store.
+        """
+        if upload.lease is not None and lease.generation == upload.lease.generation + 1:
+            upload.lease = lease
+            return upload
+        record = await self.sessions.get(upload.upload_id)
+        assert record is not None, "sessions are never deleted"
+        current = Upload(self, record, None)
+        current.lease = lease
+        if self._uploads.get(upload.upload_id) is upload:
+            self._uploads[upload.upload_id] = current
+        return current
+
+    async def _lease_for_control(self, upload: Upload, force: bool) -> Upload:
+        """The lease for AbortUpload or SalvageUpload on an upload no stream here writes."""
+        lease = await self.sessions.attach(
+            upload.upload_id, self.settings.replica_id, self.settings.lease_seconds
+        )
+        if lease is None:
+            record = await self.sessions.get(upload.upload_id)
+            if not force or (record is not None and record.state == UploadState.FINISHING.value):
+                raise RecgwError(
+                    ErrorKind.ABORTED if not force else ErrorKind.FAILED_PRECONDITION,
+                    f"upload {upload.upload_id} is being written or finished by another "
+                    "gateway replica; retry later",
+                    reason=Reason.ANOTHER_WRITER if not force else Reason.UPLOAD_FINISHING,
+                )
+            lease = await self.sessions.attach(
+                upload.upload_id, self.settings.replica_id, self.settings.lease_seconds, True
+            )
+            assert lease is not None
+        current = await self._leased(upload, lease)
+        if current.state is not UploadState.OPEN:
+            await self.sessions.release(lease)
+        return current
+
+    def forget(self, upload: Upload) -> None:
+        """Drop a stale copy from memory; the next lookup reads the session store."""
+        if self._uploads.get(upload.upload_id) is upload:
+            del self._uploads[upload.upload_id]
+
+    async def answer_release_requests(self) -> None:
+        """Release leases other replicas asked for: of uploads no stream here is writing, and of
+        streams silent for longer than the takeover time (the takeover rule across replicas)."""
+        for upload_id in await self.sessions.release_requested(self.settings.replica_id):
+            upload = self._uploads.get(upload_id)
+            if upload is None or upload.lease is None or upload._fail_task is not None:
+                continue
+            if upload.attached:
+                upload.take_over_if_silent()
+            else:
+                await self.sessions.release(upload.lease)
 
     def _remember(self, upload: Upload) -> None:
         self._uploads[upload.upload_id] = upload
@@ -291,6 +382,9 @@ class UploadManager:
                 f"upload {upload_id} is already finishing and can no longer be aborted",
                 reason=Reason.UPLOAD_FINISHING,
             )
+        if upload.state is UploadState.OPEN and not upload.attached:
+            # AbortUpload wins over a stream on another replica, unless that one is finishing.
+            upload = await self._lease_for_control(upload, force=True)
         if upload.state is UploadState.OPEN:
             upload.abort_requested.set()
             error = upload.aborted_error()
@@ -301,58 +395,52 @@ class UploadManager:
         return _abort_report(upload)
 
     async def expire_idle(self, now: float | None = None) -> list[str]:
-        """Expire open uploads idle longer than the idle timeout; returns their ids."""
+        """End open uploads idle longer than the idle timeout; returns their ids.
+
+        Each is expired, salvaged (the tenant's policy) or, if its completion may have reached
+        S3, completed again. Every replica runs this; a claim takes the lease, so no upload is
+        handled twice.
+        """
         now = time.time() if now is None else now
         cutoff = now - self.settings.idle_timeout
-        expired: list[str] = []
-        for upload_id in await self.sessions.idle(
-            (UploadState.OPEN.value, UploadState.FINISHING.value), cutoff
-        ):
-            upload = await self.find(upload_id)
-            if upload is None or upload.attached or upload.updated_at >= cutoff:
-                continue
-            idle_hours = (now - upload.updated_at) / 3600
-            why = f"expired after {idle_hours:.1f} h without data"
-            try:
-                if upload.completion_sent:
-                    # Its completion may have reached S3: never abort it, ask S3 again.
-                    await upload.complete_again()
-                elif (upload.committed or upload.tail) and await self.salvages(upload.tenant_id):
-                    await upload.salvage(why)
-                else:
-                    await upload.fail(RecgwError(ErrorKind.ABORTED, why), final=UploadState.EXPIRED)
-                    self.metrics.uploads_expired.inc()
-            except RecgwError as error:
-                log.warning("upload %s could not be ended: %s", upload_id, error.message)
-                continue
-            expired.append(upload_id)
-        return expired
-
-    async def verify_write(self, tenant_id: str) -> VerifyReport:
-        """Prove the stored credentials can write, with one PutObject at a fixed key.
-
-        The key is the same every time and the write is unconditional, so nothing accumulates;
-        PutObject is all the seed's least-privilege policy needs to allow.
-        """
-        validate_tenant_id(tenant_id)
-        credentials = await self.credentials.get(tenant_id)
-        if credentials is None:
-            raise RecgwError(
-                ErrorKind.NOT_FOUND,
-                f"tenant '{tenant_id}' has no S3 credentials to verify",
-                reason=Reason.CREDENTIALS_NOT_FOUND,
+        ended: list[str] = []
+        batch = 100
+        more = True
+        while more:
+            leases = await self.sessions.claim_idle(
+                (UploadState.OPEN.value, UploadState.FINISHING.value),
+                cutoff,
+                self.settings.replica_id,
+                self.settings.lease_seconds,
+                batch,
             )
-        key = credentials.target.prefix + VERIFY_OBJECT_NAME
-        spec = ObjectSpec(key, "text/plain", {}, if_none_match=False)
+            done = [lease.upload_id for lease in leases if await self._expire(lease, now, cutoff)]
+            ended += done
+            more = len(leases) == batch and bool(done)  # uploads kept come back in every claim
+        return ended
+
+    async def _expire(self, lease: Lease, now: float, cutoff: float) -> bool:
+        """End a claimed idle upload unless it became busy; True when it ended."""
+        found = await self.find(lease.upload_id)
+        upload = None if found is None or found.attached else await self._leased(found, lease)
+        if upload is None or upload.updated_at >= cutoff or upload.state is not UploadState.OPEN:
+            await self.sessions.release(lease)
+            return False
+        why = f"expired after {(now - upload.updated_at) / 3600:.1f} h without data"
         try:
-            writer = await self.store.writer_for(credentials)
-            body = PartBody([VERIFY_BODY], None, len(VERIFY_BODY))
-            await writer.put_object(spec, body, crc32c(VERIFY_BODY))
+            if upload.completion_sent:
+                # Its completion may have reached S3: never abort it, ask S3 again.
+                await upload.complete_again()
+            elif (upload.committed or upload.tail) and await self.salvages(upload.tenant_id):
+                await upload.salvage(why)
+            else:
+                await upload.fail(RecgwError(ErrorKind.ABORTED, why), final=UploadState.EXPIRED)
+                self.metrics.uploads_expired.inc()
         except RecgwError as error:
-            if error.kind is ErrorKind.INTERNAL:
-                raise
-            return VerifyReport(False, key, error.store_code or error.kind.value, error.message)
-        return VerifyReport(True, key)
+            log.warning("upload %s could not be ended: %s", lease.upload_id, error.message)
+            await self.sessions.release(lease)
+            return False
+        return True
 
     async def spill_slow_parts(self) -> None:
         """Move parts that have been filling for too long to disk (run every second or so)."""

@@ -61,6 +61,9 @@ class PipelineSettings:
     # when S3 cannot be reached; the gateway, not botocore, repeats it, knowing what it sent.
     completion_attempts: int = 5
     completion_backoff: float = 0.5
+    # This replica's name on the writer leases of the session store, and how long they last.
+    replica_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    lease_seconds: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -99,18 +102,6 @@ class AbortReport:
 class SalvageReport:
     state: UploadState
     result: UploadResult | None
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    ok: bool
-    key: str
-    error_code: str = ""
-    error_message: str = ""
-
-
-VERIFY_OBJECT_NAME = ".recgw-write-check"
-VERIFY_BODY = b"recgw write check: this object is overwritten by every VerifyCredentials call\n"
 
 
 def validate_start(request: StartRequest) -> str:

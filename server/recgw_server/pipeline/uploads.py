@@ -49,9 +49,10 @@ from recgw_server.pipeline.model import (
     result_to_record,
 )
 from recgw_server.pipeline.parts import PartPlan
-from recgw_server.sessions.base import PartRecord, SessionRecord
+from recgw_server.sessions.base import Fenced, Lease, PartRecord, SessionRecord
 from recgw_server.storage.base import (
     AbortOutcome,
+    BytesBody,
     ObjectSpec,
     ObjectWriter,
     WrittenObject,
@@ -130,6 +131,8 @@ class Upload:
         self.terminal = asyncio.Event()
         if self.state not in (UploadState.OPEN, UploadState.FINISHING):
             self.terminal.set()
+        self.lease: Lease | None = None  # the writer lease every session store write names
+        self._fenced = False  # another replica took the lease over
 
     # -- attaching streams -------------------------------------------------------------------
 
@@ -201,6 +204,25 @@ class Upload:
         self.compute_sha256 = compute
         self._reset_to_prefix()
 
+    def release_stream(self) -> None:
+        """The stream that attached is not going to write after all."""
+        self._stream = None
+
+    def take_over_if_silent(self) -> None:
+        """Another replica wants this upload: end the local stream if it has gone silent."""
+        silent = time.monotonic() - self.last_activity
+        if silent > self._manager.settings.takeover_after:
+            self._manager.metrics.takeovers.inc()
+            self.interrupt(
+                RecgwError(
+                    ErrorKind.ABORTED,
+                    f"a newer stream on another gateway replica took over upload "
+                    f"{self.upload_id} after this one was silent for {silent:.1f} s",
+                    reason=Reason.STREAM_TAKEN_OVER,
+                    details={"upload_id": self.upload_id},
+                )
+            )
+
     def interrupt(self, error: RecgwError) -> None:
         """End the attached stream's handler at once with `error` (takeover, AbortUpload)."""
         self._interruption = error
@@ -238,21 +260,32 @@ class Upload:
         await asyncio.shield(self._detach_task)
 
     async def _detach(self) -> None:
+        sessions = self._manager.sessions
         try:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
-            await self._keep_tail()
+            if not self._fenced:
+                await self._keep_tail()
             beyond = [n for n in self._parts if n > self._prefix]
             for number in beyond:
                 del self._parts[number]
-            if beyond:
-                await self._manager.sessions.drop_parts_after(self.upload_id, self._prefix)
+            if beyond and not self._fenced:
+                await self._store_write(
+                    lambda lease: sessions.drop_parts_after(lease, self._prefix)
+                )
             if self.state is UploadState.FINISHING:
                 self.state = UploadState.OPEN
             self.updated_at = time.time()
-            if self.state is UploadState.OPEN:
-                await self._manager.sessions.update(
-                    self.upload_id, self.updated_at, state=UploadState.OPEN.value
+            if self.state is UploadState.OPEN and not self._fenced:
+                await self._store_write(
+                    lambda lease: sessions.update(
+                        lease, self.updated_at, state=UploadState.OPEN.value
+                    )
                 )
+                await self._release_lease()
+        except RecgwError:
+            if not self._fenced:
+                raise
+            # Another replica took the upload over: its record is that replica's to write now.
         finally:
             # No await from here on: once GetUploadStatus shows received == committed, the
             # upload is ready for the next stream.
@@ -276,10 +309,7 @@ class Upload:
         try:
             writer = await self._writer_for_upload()
             if not self._store_upload_id:
-                self._store_upload_id = await writer.create_multipart_upload(self.spec)
-                await self._manager.sessions.update(
-                    self.upload_id, time.time(), store_upload_id=self._store_upload_id
-                )
+                await self._start_multipart(writer)
             body = await part.seal()
             digest = self._hash(body)
             written = await writer.upload_part(
@@ -293,7 +323,9 @@ class Upload:
                 object_crc32c=combine_crc32c(self._object_crc, part.crc32c, part.size),
                 sha256_state=await digest if digest is not None else b"",
             )
-            await self._manager.sessions.update(self.upload_id, time.time(), tail=tail)
+            await self._store_write(
+                lambda lease: self._manager.sessions.update(lease, time.time(), tail=tail)
+            )
             self.tail = tail
             log.info(
                 "upload %s: kept %d bytes after the committed size for salvaging",
@@ -511,15 +543,19 @@ class Upload:
             )
         self.result = result
         self.updated_at = time.time()
-        await self._manager.sessions.update(
-            self.upload_id,
-            self.updated_at,
-            outbox=self._outbox(),
-            state=self.state.value,
-            committed_size=size,
-            error_message=self.error_message,
-            result=result_to_record(result),
+        outbox, record, message = self._outbox(), result_to_record(result), self.error_message
+        await self._store_write(
+            lambda lease: self._manager.sessions.update(
+                lease,
+                self.updated_at,
+                outbox=outbox,
+                state=self.state.value,
+                committed_size=size,
+                error_message=message,
+                result=record,
+            )
         )
+        await self._release_lease()
         self._manager.on_events()
         self.terminal.set()
         self._manager.metrics.uploads_finished.labels(self.state.value).inc()
@@ -545,7 +581,7 @@ class Upload:
         ).encode()
         spec = ObjectSpec(result.key + ".salvaged.json", "application/json", {}, False)
         try:
-            await writer.put_object(spec, PartBody([note], None, len(note)), crc32c(note))
+            await writer.put_object(spec, BytesBody(note), crc32c(note))
         except RecgwError as error:
             log.warning(
                 "upload %s: the salvage note could not be written: %s",
@@ -676,15 +712,50 @@ class Upload:
             self._writer = await self._manager.writer_for_tenant(self.tenant_id)
         return self._writer
 
+    async def _start_multipart(self, writer: ObjectWriter) -> None:
+        self._store_upload_id = await writer.create_multipart_upload(self.spec)
+        store_upload_id = self._store_upload_id
+        await self._store_write(
+            lambda lease: self._manager.sessions.update(
+                lease, time.time(), store_upload_id=store_upload_id
+            )
+        )
+
+    def _fenced_error(self) -> RecgwError:
+        return RecgwError(
+            ErrorKind.ABORTED,
+            f"another gateway replica took over upload {self.upload_id}; this stream stops "
+            "(resume the upload from its committed size)",
+            reason=Reason.WRITER_FENCED,
+            details={"upload_id": self.upload_id},
+        )
+
+    async def _store_write(self, write: Callable[[Lease], Awaitable[None]]) -> None:
+        """A session store write under this upload's lease; a lost lease stops the stream."""
+        if self._fenced:
+            raise self._fenced_error()
+        assert self.lease is not None, "a store write without a lease"
+        try:
+            await write(self.lease)
+        except Fenced:
+            self._fenced = True
+            self._manager.forget(self)  # this copy is stale; the store has the truth
+            log.warning(
+                "upload %s was taken over by another replica; its stream here stops",
+                self.upload_id,
+            )
+            raise self._fenced_error() from None
+
+    async def _release_lease(self) -> None:
+        if self.lease is not None and not self._fenced:
+            await self._manager.sessions.release(self.lease)
+
     async def _send_part(self) -> None:
         part = self._part
         assert part is not None
         writer = await self._writer_for_upload()
         if not self._store_upload_id:
-            self._store_upload_id = await writer.create_multipart_upload(self.spec)
-            await self._manager.sessions.update(
-                self.upload_id, time.time(), store_upload_id=self._store_upload_id
-            )
+            await self._start_multipart(writer)
         await self._slots.acquire()
         try:
             body = await part.seal()
@@ -726,7 +797,11 @@ class Upload:
                 self.tail = None  # rewritten as a regular part: the kept tail is gone
             _, committed = self._extended_prefix()
             # Durable first, then reported: GetUploadStatus never shows uncommitted bytes.
-            await self._manager.sessions.save_part(self.upload_id, record, committed, time.time())
+            await self._store_write(
+                lambda lease: self._manager.sessions.save_part(
+                    lease, record, committed, time.time()
+                )
+            )
             self._advance_prefix()
             self.updated_at = time.time()
             self._manager.metrics.parts_uploaded.inc()
@@ -776,8 +851,10 @@ class Upload:
         """
         settings = self._manager.settings
         if not self._completion_sent:
-            await self._manager.sessions.update(
-                self.upload_id, time.time(), state=UploadState.FINISHING.value
+            await self._store_write(
+                lambda lease: self._manager.sessions.update(
+                    lease, time.time(), state=UploadState.FINISHING.value
+                )
             )
         for attempt in range(1, settings.completion_attempts + 1):
             sent_before = self._completion_sent
@@ -806,6 +883,13 @@ class Upload:
         expected_etag = ""
         try:
             writer = await self._writer_for_upload()
+            # Still this replica's upload? A writer that was frozen while another replica took
+            # over learns it here, before it sends anything more to S3.
+            await self._store_write(
+                lambda lease: self._manager.sessions.update(
+                    lease, time.time(), state=UploadState.OPEN.value
+                )
+            )
             if not self._store_upload_id:
                 # Everything fits in one part: a single PutObject, no multipart upload at all.
                 part = self._part or self._new_part()
@@ -860,14 +944,19 @@ class Upload:
             UploadState.COMPLETION_UNCONFIRMED if self.result.unconfirmed else UploadState.COMPLETE
         )
         self.updated_at = time.time()
-        await self._manager.sessions.update(
-            self.upload_id,
-            self.updated_at,
-            outbox=self._outbox(),
-            state=self.state.value,
-            committed_size=self.result.size,
-            result=result_to_record(self.result),
+        size, record = self.result.size, result_to_record(self.result)
+        outbox = self._outbox()
+        await self._store_write(
+            lambda lease: self._manager.sessions.update(
+                lease,
+                self.updated_at,
+                outbox=outbox,
+                state=self.state.value,
+                committed_size=size,
+                result=record,
+            )
         )
+        await self._release_lease()
         self._manager.on_events()
         self.attached = False
         self.terminal.set()
@@ -923,7 +1012,7 @@ class Upload:
         self._drop_part()
         # Parts already on their way finish (their memory is in use until they do); then abort.
         await asyncio.gather(*self._in_flight, return_exceptions=True)
-        if self._store_upload_id:
+        if self._store_upload_id and not self._fenced:  # a fenced copy leaves S3 to the new writer
             try:
                 writer = await self._writer_for_upload()
                 self.abort_outcome = await writer.abort_multipart_upload(
@@ -946,14 +1035,23 @@ class Upload:
             self.abort_outcome = AbortOutcome.ABORTED  # nothing was ever started in S3
         self.state = final
         self.updated_at = time.time()
-        await self._manager.sessions.update(
-            self.upload_id,
-            self.updated_at,
-            outbox=self._outbox(),
-            state=final.value,
-            error_message=error.message,
-            abort_outcome=self.abort_outcome.value,
-        )
+        outcome = self.abort_outcome
+        outbox = self._outbox()
+        try:
+            await self._store_write(
+                lambda lease: self._manager.sessions.update(
+                    lease,
+                    self.updated_at,
+                    outbox=outbox,
+                    state=final.value,
+                    error_message=error.message,
+                    abort_outcome=outcome.value,
+                )
+            )
+            await self._release_lease()
+        except RecgwError:
+            if not self._fenced:
+                raise
         self._manager.on_events()
         self.attached = False
         self._manager.metrics.uploads_finished.labels(final.value).inc()

@@ -2,15 +2,42 @@
 
 The seed's PutObject-only policy grants no ListParts, so this record, not S3, is the source of
 truth for which parts exist. A part counts as committed only once its record is durable.
+
+Several gateway replicas may share one store. At most one of them writes an upload at a time:
+the holder of its writer lease. A lease carries a fencing token (the generation, incremented on
+every attach), and every write the pipeline makes names its lease; the store checks it in the
+same statement that writes, so a replica that lost the lease (frozen, partitioned, slow) records
+nothing after another one took over. Leases live as long as their holder's replica heartbeat:
+one row per replica, stamped with the store's own clock.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from recgw_server.events.model import Event, Outbox
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The right of one replica (`holder`) to write one upload, as of `generation`."""
+
+    upload_id: str
+    holder: str
+    generation: int
+
+
+class Fenced(Exception):
+    """A write named a lease that no longer holds: another replica took the upload over."""
+
+    def __init__(self, lease: Lease) -> None:
+        super().__init__(
+            f"the lease of upload {lease.upload_id} (generation {lease.generation}) is lost"
+        )
+        self.lease = lease
 
 
 @dataclass(frozen=True)
@@ -51,6 +78,8 @@ class SessionRecord:
     result: Mapping[str, Any] | None = None
     abort_outcome: str = ""
     parts: tuple[PartRecord, ...] = field(default_factory=tuple)
+    holder: str = ""  # replica holding the writer lease; empty when nobody does
+    generation: int = 0  # fencing token of the latest lease
     compute_sha256: bool = True
     # Bytes received after the committed prefix when the last stream ended, uploaded as a short
     # part for salvaging; not committed (a resuming stream writes that part again).
@@ -65,30 +94,107 @@ class SessionRecord:
         return tuple(prefix)
 
 
-class SessionStore(Outbox, Protocol):
-    """Durable upload sessions. Every write is durable when its coroutine returns."""
+def part_json(part: PartRecord) -> str:
+    """A part record as JSON (the kept tail of a session)."""
+    return json.dumps(
+        {
+            "number": part.number,
+            "etag": part.etag,
+            "size": part.size,
+            "crc32c": part.crc32c,
+            "object_crc32c": part.object_crc32c,
+            "sha256_state": part.sha256_state.hex(),
+        }
+    )
 
-    async def create(self, record: SessionRecord) -> None: ...
+
+def part_from_json(text: str | Mapping[str, Any]) -> PartRecord:
+    data = json.loads(text) if isinstance(text, str) else text
+    return PartRecord(
+        number=data["number"],
+        etag=data["etag"],
+        size=data["size"],
+        crc32c=data["crc32c"],
+        object_crc32c=data["object_crc32c"],
+        sha256_state=bytes.fromhex(data["sha256_state"]),
+    )
+
+
+UPDATABLE_FIELDS = frozenset(
+    {
+        "state",
+        "store_upload_id",
+        "committed_size",
+        "error_message",
+        "result",
+        "abort_outcome",
+        "tail",
+    }
+)
+
+
+class SessionStore(Outbox, Protocol):
+    """Durable upload sessions. Every write is durable when its coroutine returns.
+
+    Writes that take a Lease raise Fenced, and change nothing, when the lease no longer holds.
+    """
+
+    async def open(self) -> None:
+        """Connect and bring the schema up to date (idempotent, safe from many replicas)."""
+        ...
+
+    async def create(self, record: SessionRecord, holder: str) -> Lease:
+        """Store a new session, leased to `holder` at generation 1."""
+        ...
 
     async def get(self, upload_id: str) -> SessionRecord | None: ...
 
-    async def save_part(
-        self, upload_id: str, part: PartRecord, committed_size: int, updated_at: float
-    ) -> None: ...
+    async def attach(
+        self, upload_id: str, holder: str, lease_seconds: float, force: bool = False
+    ) -> Lease | None:
+        """Take the writer lease with a new generation, or None when another live replica has it.
 
-    async def drop_parts_after(self, upload_id: str, number: int) -> None:
+        The lease is taken when nobody holds it, when `holder` already does, when the holder's
+        heartbeat is older than `lease_seconds` (a dead or frozen replica), or when `force`.
+        None also when there is no such upload.
+        """
+        ...
+
+    async def release(self, lease: Lease) -> bool:
+        """Give the lease up if it still holds; False when it had already been lost."""
+        ...
+
+    async def request_release(self, upload_id: str) -> None:
+        """Ask the lease holder (on another replica) to release the upload when it can."""
+        ...
+
+    async def release_requested(self, holder: str) -> list[str]:
+        """Ids of uploads held by `holder` whose release another replica asked for."""
+        ...
+
+    async def heartbeat(self, holder: str) -> None:
+        """Keep every lease of this replica alive: one row per replica, the store's clock."""
+        ...
+
+    async def save_part(
+        self, lease: Lease, part: PartRecord, committed_size: int, updated_at: float
+    ) -> None:
+        """Record a part written to S3 (replacing one of the same number)."""
+        ...
+
+    async def drop_parts_after(self, lease: Lease, number: int) -> None:
         """Forget parts beyond the committed prefix (they will be written again)."""
         ...
 
     async def update(
         self,
-        upload_id: str,
+        lease: Lease,
         updated_at: float,
         outbox: Sequence[tuple[str, Event]] = (),
         **fields: Any,
     ) -> None:
-        """Change session fields (state, store_upload_id, error_message, result, ...) and add
-        the `outbox` deliveries (endpoint URL, event) in the same transaction."""
+        """Change session fields (UPDATABLE_FIELDS: state, store_upload_id, result, ...) and add
+        the `outbox` deliveries (endpoint URL, event), in one transaction."""
         ...
 
     async def enqueue(self, outbox: Sequence[tuple[str, Event]]) -> None:
@@ -97,6 +203,20 @@ class SessionStore(Outbox, Protocol):
 
     async def idle(self, states: Iterable[str], updated_before: float) -> list[str]:
         """Ids of sessions in these states not touched since `updated_before`."""
+        ...
+
+    async def claim_idle(
+        self,
+        states: Iterable[str],
+        updated_before: float,
+        holder: str,
+        lease_seconds: float,
+        limit: int,
+    ) -> list[Lease]:
+        """Lease up to `limit` idle sessions that no live replica holds, for expiring them.
+
+        Replicas claiming at the same time get disjoint sets.
+        """
         ...
 
     async def close(self) -> None: ...

@@ -47,6 +47,31 @@ class Body(Protocol):
     def tell(self) -> int: ...
 
 
+class BytesBody:
+    """A Body of bytes already in memory (small objects: checks, notes)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._position = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._data[self._position :]
+        self._position = len(self._data)
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._position = {0: offset, 1: self._position + offset, 2: len(self._data) + offset}[
+            whence
+        ]
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+
 class AbortOutcome(enum.Enum):
     ABORTED = "aborted"
     DENIED = "denied"  # expected under a PutObject-only policy
@@ -99,6 +124,10 @@ class ObjectStore(Protocol):
 
     def forget(self, tenant_id: str) -> None:
         """Drop anything cached for a tenant whose credentials changed."""
+        ...
+
+    def forget_all(self) -> None:
+        """Drop everything cached for every tenant."""
         ...
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import functools
 import logging
+import re
 import threading
 import urllib.parse
 from collections import OrderedDict
@@ -19,8 +20,15 @@ import botocore.exceptions
 import botocore.handlers
 import botocore.session
 
+from recgw_server.credentials.roles import RoleAssumer
 from recgw_server.domain import EncryptionMode, ErrorKind, Reason, RecgwError, TenantCredentials
 from recgw_server.storage.base import AbortOutcome, Body, ObjectSpec, WrittenObject, WrittenPart
+from recgw_server.storage.endpoints import (
+    REGION_HEADER,
+    access_point_region,
+    discover_region,
+    expect_bucket_owner,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,6 +54,24 @@ _UNAVAILABLE = {
 }
 _CONFLICT = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
 _CORRUPT = {"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch", "InvalidChecksum"}
+_WRONG_REGION = {"PermanentRedirect", "AuthorizationHeaderMalformed", "301"}
+# AWS's wording when a policy lacks a permission, for S3's own and for KMS's denials.
+_NOT_AUTHORIZED = re.compile(
+    r"not authorized to perform: (?P<action>[a-z0-9-]{2,20}:[A-Za-z0-9*]{1,64}) on resource: "
+    r"\"?(?P<resource>arn:[A-Za-z0-9:/_.*+=,@-]{1,400})"
+)
+
+
+def missing_permission(exc: botocore.exceptions.ClientError) -> str:
+    """`action on resource` when S3's message names the permission it lacked, else ""."""
+    match = _NOT_AUTHORIZED.search(str(exc.response.get("Error", {}).get("Message", "")))
+    return f"{match['action']} on {match['resource']}" if match else ""
+
+
+def _bucket_region(exc: botocore.exceptions.ClientError) -> str:
+    headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    region = str(headers.get(REGION_HEADER) or exc.response.get("Error", {}).get("Region") or "")
+    return region if re.fullmatch(r"[a-z0-9-]{1,32}", region) else ""
 
 
 def crc32c_header(value: int) -> str:
@@ -73,11 +99,28 @@ def _translate(exc: Exception, operation: str, bucket: str, key: str) -> RecgwEr
         )
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         if code in ("AccessDenied", "AllAccessDisabled", "AccountProblem"):
+            missing = missing_permission(exc)
             return RecgwError(
                 ErrorKind.PERMISSION_DENIED,
-                f"S3 denied {operation} on {where} ({code}); the tenant's IAM policy must allow "
-                "s3:PutObject on this key: check the prefix and the bucket policy",
+                f"S3 denied {operation} on {where} ({code}); "
+                + (
+                    f"missing permission: {missing}"
+                    if missing
+                    else "the tenant's IAM policy must allow s3:PutObject on this key: check "
+                    "the prefix and the bucket policy"
+                )
+                + " (VerifyCredentials checks every permission uploads need)",
                 reason=Reason.ACCESS_DENIED,
+                details={"missing_permission": missing} if missing else None,
+            )
+        bucket_region = _bucket_region(exc)
+        if code in _WRONG_REGION and bucket_region:
+            return RecgwError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"bucket '{bucket}' is in region {bucket_region}, not in the tenant's region "
+                f"({code}); set region {bucket_region} with SetCredentials, or leave it empty",
+                reason=Reason.STORAGE_REJECTED,
+                details={"bucket_region": bucket_region},
             )
         if code in _REJECTED_CREDENTIALS:
             return RecgwError(
@@ -183,6 +226,16 @@ class S3Writer:
     @property
     def bucket(self) -> str:
         return self._target.bucket
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client (for the setup doctor's HeadBucket)."""
+        return self._client
+
+    @property
+    def clients(self) -> tuple[Any, Any]:
+        """Both boto3 clients: the retrying one and the single-attempt one."""
+        return self._client, self._once
 
     async def _run(self, operation: str, key: str, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -321,6 +374,31 @@ class S3Writer:
         return AbortOutcome.ABORTED
 
 
+class _ClientMaker:
+    """Makes S3 clients with one tenant's credentials: static keys through the gateway's shared
+    botocore session (its S3 model is loaded once), a role through the role's refreshing boto3
+    session (see credentials/roles.py)."""
+
+    def __init__(
+        self, session: Any, lock: threading.Lock | None, keys: TenantCredentials | None
+    ) -> None:
+        self._session = session
+        self._lock = lock
+        self._keys = keys
+
+    def client(self, service: str, **options: Any) -> Any:
+        if self._keys is None:
+            return self._session.client(service, **options)
+        assert self._lock is not None
+        with self._lock:  # botocore sessions are not thread-safe
+            return self._session.create_client(
+                service,
+                aws_access_key_id=self._keys.access_key_id,
+                aws_secret_access_key=self._keys.secret_access_key.reveal(),
+                **options,
+            )
+
+
 @dataclass(frozen=True)
 class TenantClients:
     """The two boto3 clients of one tenant's credentials version, built once and shared.
@@ -336,8 +414,11 @@ class TenantClients:
 class S3ObjectStore:
     """ObjectStore over boto3; builds each tenant's clients once per credentials version."""
 
-    def __init__(self, settings: S3Settings | None = None) -> None:
+    def __init__(
+        self, settings: S3Settings | None = None, roles: RoleAssumer | None = None
+    ) -> None:
         self._settings = settings or S3Settings()
+        self._roles = roles
         self._executor = ThreadPoolExecutor(
             max_workers=self._settings.io_threads, thread_name_prefix="recgw-s3"
         )
@@ -353,9 +434,10 @@ class S3ObjectStore:
         self._warm = self._executor.submit(self._session.get_service_model, "s3")
 
     async def writer_for(self, credentials: TenantCredentials) -> S3Writer:
-        # The access key id is part of the cache key so that a store which does not bump versions
-        # (or a cache race) can never reuse a client built from other credentials.
-        cache_key = (credentials.tenant_id, credentials.version, credentials.access_key_id)
+        # The identity (access key id or role ARN) is part of the cache key so that a store which
+        # does not bump versions (or a cache race) can never reuse a client built from other
+        # credentials.
+        cache_key = (credentials.tenant_id, credentials.version, credentials.identity)
         building = self._clients.get(cache_key)
         if building is None:
             # Concurrent first streams of a tenant share one build.
@@ -383,42 +465,66 @@ class S3ObjectStore:
         for cache_key in [k for k in self._clients if k[0] == tenant_id]:
             del self._clients[cache_key]
 
+    def forget_all(self) -> None:
+        """Drop every cached client."""
+        self._clients.clear()
+
     def _expect_continue(self, endpoint_url: str) -> bool:
         if self._settings.expect_continue != "auto":
             return self._settings.expect_continue == "on"
         host = urllib.parse.urlsplit(endpoint_url).hostname or ""
         return not (host in ("localhost", "::1") or host.startswith("127."))
 
+    def _maker(self, credentials: TenantCredentials) -> _ClientMaker:
+        if not credentials.role_arn:
+            return _ClientMaker(self._session, self._session_lock, credentials)
+        if self._roles is None:
+            raise RecgwError(
+                ErrorKind.INTERNAL,
+                "the tenant's credentials are a role, but this gateway assumes no roles",
+            )
+        return _ClientMaker(self._roles.session_for(credentials), None, None)
+
     def _make_clients(self, credentials: TenantCredentials) -> TenantClients:
         self._warm.result()
         target = credentials.target
+        maker = self._maker(credentials)
 
         def config(max_attempts: int) -> botocore.config.Config:
+            addressing: Any = {  # the stubs lack use_arn_region
+                "addressing_style": "path" if target.force_path_style else "auto",
+                # The payload is not hashed for SigV4: the CRC32C that S3 verifies (its header
+                # is signed) protects it, over HTTPS and plain HTTP alike.
+                "payload_signing_enabled": False,
+                # An access point ARN in another region than the client's is reached there.
+                "use_arn_region": True,
+            }
             return botocore.config.Config(
-                region_name=target.region,
                 retries={"mode": "standard", "total_max_attempts": max_attempts},
                 connect_timeout=self._settings.connect_timeout,
                 read_timeout=self._settings.read_timeout,
                 max_pool_connections=self._settings.io_threads,
-                # The payload is not hashed for SigV4: the CRC32C that S3 verifies (its header is
-                # signed) protects it, over HTTPS and plain HTTP alike.
-                s3={
-                    "addressing_style": "path" if target.force_path_style else "auto",
-                    "payload_signing_enabled": False,
-                },
+                s3=addressing,
                 # We send our own CRC32C with every write; no second checksum is needed.
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
             )
 
+        region = (
+            target.region
+            or access_point_region(target.bucket)
+            or discover_region(maker, target, config(self._settings.max_attempts))
+        )
+
         def client(max_attempts: int) -> Any:
-            made = self._session.create_client(
+            made = maker.client(
                 "s3",
-                aws_access_key_id=credentials.access_key_id,
-                aws_secret_access_key=credentials.secret_access_key.reveal(),
+                region_name=region,
                 endpoint_url=target.endpoint_url or None,
                 config=config(max_attempts),
             )
+            if target.expected_bucket_owner:
+                expect_bucket_owner(made, target.expected_bucket_owner)
             if not self._expect_continue(target.endpoint_url):
                 for operation in ("PutObject", "UploadPart"):
                     made.meta.events.unregister(
@@ -426,8 +532,7 @@ class S3ObjectStore:
                     )
             return made
 
-        with self._session_lock:
-            return TenantClients(client(self._settings.max_attempts), client(1))
+        return TenantClients(client(self._settings.max_attempts), client(1))
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

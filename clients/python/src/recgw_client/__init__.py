@@ -19,6 +19,7 @@ from recgw_client.admin import (
     CredentialsView,
     ServerSideEncryption,
     StorageTarget,
+    VerifyCheck,
     VerifyResult,
 )
 from recgw_client.checksums import Checksummer, ObjectChecksums, crc32c
@@ -82,6 +83,7 @@ __all__ = [
     "UploadResult",
     "UploadState",
     "UploadStatus",
+    "VerifyCheck",
     "VerifyResult",
     "abort_upload",
     "crc32c",

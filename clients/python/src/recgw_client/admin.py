@@ -25,6 +25,7 @@ __all__ = [
     "CredentialsView",
     "ServerSideEncryption",
     "StorageTarget",
+    "VerifyCheck",
     "VerifyResult",
 ]
 
@@ -56,6 +57,11 @@ _MODE_TO_SSE: dict[int, ServerSideEncryption] = {
     credentials_pb2.SERVER_SIDE_ENCRYPTION_MODE_S3: "AES256",
     credentials_pb2.SERVER_SIDE_ENCRYPTION_MODE_KMS: "aws:kms",
 }
+_CHECK_RESULTS = {
+    credentials_pb2.CREDENTIALS_CHECK_RESULT_PASSED: "passed",
+    credentials_pb2.CREDENTIALS_CHECK_RESULT_FAILED: "failed",
+    credentials_pb2.CREDENTIALS_CHECK_RESULT_SKIPPED: "skipped",
+}
 
 
 @dataclass(frozen=True)
@@ -71,28 +77,51 @@ class StorageTarget:
     kms_key_id: str
     allow_overwrite: bool
     equal_part_sizes: bool
+    expected_bucket_owner: str = ""
     abandoned_uploads: AbandonedUploads = "abort"
 
 
 @dataclass(frozen=True)
 class CredentialsView:
-    """The non-secret view of stored credentials; the access key id is masked."""
+    """The non-secret view of stored credentials; the access key id is masked.
+
+    With a role: `role_arn`, and the `external_id` and `trusted_principal` its trust policy
+    must name.
+    """
 
     tenant_id: str
     version: int
     update_time: datetime | None
     access_key_id_hint: str
     target: StorageTarget
+    role_arn: str = ""
+    external_id: str = ""
+    trusted_principal: str = ""
+
+
+@dataclass(frozen=True)
+class VerifyCheck:
+    """One check of the setup doctor: `result` is "passed", "failed" or "skipped"."""
+
+    name: str
+    result: str
+    operation: str
+    error_code: str
+    missing_permission: str
+    fix: str
+    detail: str
 
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """Whether a test write with the stored credentials succeeded, and what to fix if not."""
+    """The setup doctor's report: each check, and the first failure's code and fix."""
 
     ok: bool
     key: str
     error_code: str
     error_message: str
+    checks: tuple[VerifyCheck, ...] = ()
+    bucket_region: str = ""
 
 
 def _view(message: credentials_pb2.CredentialsView) -> CredentialsView:
@@ -114,8 +143,12 @@ def _view(message: credentials_pb2.CredentialsView) -> CredentialsView:
             kms_key_id=target.encryption.kms_key_id,
             allow_overwrite=target.allow_overwrite,
             equal_part_sizes=target.equal_part_sizes,
+            expected_bucket_owner=target.expected_bucket_owner,
             abandoned_uploads=_PROTO_TO_POLICY.get(target.abandoned_uploads, "abort"),
         ),
+        role_arn=message.role_arn,
+        external_id=message.external_id,
+        trusted_principal=message.trusted_principal,
     )
 
 
@@ -183,13 +216,18 @@ class CredentialsAdmin:
         kms_key_id: str = "",
         allow_overwrite: bool = False,
         equal_part_sizes: bool = False,
+        expected_bucket_owner: str = "",
+        role_arn: str = "",
+        rotate_external_id: bool = False,
         abandoned_uploads: AbandonedUploads | None = None,
     ) -> CredentialsView:
         """Create or overwrite the tenant's credentials; returns what was stored, without secret.
 
-        The secret may be a ``bytearray`` (UTF-8) that the caller wipes afterwards;
-        protobuf needs it as a ``str`` while the request is sent, and this method
-        clears the request once the call has ended.
+        With `role_arn` (and empty key id and secret) the gateway assumes that role instead;
+        `region` may be empty to have it found from the bucket. The secret may be a
+        ``bytearray`` (UTF-8) that the caller wipes afterwards; protobuf needs it as a
+        ``str`` while the request is sent, and this method clears the request once the call
+        has ended.
         """
         if sse not in _SSE_TO_MODE:
             raise ValueError("sse must be None, 'AES256' or 'aws:kms'")
@@ -204,6 +242,7 @@ class CredentialsAdmin:
             tenant_id=tenant_id,
             access_key_id=access_key_id,
             secret_access_key=secret,
+            rotate_external_id=rotate_external_id,
             target=credentials_pb2.StorageTarget(
                 region=region,
                 bucket=bucket,
@@ -215,9 +254,12 @@ class CredentialsAdmin:
                 ),
                 allow_overwrite=allow_overwrite,
                 equal_part_sizes=equal_part_sizes,
+                expected_bucket_owner=expected_bucket_owner,
                 abandoned_uploads=_POLICY_TO_PROTO[abandoned_uploads],
             ),
         )
+        if role_arn:
+            request.role.role_arn = role_arn
         try:
             response = await self._stub.SetCredentials(
                 request, metadata=self._metadata, timeout=self._timeout
@@ -266,4 +308,17 @@ class CredentialsAdmin:
             key=response.key,
             error_code=response.error_code,
             error_message=response.error_message,
+            checks=tuple(
+                VerifyCheck(
+                    name=check.name,
+                    result=_CHECK_RESULTS.get(check.result, "unknown"),
+                    operation=check.operation,
+                    error_code=check.error_code,
+                    missing_permission=check.missing_permission,
+                    fix=check.fix,
+                    detail=check.detail,
+                )
+                for check in response.checks
+            ),
+            bucket_region=response.bucket_region,
         )

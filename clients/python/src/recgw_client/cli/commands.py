@@ -8,6 +8,7 @@ hidden prompt: argv is visible to every user of the machine (ps, /proc).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import importlib.metadata
 import json
@@ -454,7 +455,11 @@ def _view_fields(view: CredentialsView) -> dict[str, object]:
         "kms_key_id": target.kms_key_id,
         "allow_overwrite": target.allow_overwrite,
         "equal_part_sizes": target.equal_part_sizes,
+        "expected_bucket_owner": target.expected_bucket_owner,
         "abandoned_uploads": target.abandoned_uploads,
+        "role_arn": view.role_arn,
+        "external_id": view.external_id,
+        "trusted_principal": view.trusted_principal,
     }
 
 
@@ -849,11 +854,29 @@ def salvage_command(
 def creds_set_command(
     ctx: typer.Context,
     tenant: TenantOption,
-    access_key_id: Annotated[str, typer.Option("--access-key-id", help="AWS access key id.")],
-    region: Annotated[str, typer.Option("--region", help="AWS region, e.g. us-west-1.")],
     bucket: Annotated[
         str, typer.Option("--bucket", help="Bucket name, access point alias or access point ARN.")
     ],
+    access_key_id: Annotated[
+        str, typer.Option("--access-key-id", help="AWS access key id (not with --role-arn).")
+    ] = "",
+    role_arn: Annotated[
+        str,
+        typer.Option(
+            "--role-arn", help="IAM role the gateway assumes instead of keys; no secret needed."
+        ),
+    ] = "",
+    rotate_external_id: Annotated[
+        bool,
+        typer.Option("--rotate-external-id", help="Give the tenant a new external id."),
+    ] = False,
+    region: Annotated[
+        str, typer.Option("--region", help="AWS region, e.g. us-west-1; empty: found.")
+    ] = "",
+    expected_bucket_owner: Annotated[
+        str,
+        typer.Option("--expected-bucket-owner", help="Account id that must own the bucket."),
+    ] = "",
     prefix: Annotated[
         str, typer.Option("--prefix", help="Key prefix of every object; ends with /.")
     ] = "uploads/",
@@ -902,14 +925,18 @@ def creds_set_command(
     key_file: KeyFileOption = None,
     server_name: ServerNameOption = None,
 ) -> None:
-    """Create or overwrite a tenant's S3 credentials."""
+    """Create or overwrite a tenant's S3 credentials: an access key pair or a role."""
     _reject_extra_args(ctx)
     connection = _connection(
         address,
         token_file,
         _Security(tls, plaintext, ca_file, cert_file, key_file, server_name),
     )
-    secret = _read_secret(secret_stdin)
+    if role_arn and access_key_id:
+        _fail("give either --role-arn or --access-key-id, not both", EXIT_USAGE)
+    if not role_arn and not access_key_id:
+        _fail("give --access-key-id (with the secret) or --role-arn", EXIT_USAGE)
+    secret = "" if role_arn else _read_secret(secret_stdin)
     view = _run(
         _admin(
             connection,
@@ -919,6 +946,9 @@ def creds_set_command(
                 secret,
                 region,
                 bucket,
+                role_arn=role_arn,
+                rotate_external_id=rotate_external_id,
+                expected_bucket_owner=expected_bucket_owner,
                 prefix=prefix,
                 endpoint_url=endpoint_url,
                 force_path_style=path_style,
@@ -998,7 +1028,7 @@ def creds_verify_command(
     key_file: KeyFileOption = None,
     server_name: ServerNameOption = None,
 ) -> None:
-    """Write a tiny test object with the stored credentials; exit 1 if that fails."""
+    """Check everything the tenant's uploads need (the setup doctor); exit 1 if anything fails."""
     _reject_extra_args(ctx)
     connection = _connection(
         address,
@@ -1009,12 +1039,23 @@ def creds_verify_command(
     fields = {
         "ok": verified.ok,
         "key": verified.key,
+        "bucket_region": verified.bucket_region,
         "error_code": verified.error_code,
         "error_message": verified.error_message,
     }
     if json_output:
-        _print_json(fields)
+        _print_json({**fields, "checks": [dataclasses.asdict(c) for c in verified.checks]})
     else:
         _print_fields(fields)
+        for check in verified.checks:
+            typer.echo(f"{check.result.upper():<7}  {check.name}  ({check.operation})")
+            for label, text in (
+                ("error", check.error_code),
+                ("missing", check.missing_permission),
+                ("fix", check.fix),
+                ("detail", check.detail),
+            ):
+                if text and (label != "detail" or check.result != "failed"):
+                    typer.echo(f"         {label}: {text}")
     if not verified.ok:
         raise typer.Exit(EXIT_FAILURE)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Upload throughput of the Java client through a gateway: clients/java/bench.sh [MiB] [--no-checksums]
+# Run it under the live stack, from the repository root:
+#   .venv/bin/python -m tests.e2e_stack -- clients/java/bench.sh 256
+set -euo pipefail
+cd "$(dirname "$0")"
+mvn -B -q -ntp -Dstyle.color=never test-compile dependency:build-classpath \
+  -Dmdep.outputFile=target/bench.classpath -Dmdep.includeScope=test
+exec java -cp "target/classes:target/test-classes:$(cat target/bench.classpath)" dev.recgw.client.Bench "$@"
