@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml clients/python/setup.py $
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the client package generates the gRPC code from protos/ while it builds
-	$(BIN)/python -m pip install -q -e clients/python
+	$(BIN)/python -m pip install -q -e 'clients/python[cli]'
 	$(BIN)/python -m pip install -q -e '.[devstack,test]'
+	# upgrading from a server package that owned bin/recgw removes the client's script: restore it
+	test -x $(BIN)/recgw || $(BIN)/python -m pip install -q --no-deps --force-reinstall -e 'clients/python[cli]'
 	touch $@
 
 run: install

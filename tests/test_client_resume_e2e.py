@@ -30,7 +30,7 @@ from tests.proxy import CuttableProxy
 from tests.test_lifecycle import status
 from tests.test_restart import _Channel, committed
 
-FAST_RETRIES = RetryPolicy(initial_backoff=0.05, max_backoff=0.5, max_attempts=20)
+FAST_RETRIES = RetryPolicy(initial_backoff=0.05, max_backoff=0.5, outage_tolerance=60)
 
 
 class GatedSource:

@@ -1,18 +1,20 @@
 """Unit tests of automatic resume in recgw_client against the fake resumable gateway.
 
 The fake (tests.test_client_unit.FakeGateway) commits bytes a whole part at a
-time and breaks streams on request: aborts with UNAVAILABLE or INTERNAL, cut
-TCP connections, lost replies after finish_write. Backoff sleeps are injected,
-so nothing here waits.
+time and breaks streams on request: aborts with a status and ErrorInfo reason,
+cut TCP connections, lost replies after finish_write. Backoff sleeps and the
+clock are virtual (tests.test_client_unit.VirtualTime), so nothing here waits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import random
 import re
+import stat
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -29,8 +31,7 @@ import recgw_client.sync
 import recgw_client.uploads
 from recgw_client import RecgwError, RetryPolicy, UploadResult, crc32c, is_retryable
 from recgw_client._retained import RetainedBuffer
-from recgw_server import cli_client
-from recgw_server.cli import app
+from recgw_client.cli import commands as cli_client
 from tests.test_client_unit import (
     COMPLETE,
     FINISHING,
@@ -40,7 +41,10 @@ from tests.test_client_unit import (
     FakeServer,
     FakeSession,
     RecordedUpload,
+    VirtualTime,
 )
+
+app = cli_client.make_app(plugins=False)
 
 KiB = 1024
 PART = 16 * KiB
@@ -56,22 +60,17 @@ def fake() -> Iterator[FakeServer]:
     server.stop()
 
 
-class Retries:
-    """Records the backoff sleeps (returning at once) and the on_retry calls."""
+class Retries(VirtualTime):
+    """Virtual backoff sleeps and clock, and the on_retry calls."""
 
     def __init__(self) -> None:
-        self.sleeps: list[float] = []
+        super().__init__()
         self.calls: list[tuple[int, Code, int]] = []
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        await asyncio.sleep(0)
+        self.reasons: list[str] = []
 
     def on_retry(self, attempt: int, error: RecgwError, committed: int) -> None:
         self.calls.append((attempt, error.code, committed))
-
-    def policy(self, **kwargs: Any) -> RetryPolicy:
-        return RetryPolicy(jitter=0.0, sleep=self.sleep, **kwargs)
+        self.reasons.append(error.reason)
 
 
 def upload(
@@ -167,11 +166,8 @@ def test_resume_after_a_break_stores_the_exact_bytes(fake: FakeServer, kind: str
         assert {c for _, c, _ in retries.calls} <= {Code.UNAVAILABLE, Code.INTERNAL}
         assert set(retries.sleeps) <= set(SCHEDULE)
     else:
-        assert retries.calls == [
-            (2, code, 3 * PART),
-            (2, code, 8 * PART),  # progress since the last retry: the count starts again
-        ]
-        assert retries.sleeps == [0.2, 0.2]
+        assert retries.calls == [(2, code, 3 * PART), (3, code, 8 * PART)]
+        assert retries.sleeps == [0.2, 0.2]  # progress since the last retry: backoff restarts
     if code is None:
         assert fake.gateway.uploads[0].broken and fake.gateway.uploads[1].broken
 
@@ -246,12 +242,22 @@ def test_offset_handshake_requeries_the_committed_size(fake: FakeServer) -> None
     refused = gateway.uploads[1]
     assert refused.refused is Code.OUT_OF_RANGE and len(refused.requests) >= 1
     assert retries.calls == [(2, Code.UNAVAILABLE, 4 * PART)]
-    assert retries.sleeps == [0.2]  # the handshake needs no backoff
+    # The OFFSET_MISMATCH error carries the committed size: no backoff, no second query.
+    assert retries.sleeps == [0.2]
+    assert gateway.status_queries == 1
 
 
 def test_out_of_range_that_is_not_the_handshake_is_final(fake: FakeServer) -> None:
     fake.gateway.breaks.extend(
-        [Break(at=20_000), Break(at=1, code=Code.OUT_OF_RANGE, message="more than expected")]
+        [
+            Break(at=20_000),
+            Break(
+                at=1,
+                code=Code.OUT_OF_RANGE,
+                message="more than expected",
+                reason="SIZE_LIMIT_EXCEEDED",
+            ),
+        ]
     )
     retries = Retries()
     with pytest.raises(RecgwError) as caught:
@@ -269,15 +275,15 @@ def test_out_of_range_that_is_not_the_handshake_is_final(fake: FakeServer) -> No
 class _Tracked(RetainedBuffer):
     instances: list[RetainedBuffer] = []  # noqa: RUF012 - a test hook
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         _Tracked.instances.append(self)
 
 
 def test_retained_bytes_stay_under_the_cap_for_a_large_stream(
     fake: FakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The source is paused until status queries show parts committed; polls back off."""
+    """Without spilling, a live source is paused until parts are committed; polls back off."""
     gateway = fake.gateway
     gateway.max_in_flight = 64  # parts land only as the client polls
     gateway.polls_per_landing = 3
@@ -299,7 +305,13 @@ def test_retained_bytes_stay_under_the_cap_for_a_large_stream(
 
     retries = Retries()
     result = upload(
-        fake, recording(), retries, chunk_size=chunk, retain_limit=cap, upload_id=upload_id
+        fake,
+        recording(),
+        retries,
+        chunk_size=chunk,
+        retain_limit=cap,
+        spill_limit=0,
+        upload_id=upload_id,
     )
     check_upload(fake, result, data)
     [retained] = _Tracked.instances
@@ -355,88 +367,134 @@ def test_cap_grows_when_the_gateway_waits_for_a_part_larger_than_the_cap(
 
 
 @pytest.mark.parametrize(
-    ("code", "message"),
+    ("code", "reason", "message"),
     [
-        (Code.INVALID_ARGUMENT, "object_name has a '..' segment"),
-        (Code.OUT_OF_RANGE, "more bytes than expected_size"),
-        (Code.PERMISSION_DENIED, "tenant acme: no access"),
-        (Code.UNAUTHENTICATED, "token expired"),
-        (Code.FAILED_PRECONDITION, "no credentials for acme"),
-        (Code.ALREADY_EXISTS, "the object exists"),
-        (Code.DATA_LOSS, "checksum mismatch"),
-        (Code.NOT_FOUND, "no such bucket"),
-        (Code.ABORTED, "upload was aborted by AbortUpload"),
-        (Code.RESOURCE_EXHAUSTED, "a part exceeds the memory budget"),
-        (Code.UNKNOWN, "Unexpected error"),
+        (Code.INVALID_ARGUMENT, "INVALID_FIELD", "object_name has a '..' segment"),
+        (Code.OUT_OF_RANGE, "SIZE_LIMIT_EXCEEDED", "more bytes than expected_size"),
+        (Code.PERMISSION_DENIED, "ACCESS_DENIED", "tenant acme: no access"),
+        (Code.UNAUTHENTICATED, "TOKEN_INVALID", "token expired"),
+        (Code.FAILED_PRECONDITION, "CREDENTIALS_NOT_FOUND", "no credentials for acme"),
+        (Code.ALREADY_EXISTS, "OBJECT_EXISTS", "the object exists"),
+        (Code.DATA_LOSS, "OBJECT_CHECKSUM_MISMATCH", "checksum mismatch"),
+        (Code.NOT_FOUND, "UPLOAD_NOT_FOUND", "no such upload"),
+        (Code.ABORTED, "UPLOAD_ABORTED", "upload was aborted by AbortUpload"),
+        (Code.ABORTED, "STREAM_TAKEN_OVER", "a newer stream took over"),
+        # The text a person reads says "another stream", the reason does not: not retried.
+        (Code.ABORTED, "", "another stream is writing upload u-1"),
+        (Code.RESOURCE_EXHAUSTED, "MEMORY_EXHAUSTED", "a part exceeds the memory budget"),
     ],
 )
-def test_final_errors_are_not_retried(fake: FakeServer, code: Code, message: str) -> None:
-    fake.gateway.breaks.append(Break(at=10_000, code=code, message=message))
+def test_final_errors_are_not_retried(
+    fake: FakeServer, code: Code, reason: str, message: str
+) -> None:
+    fake.gateway.breaks.append(Break(at=10_000, code=code, message=message, reason=reason))
     retries = Retries()
     with pytest.raises(RecgwError) as caught:
         upload(fake, random.Random(11).randbytes(50_000), retries)
     error = caught.value
-    assert (error.code, error.message) == (code, message)
+    assert (error.code, error.reason, error.message) == (code, reason, message)
     assert error.upload_id == fake.gateway.uploads[0].requests[0].start.upload_id
     assert len(fake.gateway.uploads) == 1
     assert fake.gateway.status_queries == 0
     assert retries.sleeps == [] and retries.calls == []
 
 
-def test_max_attempts_counts_streams_without_progress(fake: FakeServer) -> None:
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (Code.UNKNOWN, ""),
+        (Code.DEADLINE_EXCEEDED, ""),
+        (Code.UNAVAILABLE, "STORAGE_UNAVAILABLE"),
+        (Code.DATA_LOSS, "CHUNK_CHECKSUM_MISMATCH"),
+        (Code.RESOURCE_EXHAUSTED, "RATE_LIMITED"),
+        (Code.RESOURCE_EXHAUSTED, "SPOOL_EXHAUSTED"),
+    ],
+)
+def test_transient_reasons_are_resumed(fake: FakeServer, code: Code, reason: str) -> None:
+    data = random.Random(34).randbytes(50_000)
+    fake.gateway.breaks.append(Break(at=40_000, code=code, reason=reason))
+    retries = Retries()
+    result = upload(fake, data, retries)
+    check_upload(fake, result, data)
+    assert retries.calls == [(2, code, 2 * PART)] and retries.reasons == [reason]
+
+
+def test_gives_up_after_the_outage_tolerance_without_progress(fake: FakeServer) -> None:
     fake.gateway.breaks.extend(Break(at=1000) for _ in range(10))  # before any part
     retries = Retries()
     with pytest.raises(RecgwError) as caught:
-        upload(fake, random.Random(12).randbytes(50_000), retries, max_attempts=3)
-    assert caught.value.code is Code.UNAVAILABLE and caught.value.attempts == 3
-    assert len(fake.gateway.uploads) == 3
-    assert retries.calls == [(2, Code.UNAVAILABLE, 0), (3, Code.UNAVAILABLE, 0)]
-    assert retries.sleeps == [0.2, 0.4]
+        upload(fake, random.Random(12).randbytes(50_000), retries, outage_tolerance=5)
+    assert caught.value.code is Code.UNAVAILABLE and caught.value.attempts == 6
+    # 0.2 + 0.4 + 0.8 + 1.6 = 3 s, then the last wait ends at the 5 s of tolerance.
+    assert retries.sleeps == [0.2, 0.4, 0.8, 1.6, pytest.approx(2.0)]
+    assert len(fake.gateway.uploads) == 6
+    assert [a for a, _, _ in retries.calls] == [2, 3, 4, 5, 6]
 
 
-def test_default_policy_gives_up_after_eight_attempts_with_capped_backoff(
-    fake: FakeServer,
-) -> None:
-    fake.gateway.breaks.extend(Break(at=1000) for _ in range(10))
+def test_the_outage_clock_starts_when_a_long_healthy_stream_breaks(fake: FakeServer) -> None:
+    """Hours of streaming without a status query do not count against the tolerance."""
+    retries = Retries()
+    data = random.Random(35).randbytes(60_000)
+    fake.gateway.breaks.extend([Break(at=50_000), Break(at=1), Break(at=1)])
+
+    async def recording() -> AsyncIterator[bytes]:
+        for offset in range(0, len(data), 4 * KiB):
+            if offset < 40 * KiB:  # read before the break at 50000 bytes
+                retries.now += 3600  # an hour of recording per chunk, in virtual time
+            yield data[offset : offset + 4 * KiB]
+
+    result = upload(fake, recording(), retries, outage_tolerance=1)
+    check_upload(fake, result, data)
+    # The first query (after 0.2 s) showed 3 parts committed; then 0.2 + 0.4 s of
+    # failures, within the 1 s, and the fourth stream finished.
+    assert retries.sleeps == [0.2, 0.2, 0.4]
+
+
+def test_default_outage_tolerance_is_five_minutes_with_capped_backoff(fake: FakeServer) -> None:
+    fake.gateway.breaks.extend(Break(at=1000) for _ in range(60))
     retries = Retries()
     with pytest.raises(RecgwError) as caught:
-        upload(fake, random.Random(13).randbytes(50_000), retries, max_attempts=None)
-    assert caught.value.attempts == 8 and len(fake.gateway.uploads) == 8
-    assert retries.sleeps == [0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0]
-    assert [a for a, _, _ in retries.calls] == [2, 3, 4, 5, 6, 7, 8]
+        upload(fake, random.Random(13).randbytes(50_000), retries)
+    assert caught.value.code is Code.UNAVAILABLE
+    assert retries.sleeps[:7] == [0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0]
+    assert max(retries.sleeps) == 10.0
+    assert sum(retries.sleeps) == pytest.approx(300.0)
+    assert len(fake.gateway.uploads) == len(retries.sleeps) + 1 == caught.value.attempts
 
 
-def test_max_attempts_one_disables_resuming(fake: FakeServer) -> None:
+def test_outage_tolerance_zero_disables_resuming(fake: FakeServer) -> None:
     fake.gateway.breaks.append(Break(at=1000))
     retries = Retries()
     with pytest.raises(RecgwError) as caught:
-        upload(fake, random.Random(14).randbytes(50_000), retries, max_attempts=1)
+        upload(fake, random.Random(14).randbytes(50_000), retries, outage_tolerance=0)
     assert caught.value.code is Code.UNAVAILABLE
     assert len(fake.gateway.uploads) == 1 and retries.sleeps == []
 
 
-def test_progress_restarts_the_attempt_count(fake: FakeServer) -> None:
-    """Six outages of a long upload, each after more parts were committed: max 2 is enough."""
+def test_progress_restarts_the_outage_clock(fake: FakeServer) -> None:
+    """Six outages of a long upload, each after more parts were committed: 0.5 s is enough."""
     fake.gateway.breaks.extend(Break(at=n * 40_000) for n in range(1, 7))
     data = random.Random(15).randbytes(300_000)
     retries = Retries()
-    result = upload(fake, data, retries, max_attempts=2)
+    result = upload(fake, data, retries, outage_tolerance=0.5)
     check_upload(fake, result, data)
-    assert [a for a, _, _ in retries.calls] == [2] * 6
+    assert retries.sleeps == [0.2] * 6  # 1.2 s in all, never 0.5 s without progress
+    assert [a for a, _, _ in retries.calls] == [2, 3, 4, 5, 6, 7]
 
 
-def test_progress_learnt_after_a_failed_status_query_still_restarts_the_count(
+def test_progress_learnt_after_a_failed_status_query_still_restarts_the_clock(
     fake: FakeServer,
 ) -> None:
     fake.gateway.breaks.extend([Break(at=1000), Break(at=60_000, status_failures=1)])
     data = random.Random(33).randbytes(100_000)
     retries = Retries()
-    result = upload(fake, data, retries)
+    result = upload(fake, data, retries, outage_tolerance=1.5)
     check_upload(fake, result, data)
     # The second stream got 3 parts committed; the query right after it failed, so the
-    # client waited as for a second failure in a row, then saw the progress.
-    assert retries.calls == [(2, Code.UNAVAILABLE, 0), (2, Code.UNAVAILABLE, 3 * PART)]
-    assert retries.sleeps == [0.2, 0.4]
+    # client waited as for a third failure in a row (0.2 + 0.4 + 0.8 = 1.4 s without
+    # known progress), then saw the progress and went on.
+    assert retries.calls == [(2, Code.UNAVAILABLE, 0), (3, Code.UNAVAILABLE, 3 * PART)]
+    assert retries.sleeps == [0.2, 0.4, 0.8]
 
 
 def test_concurrent_writer_aborted_is_retried_with_backoff(fake: FakeServer) -> None:
@@ -453,18 +511,20 @@ def test_concurrent_writer_aborted_is_retried_with_backoff(fake: FakeServer) -> 
         (3, Code.ABORTED, 2 * PART),
         (4, Code.ABORTED, 2 * PART),
     ]
-    assert retries.sleeps == [0.2, 0.4, 0.8]
+    assert retries.reasons == ["", "ANOTHER_WRITER", "ANOTHER_WRITER"]
+    assert retries.sleeps == [0.2, 0.2, 0.4]  # the first query showed progress
     session = fake.gateway.sessions[result.upload_id]
     assert bytes(session.committed) == data
 
 
-def test_concurrent_writer_counts_against_max_attempts(fake: FakeServer) -> None:
-    fake.gateway.breaks.append(Break(at=30_000, stays_attached=5))
+def test_another_writer_for_longer_than_the_tolerance_is_final(fake: FakeServer) -> None:
+    fake.gateway.breaks.append(Break(at=30_000, stays_attached=50))
     with pytest.raises(RecgwError) as caught:
-        upload(fake, random.Random(17).randbytes(60_000), Retries(), max_attempts=3)
-    assert caught.value.code is Code.ABORTED
-    assert "another stream" in caught.value.message
-    assert len(fake.gateway.uploads) == 3
+        upload(fake, random.Random(17).randbytes(60_000), Retries(), outage_tolerance=2)
+    assert (caught.value.code, caught.value.reason) == (Code.ABORTED, "ANOTHER_WRITER")
+    assert caught.value.metadata["upload_id"] == caught.value.upload_id
+    # The first query showed progress; then 0.2 + 0.4 + 0.8 s, and 0.6 s to reach 2 s.
+    assert len(fake.gateway.uploads) == 6
 
 
 def test_expired_upload_is_final(fake: FakeServer) -> None:
@@ -472,9 +532,10 @@ def test_expired_upload_is_final(fake: FakeServer) -> None:
     retries = Retries()
     with pytest.raises(RecgwError) as caught:
         upload(fake, random.Random(18).randbytes(60_000), retries)
-    assert caught.value.code is Code.ABORTED
+    assert (caught.value.code, caught.value.reason) == (Code.FAILED_PRECONDITION, "UPLOAD_ENDED")
+    assert caught.value.metadata == {"state": "EXPIRED"}
     assert "expired: idle for too long" in caught.value.message
-    assert len(fake.gateway.uploads) == 1 and retries.sleeps == []
+    assert len(fake.gateway.uploads) == 1 and retries.sleeps == [0.2]
 
 
 def test_forgotten_upload_restarts_from_zero_while_every_byte_is_held(fake: FakeServer) -> None:
@@ -499,8 +560,8 @@ def test_status_query_failures_are_retried_too(fake: FakeServer) -> None:
     retries = Retries()
     result = upload(fake, data, retries)
     check_upload(fake, result, data)
-    assert retries.sleeps == [0.2, 0.4, 0.8]
-    assert retries.calls == [(4, Code.UNAVAILABLE, 2 * PART)]
+    assert retries.sleeps == [0.2, 0.4, 0.8, 1.6]
+    assert retries.calls == [(2, Code.UNAVAILABLE, 2 * PART)]
 
 
 # --- finishing again -------------------------------------------------------------------------
@@ -518,7 +579,7 @@ def test_reply_lost_after_finish_returns_the_completed_upload(fake: FakeServer, 
     assert session.result is not None and result.etag == session.result.etag
     assert retries.calls == []
     if kind == "unavailable":
-        assert retries.sleeps == []
+        assert retries.sleeps == [0.2]
     else:
         assert retries.sleeps == list(SCHEDULE[: len(retries.sleeps)])
 
@@ -530,7 +591,7 @@ def test_reply_lost_while_status_is_briefly_unavailable(fake: FakeServer) -> Non
     retries = Retries()
     result = upload(fake, data, retries)
     check_upload(fake, result, data)
-    assert len(fake.gateway.uploads) == 1 and retries.sleeps == [0.2]
+    assert len(fake.gateway.uploads) == 1 and retries.sleeps == [0.2, 0.4]
 
 
 def test_finish_lost_before_completion_is_sent_again(fake: FakeServer) -> None:
@@ -668,7 +729,6 @@ def test_sync_wrapper_resumes(fake: FakeServer) -> None:
         "acme",
         "a.webm",
         chunk_size=4 * KiB,
-        max_attempts=2,
         retain_limit=1024 * KiB,
         on_retry=retries.on_retry,
         retry_policy=retries.policy(),
@@ -707,57 +767,159 @@ def test_backoff_is_exponential_capped_and_jittered() -> None:
     high = RetryPolicy(jitter=0.2, rand=lambda: 1.0)
     assert low.backoff(2) == pytest.approx(0.32) and high.backoff(2) == pytest.approx(0.48)
     assert high.backoff(8) == 10.0  # jitter never exceeds the cap
-    for bad in ({"max_attempts": 0}, {"multiplier": 0.5}, {"jitter": 2.0}, {"max_backoff": -1}):
+    bad_policies: list[dict[str, Any]] = [
+        {"outage_tolerance": -1},
+        {"outage_tolerance": float("nan")},
+        {"multiplier": 0.5},
+        {"jitter": 2.0},
+        {"max_backoff": -1},
+    ]
+    for bad in bad_policies:
         with pytest.raises(ValueError):
             RetryPolicy(**bad)
 
 
-def test_retryable_statuses() -> None:
-    def error(code: Code, message: str = "") -> RecgwError:
-        return RecgwError(code, message)
-
-    for code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.INTERNAL):
-        assert is_retryable(error(code))
-    assert is_retryable(error(Code.INTERNAL, "Internal error from Core"))
-    assert is_retryable(error(Code.ABORTED, "another stream is writing upload u-1"))
-    assert not is_retryable(error(Code.ABORTED, "upload u-1 was aborted"))
-    for code in (Code.INVALID_ARGUMENT, Code.OUT_OF_RANGE, Code.CANCELLED, Code.NOT_FOUND):
-        assert not is_retryable(error(code))
+def test_retries_are_decided_on_the_reason_never_on_the_text() -> None:
+    assert is_retryable(RecgwError(Code.ABORTED, "busy", reason="ANOTHER_WRITER"))
+    assert not is_retryable(RecgwError(Code.ABORTED, "another stream is writing upload u-1"))
+    assert is_retryable(RecgwError(Code.INTERNAL, "Internal error from Core"))
+    # Errors the client raises itself are final whatever their code.
+    assert not is_retryable(RecgwError(Code.UNAVAILABLE, "full", reason="RETAIN_LIMIT_EXCEEDED"))
 
 
 def test_retained_buffer_reads_and_releases_by_offset() -> None:
-    buffer = RetainedBuffer()
-    for piece in (b"abcd", b"efgh", b"ij"):
-        buffer.append(piece)
-    assert (buffer.start, buffer.end, buffer.size, buffer.high_water) == (0, 10, 10, 10)
-    assert buffer.read(0, 100) == b"abcd"
-    assert buffer.read(5, 2) == b"fg" and buffer.read(9, 5) == b"j"
-    buffer.release(6)
-    assert (buffer.start, buffer.size) == (6, 4)
-    assert buffer.read(6, 100) == b"gh"
-    buffer.release(3)  # already released: nothing happens
-    with pytest.raises(ValueError, match="not held"):
-        buffer.read(5, 1)
-    with pytest.raises(ValueError, match="only 10 bytes"):
-        buffer.release(11)
-    buffer.release(10)
-    assert buffer.size == 0 and buffer.high_water == 10
-    buffer.append(b"k")
-    assert buffer.read(10, 1) == b"k"
-    many = RetainedBuffer()
-    for index in range(1000):
-        many.append(bytes([index % 256]) * 3)
-    many.release(2000)  # inside the chunk at 1998; drops the 666 before it
-    assert many.read(2000, 10) == bytes([666 % 256])
-    assert many.read(2001, 10) == bytes([667 % 256]) * 3
-    assert many.read(2999, 1) == bytes([999 % 256])
+    async def run() -> None:
+        buffer = RetainedBuffer()
+        for piece in (b"abcd", b"efgh", b"ij"):
+            await buffer.append(piece)
+        assert (buffer.start, buffer.end, buffer.size, buffer.high_water) == (0, 10, 10, 10)
+        assert await buffer.read(0, 100) == b"abcd"
+        assert await buffer.read(5, 2) == b"fg" and await buffer.read(9, 5) == b"j"
+        buffer.release(6)
+        assert (buffer.start, buffer.size) == (6, 4)
+        assert await buffer.read(6, 100) == b"gh"
+        buffer.release(3)  # already released: nothing happens
+        with pytest.raises(ValueError, match="not held"):
+            await buffer.read(5, 1)
+        with pytest.raises(ValueError, match="only 10 bytes"):
+            buffer.release(11)
+        buffer.release(10)
+        assert buffer.size == 0 and buffer.high_water == 10
+        await buffer.append(b"k")
+        assert await buffer.read(10, 1) == b"k"
+        many = RetainedBuffer(start=5)
+        for index in range(1000):
+            await many.append(bytes([index % 256]) * 3)
+        many.release(2005)  # inside the chunk at 2003; drops the 666 before it
+        assert await many.read(2005, 10) == bytes([666 % 256])
+        assert await many.read(2006, 10) == bytes([667 % 256]) * 3
+        assert await many.read(3004, 1) == bytes([999 % 256])
+        assert many.spill_fd is None  # no limit, never on disk
+
+    asyncio.run(run())
+
+
+def test_retained_buffer_spills_beyond_its_memory_to_a_private_unlinked_file(
+    tmp_path: Path,
+) -> None:
+    async def run() -> None:
+        buffer = RetainedBuffer(100, memory_limit=10, spill_limit=25, spill_dir=tmp_path)
+        await buffer.append(b"0123456")  # memory
+        await buffer.append(b"789abcd")  # would exceed 10 in memory: disk
+        await buffer.append(b"efg")  # memory again (7 + 3)
+        await buffer.append(b"hijklmnopqrs")  # disk
+        assert (buffer.memory_size, buffer.disk_size, buffer.size) == (10, 19, 29)
+        fd = buffer.spill_fd
+        assert fd is not None
+        info = os.fstat(fd)
+        assert stat.S_IMODE(info.st_mode) == 0o600
+        assert info.st_nlink == 0  # unlinked at once: nothing left behind, even on a crash
+        assert list(tmp_path.iterdir()) == []  # its private directory is gone too
+        assert await buffer.read(100, 100) == b"0123456"
+        assert await buffer.read(109, 100) == b"9abcd"  # from the disk, inside a chunk
+        assert await buffer.read(114, 2) == b"ef"
+        assert await buffer.read(117, 3) == b"hij"
+        with pytest.raises(RecgwError) as caught:
+            await buffer.append(b"t" * 7)  # 19 + 7 > 25 on disk
+        assert caught.value.code is Code.RESOURCE_EXHAUSTED
+        assert caught.value.reason == "RETAIN_LIMIT_EXCEEDED"
+        assert buffer.end == 129  # nothing was taken
+        buffer.release(115)  # a disk chunk is still held
+        assert buffer.disk_size == 19 and buffer.memory_size == 2
+        assert await buffer.read(115, 100) == b"fg"
+        buffer.release(125)
+        assert (buffer.memory_size, buffer.disk_size) == (0, 19)
+        assert await buffer.read(125, 100) == b"pqrs"
+        buffer.release(129)  # nothing on disk is needed any more: the file is emptied
+        assert buffer.disk_size == 0 and os.fstat(fd).st_size == 0
+        await buffer.append(b"u" * 20)  # room on disk again
+        assert buffer.disk_high_water == 20
+        assert await buffer.read(139, 100) == b"u" * 10
+        await buffer.aclose()
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed
+
+    asyncio.run(run())
+
+
+def test_a_spill_file_that_cannot_be_written_is_a_clear_error(tmp_path: Path) -> None:
+    async def run() -> None:
+        gone = tmp_path / "gone"
+        gone.mkdir()
+        buffer = RetainedBuffer(memory_limit=4, spill_limit=100, spill_dir=gone)
+        gone.rmdir()  # e.g. a temporary directory cleaned up under a running recorder
+        with pytest.raises(RecgwError) as caught:
+            await buffer.append(b"0123456789")
+        assert caught.value.code is Code.RESOURCE_EXHAUSTED
+        assert caught.value.reason == "RETAIN_LIMIT_EXCEEDED"
+        assert f"cannot spill the retained bytes to a file in {gone}" in caught.value.message
+        await buffer.aclose()
+
+    asyncio.run(run())
+
+
+def test_the_spill_file_is_not_emptied_while_a_chunk_is_being_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release between the write of a chunk and its registration must not lose it."""
+
+    async def run() -> None:
+        buffer = RetainedBuffer(memory_limit=0, spill_limit=100, spill_dir=tmp_path)
+        await buffer.append(b"first")
+        gate = asyncio.Event()
+        written = asyncio.Event()
+        original = buffer._in_thread
+
+        async def write_then_wait(function: Any, *args: Any) -> Any:
+            result = await original(function, *args)
+            written.set()
+            await gate.wait()  # the write is done; the chunk is not registered yet
+            return result
+
+        monkeypatch.setattr(buffer, "_in_thread", write_then_wait)
+        appending = asyncio.ensure_future(buffer.append(b"second"))
+        await written.wait()
+        buffer.release(5)  # every registered byte on disk is released
+        gate.set()
+        await appending
+        monkeypatch.setattr(buffer, "_in_thread", original)
+        assert await buffer.read(5, 100) == b"second"
+        await buffer.aclose()
+
+    asyncio.run(run())
 
 
 def test_upload_arguments_are_checked(fake: FakeServer) -> None:
     with pytest.raises(ValueError, match="retain_limit"):
         upload(fake, b"x", Retries(), chunk_size=4096, retain_limit=1000)
-    with pytest.raises(ValueError, match="max_attempts"):
-        upload(fake, b"x", Retries(), max_attempts=0)
+    with pytest.raises(ValueError, match="outage_tolerance"):
+        upload(fake, b"x", Retries(), outage_tolerance=-1)
+    with pytest.raises(ValueError, match="spill_limit"):
+        upload(fake, b"x", Retries(), spill_limit=-1)
+    with pytest.raises(ValueError, match="source_offset needs the upload_id"):
+        upload(fake, b"x", Retries(), source_offset=5)
+    with pytest.raises(ValueError, match="is not a directory"):
+        upload(fake, b"x", Retries(), spill_dir="/nonexistent/spill")
     assert fake.gateway.uploads == []
 
 
@@ -769,13 +931,10 @@ def runner(fake: FakeServer, monkeypatch: pytest.MonkeyPatch) -> typer.testing.C
     monkeypatch.setenv("RECGW_ADDRESS", fake.address)
     monkeypatch.setenv("RECGW_TOKEN", TOKEN)
 
-    async def no_wait(seconds: float) -> None:
-        await asyncio.sleep(0)
-
     monkeypatch.setattr(
         cli_client,
         "_retry_policy",
-        lambda max_attempts: RetryPolicy(max_attempts=max_attempts, sleep=no_wait),
+        lambda outage_tolerance: VirtualTime().policy(outage_tolerance=outage_tolerance),
     )
     return typer.testing.CliRunner()
 
@@ -787,36 +946,41 @@ def test_cli_upload_prints_one_line_per_resume(
     path = tmp_path / "call.webm"
     path.write_bytes(data)
     fake.gateway.breaks.extend(
-        [Break(at=40_000), Break(at=1000), Break(at=70_000, code=Code.INTERNAL)]
+        [
+            Break(at=40_000),
+            Break(at=1000),
+            Break(at=70_000, code=Code.INTERNAL, reason="STORAGE_UNAVAILABLE"),
+        ]
     )
     args = ["upload", str(path), "--tenant", "acme", "--name", "call.webm", "--chunk-size", "4KiB"]
     result = runner.invoke(app, [*args, "-q", "--json"])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("connection lost")]
     assert lines == [
-        f"connection lost (UNAVAILABLE); resuming at byte {2 * PART}, attempt 2/8",
-        # No progress on that stream: the count goes on.
-        f"connection lost (UNAVAILABLE); resuming at byte {2 * PART}, attempt 3/8",
-        f"connection lost (INTERNAL); resuming at byte {4 * PART}, attempt 2/8",
+        f"connection lost (UNAVAILABLE); resuming at byte {2 * PART}, stream 2",
+        f"connection lost (UNAVAILABLE); resuming at byte {2 * PART}, stream 3",
+        f"connection lost (INTERNAL STORAGE_UNAVAILABLE); resuming at byte {4 * PART}, stream 4",
     ]
     session = next(s for s in fake.gateway.sessions.values() if s.start.object_name == "call.webm")
     assert bytes(session.committed) == data
 
 
-def test_cli_max_attempts(runner: typer.testing.CliRunner, fake: FakeServer) -> None:
-    fake.gateway.breaks.extend(Break(at=1000) for _ in range(5))
-    base = ["upload", "-", "--tenant", "acme", "--name", "a.bin"]
+def test_cli_outage_tolerance(runner: typer.testing.CliRunner, fake: FakeServer) -> None:
+    fake.gateway.breaks.extend(Break(at=1000) for _ in range(10))
+    base = ["upload", "-", "--tenant", "acme", "--name", "a.bin", "--chunk-size", "4KiB"]
     data = random.Random(32).randbytes(20_000)
-    result = runner.invoke(app, [*base, "--max-attempts", "1"], input=data)
+    result = runner.invoke(app, [*base, "--outage-tolerance", "0"], input=data)
     assert result.exit_code == 1
     assert "connection lost" not in result.stderr
     assert "error: UNAVAILABLE: the gateway went away (upload id " in result.stderr
-    result = runner.invoke(app, [*base, "--max-attempts", "3", "--json"], input=data)
+    result = runner.invoke(app, [*base, "--outage-tolerance", "0.5", "--json"], input=data)
     assert result.exit_code == 1
-    assert result.stderr.count("connection lost") == 2
+    assert result.stderr.count("connection lost") == 2  # after 0.2 and 0.4 (virtual) s
     assert "3 attempts" in result.stderr
-    assert '"attempts": 3' in result.stdout
-    result = runner.invoke(app, [*base, "--max-attempts", "0"], input=data)
+    assert "no progress for 0.5 s, so the upload was left open" in result.stderr
+    assert "--upload-id" in result.stderr
+    assert json.loads(result.stdout)["error"]["attempts"] == 3
+    result = runner.invoke(app, [*base, "--outage-tolerance", "-1"], input=data)
     assert result.exit_code == 2
     assert len(fake.gateway.uploads) == 4
 

@@ -28,6 +28,7 @@ import grpc
 import pytest
 import typer.testing
 from google.protobuf import message as protobuf_message
+from google.rpc import error_details_pb2, status_pb2
 from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
 
 import recgw_client
@@ -41,9 +42,9 @@ from recgw_client import (
     UploadState,
     crc32c,
 )
-from recgw_client.checksums import _crc32c_table
-from recgw_server import cli_client
-from recgw_server.cli import app
+from recgw_client.cli import commands as cli_client
+
+app = cli_client.make_app(plugins=False)
 
 TOKEN = "uploader-token-0123456789abcdef"
 UPLOAD_ID = "0b0c3f3e-7a0c-4c55-9f3e-2d1f6a9c1e42"
@@ -62,6 +63,33 @@ def crc32c_bitwise(data: bytes) -> int:
 
 
 # --- the fake gateway --------------------------------------------------------------------
+
+
+def error_trailers(
+    code: grpc.StatusCode, message: str, reason: str, details: dict[str, str] | None = None
+) -> tuple[tuple[str, bytes], ...]:
+    """The gateway's `grpc-status-details-bin` trailer: a Status with one ErrorInfo."""
+    if not reason:
+        return ()
+    info = error_details_pb2.ErrorInfo(reason=reason, domain="recgw.v1", metadata=details or {})
+    status = status_pb2.Status(code=code.value[0], message=message)
+    status.details.add().Pack(info)
+    return (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+async def abort(
+    context: grpc.aio.ServicerContext[Any, Any],
+    code: grpc.StatusCode,
+    message: str,
+    reason: str = "",
+    **details: str,
+) -> NoReturn:
+    """End the call as the gateway does: code, message and ErrorInfo."""
+    await context.abort(
+        code, message, trailing_metadata=error_trailers(code, message, reason, details)
+    )
+    raise AssertionError("abort returned")
+
 
 OPEN = upload_pb2.UPLOAD_STATE_OPEN
 FINISHING = upload_pb2.UPLOAD_STATE_FINISHING
@@ -102,11 +130,16 @@ class Break:
     ``forget``: the gateway forgets the upload (a restart without a session store).
     ``expire``: the upload expires instead of staying open.
     ``status_failures``: the next this many unary calls fail with UNAVAILABLE.
+    ``reason``: the ErrorInfo reason of ``code``.
+    ``unconfirmed``: with ``at_finish="complete"``, the completion is recorded as
+    COMPLETION_UNCONFIRMED (S3's answer was lost, the object could not be checked).
     """
 
     at: int | None = 0
     code: grpc.StatusCode | None = grpc.StatusCode.UNAVAILABLE
     message: str = "the gateway went away"
+    reason: str = ""
+    unconfirmed: bool = False
     at_finish: str = "complete"
     before_header: bool = False
     stays_attached: int = 0
@@ -169,19 +202,23 @@ class FakeGateway(
         self.unary_metadata: list[dict[str, str | bytes]] = []
         self.unary_requests: list[protobuf_message.Message] = []
         self.send_header = True
-        # (number of messages received, code, details): abort after that message.
-        self.fail_after: tuple[int, grpc.StatusCode, str] | None = None
-        self.unary_error: tuple[grpc.StatusCode, str] | None = None
+        # (number of messages received, code, details[, reason]): abort after that message.
+        self.fail_after: tuple[Any, ...] | None = None
+        self.unary_error: tuple[Any, ...] | None = None
         # The next this many unary calls fail with UNAVAILABLE.
         self.unary_failures = 0
         self.upload_started = threading.Event()
         self.data_received = threading.Event()
+        # Offsets of the empty messages a stream sent to show it is alive.
+        self.heartbeats: list[int] = []
+        self.heartbeat = threading.Event()
         self.part_size = 1 << 40  # by default nothing commits before finish_write
         self.max_in_flight = 0
         self.polls_per_landing = 1
         self.late_landing = False
         self.breaks: collections.deque[Break] = collections.deque()
         self.status_queries = 0
+        self.salvage_implemented = True
         self.max_lag = 0  # the most bytes received but not committed at any time
         self.cut: Callable[[], None] = lambda: None
         self._polls = 0
@@ -189,7 +226,12 @@ class FakeGateway(
     async def _check(self, context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str | bytes]:
         metadata = dict(context.invocation_metadata() or ())
         if metadata.get("authorization") != f"Bearer {TOKEN}":
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+            await abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or invalid bearer token",
+                "TOKEN_INVALID",
+            )
         return metadata
 
     # --- parts --------------------------------------------------------------------------
@@ -242,7 +284,7 @@ class FakeGateway(
         if brk.code is None:
             self.cut()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "connection cut")
-        await context.abort(brk.code, brk.message)
+        await abort(context, brk.code, brk.message, brk.reason)
 
     # --- Upload -------------------------------------------------------------------------
 
@@ -252,9 +294,11 @@ class FakeGateway(
         context: grpc.aio.ServicerContext[Any, Any],
         code: grpc.StatusCode,
         message: str,
+        reason: str = "",
+        **details: str,
     ) -> NoReturn:
         record.refused = code
-        await context.abort(code, message)
+        await abort(context, code, message, reason, **details)
 
     async def _open(
         self,
@@ -264,7 +308,11 @@ class FakeGateway(
     ) -> FakeSession:
         if not request.HasField("start"):
             await self._refuse(
-                record, context, grpc.StatusCode.INVALID_ARGUMENT, "send 'start' first"
+                record,
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "send 'start' first",
+                "STREAM_OUT_OF_ORDER",
             )
         start = upload_pb2.UploadStart()
         start.CopyFrom(request.start)
@@ -274,16 +322,21 @@ class FakeGateway(
         if session is None:
             session = FakeSession(start=start)
             self.sessions[upload_id] = session
-        elif session.start != start:
+        elif (session.start.tenant_id, session.start.object_name) != (
+            start.tenant_id,
+            start.object_name,
+        ):
+            # Like the gateway: the upload keeps what its first start said (expected_size...).
             await self._refuse(
                 record,
                 context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the start message differs from the one that opened upload {upload_id}",
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"upload id {upload_id} belongs to another tenant or object name",
+                "UPLOAD_ID_CONFLICT",
             )
         if session.state == FINISHING and session.finish_request is not None:
             self._complete(session, session.finish_request)  # finished in the background
-        if session.state == COMPLETE:
+        if session.state in (COMPLETE, upload_pb2.UPLOAD_STATE_COMPLETION_UNCONFIRMED):
             if request.finish_write and request.write_offset == len(session.committed):
                 return session
             await self._refuse(
@@ -291,10 +344,15 @@ class FakeGateway(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"upload {upload_id} is already complete",
+                "UPLOAD_COMPLETE",
             )
         if session.state in (ABORTED, EXPIRED):
             await self._refuse(
-                record, context, grpc.StatusCode.ABORTED, f"upload {upload_id} was aborted"
+                record,
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"upload {upload_id} has ended",
+                "UPLOAD_ENDED",
             )
         if session.writer is not None or session.stale_writers:
             session.stale_writers = max(session.stale_writers - 1, 0)
@@ -303,6 +361,8 @@ class FakeGateway(
                 context,
                 grpc.StatusCode.ABORTED,
                 f"another stream is writing upload {upload_id}; retry later",
+                "ANOTHER_WRITER",
+                upload_id=upload_id,
             )
         if session.late:
             self._land(session, session.in_flight)
@@ -314,6 +374,11 @@ class FakeGateway(
                 grpc.StatusCode.OUT_OF_RANGE,
                 f"write_offset {request.write_offset} does not match the committed size "
                 f"{session.received} of upload {upload_id}",
+                "OFFSET_MISMATCH",
+                upload_id=upload_id,
+                committed_size=str(len(session.committed)),
+                received_size=str(session.received),
+                write_offset=str(request.write_offset),
             )
         session.writer = record
         return session
@@ -367,8 +432,14 @@ class FakeGateway(
         try:
             self._complete(session, request)
         except ValueError as err:
-            await self._refuse(record, context, grpc.StatusCode.DATA_LOSS, str(err))
+            await self._refuse(
+                record, context, grpc.StatusCode.DATA_LOSS, str(err), "OBJECT_CHECKSUM_MISMATCH"
+            )
         if brk is not None and brk.at is None:
+            if brk.unconfirmed:
+                session.state = upload_pb2.UPLOAD_STATE_COMPLETION_UNCONFIRMED
+                assert session.result is not None
+                session.result.unconfirmed = True
             await self._break(brk, session, record, context)
         assert session.result is not None
         return session.result
@@ -388,6 +459,9 @@ class FakeGateway(
                 record.requests.append(request)
                 if request.data:
                     self.data_received.set()
+                elif not request.finish_write and not request.HasField("start"):
+                    self.heartbeats.append(request.write_offset)
+                    self.heartbeat.set()
                 if session is None:
                     self.upload_started.set()
                     session = await self._open(request, record, context)
@@ -407,20 +481,34 @@ class FakeGateway(
                         record, context, grpc.StatusCode.INVALID_ARGUMENT, "a second start"
                     )
                 if self.fail_after is not None and len(record.requests) >= self.fail_after[0]:
-                    await context.abort(self.fail_after[1], self.fail_after[2])
+                    await abort(context, *self.fail_after[1:])
                 if request.write_offset != session.received:
                     await self._refuse(
                         record,
                         context,
                         grpc.StatusCode.INVALID_ARGUMENT,
                         f"write_offset {request.write_offset}, expected {session.received}",
+                        "STREAM_OUT_OF_ORDER",
+                    )
+                if request.HasField("data_crc32c") and crc32c(request.data) != request.data_crc32c:
+                    await self._refuse(
+                        record,
+                        context,
+                        grpc.StatusCode.DATA_LOSS,
+                        "data_crc32c does not match",
+                        "CHUNK_CHECKSUM_MISMATCH",
                     )
                 self._take(session, request.data)
                 if brk is not None and brk.at is not None and session.received >= brk.at:
                     await self._break(brk, session, record, context)
                 if request.finish_write:
                     return await self._finish(session, request, record, brk, context)
-            await context.abort(grpc.StatusCode.ABORTED, "the stream ended without finish_write")
+            await abort(
+                context,
+                grpc.StatusCode.ABORTED,
+                "the stream ended without finish_write",
+                "STREAM_ENDED_WITHOUT_FINISH",
+            )
         finally:
             if session is not None:
                 self._detach(session, record, brk)
@@ -433,9 +521,9 @@ class FakeGateway(
         self.unary_requests.append(request)
         if self.unary_failures > 0:
             self.unary_failures -= 1
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "status briefly unavailable")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "status briefly unavailable")
         if self.unary_error is not None:
-            await context.abort(*self.unary_error)
+            await abort(context, *self.unary_error)
 
     async def GetUploadStatus(
         self,
@@ -446,7 +534,13 @@ class FakeGateway(
         self.status_queries += 1
         session = self.sessions.get(request.upload_id)
         if session is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no upload {request.upload_id}")
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"no upload {request.upload_id}",
+                "UPLOAD_NOT_FOUND",
+                upload_id=request.upload_id,
+            )
         if session.state == OPEN and session.in_flight and not session.late:
             self._polls += 1
             if self._polls >= self.polls_per_landing:
@@ -466,13 +560,6 @@ class FakeGateway(
         response.create_time.FromSeconds(1_800_000_000)
         return response
 
-    async def SalvageUpload(
-        self, request: upload_pb2.SalvageUploadRequest, context: Any
-    ) -> upload_pb2.SalvageUploadResponse:
-        await self._unary(request, context)
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake gateway does not salvage")
-        raise AssertionError("unreachable")
-
     async def AbortUpload(
         self, request: upload_pb2.AbortUploadRequest, context: Any
     ) -> upload_pb2.AbortUploadResponse:
@@ -485,6 +572,32 @@ class FakeGateway(
             state=upload_pb2.UPLOAD_STATE_ABORTED,
             storage_aborted=False,
             detail="AbortMultipartUpload was denied; the bucket's lifecycle rule removes the parts",
+        )
+
+    async def SalvageUpload(
+        self, request: upload_pb2.SalvageUploadRequest, context: Any
+    ) -> upload_pb2.SalvageUploadResponse:
+        await self._unary(request, context)
+        if not self.salvage_implemented:
+            await abort(context, grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        session = self.sessions.get(request.upload_id)
+        if session is None:
+            await abort(context, grpc.StatusCode.NOT_FOUND, "no such upload", "UPLOAD_NOT_FOUND")
+        if session.state == OPEN:
+            session.state = upload_pb2.UPLOAD_STATE_SALVAGED
+            data = bytes(session.committed)
+            session.result = upload_pb2.UploadResponse(
+                upload_id=request.upload_id,
+                bucket="customer-bucket",
+                key="uploads/" + session.start.object_name + ".partial",
+                size=len(data),
+                checksums=upload_pb2.ObjectChecksums(
+                    crc32c=crc32c(data), sha256=hashlib.sha256(data).digest()
+                ),
+            )
+        return upload_pb2.SalvageUploadResponse(
+            state=session.state,  # type: ignore[arg-type]
+            result=session.result,
         )
 
     def _view(self, tenant_id: str, target: credentials_pb2.StorageTarget) -> Any:
@@ -716,13 +829,12 @@ def test_crc32c_known_vectors() -> None:
     assert crc32c(bytes(range(32))) == 0x46DD794E  # RFC 3720 B.4: incrementing
 
 
-def test_crc32c_fast_path_matches_the_table_and_bitwise_reference() -> None:
+def test_crc32c_matches_the_bitwise_reference() -> None:
     rng = random.Random(42)
     for size in (1, 255, 511, 512, 513, 1000, 4096, 65_537):
         data = rng.randbytes(size)
-        assert crc32c(data) == _crc32c_table(data, 0) == crc32c_bitwise(data), size
-    big = rng.randbytes(1 << 20)
-    assert crc32c(big) == _crc32c_table(big, 0)
+        assert crc32c(data) == crc32c_bitwise(data), size
+    assert crc32c(bytearray(b"123456789")) == crc32c(memoryview(b"123456789")) == 0xE3069283
 
 
 def test_crc32c_continues_like_zlib() -> None:
@@ -978,22 +1090,39 @@ def test_token_echoed_by_a_server_is_redacted(fake: FakeServer) -> None:
     assert TOKEN not in asyncio.run(client_repr())
 
 
-def test_unreachable_gateway_is_unavailable() -> None:
+class VirtualTime:
+    """A clock and a sleep for RetryPolicy: sleeping advances the clock at once."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+    def policy(self, **kwargs: Any) -> recgw_client.RetryPolicy:
+        kwargs.setdefault("jitter", 0.0)
+        return recgw_client.RetryPolicy(sleep=self.sleep, clock=self.clock, **kwargs)
+
+
+def test_unreachable_gateway_is_given_up_after_the_outage_tolerance() -> None:
     server = FakeServer()
     server.start()
     address = server.address
     server.stop()
-    waits: list[float] = []
-
-    async def sleep(seconds: float) -> None:
-        waits.append(seconds)
-
-    policy = recgw_client.RetryPolicy(max_attempts=3, jitter=0, sleep=sleep)
+    time = VirtualTime()
+    policy = time.policy(outage_tolerance=1.0)
     with pytest.raises(RecgwError) as caught:
         asyncio.run(recgw_client.upload(address, TOKEN, b"data", "acme", "a", retry_policy=policy))
     assert caught.value.code is grpc.StatusCode.UNAVAILABLE
-    # Retried with backoff (its status queries fail too), then given up.
-    assert waits == [0.2, 0.4]
+    # Retried with backoff (its status queries fail too) until 1 s passed without progress;
+    # the last wait is cut short to end at the tolerance.
+    assert time.sleeps == [0.2, 0.4, pytest.approx(0.4)]
     assert caught.value.attempts == 1 and caught.value.upload_id is not None
 
 
@@ -1064,11 +1193,15 @@ def test_credentials_admin(fake: FakeServer) -> None:
                 kms_key_id="alias/rec",
                 allow_overwrite=True,
                 equal_part_sizes=True,
+                abandoned_uploads="salvage",
             )
             described = await admin.describe("acme")
             await admin.delete("acme")
             verified = await admin.verify("acme")
             broken = await admin.verify("broken")
+            wipeable = bytearray(SECRET.encode())
+            await admin.set("acme", "AKIAIOSFODNN7EXAMPLE", wipeable, "us-west-1", "b")
+            wipeable[:] = bytes(len(wipeable))  # the caller wipes its copy
             return view, described, verified, broken
 
     view, described, verified, broken = asyncio.run(run())
@@ -1079,6 +1212,8 @@ def test_credentials_admin(fake: FakeServer) -> None:
     assert (target.region, target.bucket, target.prefix) == ("us-west-1", "customer-bucket", "rec/")
     assert target.endpoint_url == "https://s3.example.com"
     assert target.force_path_style and target.allow_overwrite and target.equal_part_sizes
+    assert target.abandoned_uploads == credentials_pb2.ABANDONED_UPLOAD_POLICY_SALVAGE
+    assert view.target.abandoned_uploads == "salvage"
     assert target.encryption.mode == credentials_pb2.SERVER_SIDE_ENCRYPTION_MODE_KMS
     assert target.encryption.kms_key_id == "alias/rec"
     assert view.target.sse == "aws:kms" and view.access_key_id_hint == "****MPLE"
@@ -1087,7 +1222,10 @@ def test_credentials_admin(fake: FakeServer) -> None:
     assert described.target.sse == "aws:kms"
     assert verified.ok and verified.key == "uploads/.recgw-verify"
     assert not broken.ok and broken.error_code == "AccessDenied"
-    assert len(fake.gateway.unary_metadata) == 5
+    assert len(fake.gateway.unary_metadata) == 6
+    from_bytes = fake.gateway.unary_requests[5]
+    assert isinstance(from_bytes, credentials_pb2.SetCredentialsRequest)
+    assert from_bytes.secret_access_key == SECRET
 
 
 def test_credentials_errors_never_show_the_secret(fake: FakeServer) -> None:
@@ -1255,14 +1393,20 @@ CREDS_ARGS = [
 def test_cli_creds_set_reads_the_secret_from_stdin(
     runner: typer.testing.CliRunner, fake: FakeServer
 ) -> None:
-    result = invoke(runner, [*CREDS_ARGS, "--secret-stdin", "--json"], input=SECRET + "\n")
+    result = invoke(
+        runner,
+        [*CREDS_ARGS, "--secret-stdin", "--json", "--abandoned-uploads", "salvage"],
+        input=SECRET + "\n",
+    )
     assert result.exit_code == 0, result.output
     [request] = fake.gateway.unary_requests
     assert isinstance(request, credentials_pb2.SetCredentialsRequest)
     assert request.secret_access_key == SECRET
     assert request.target.encryption.mode == credentials_pb2.SERVER_SIDE_ENCRYPTION_MODE_S3
+    assert request.target.abandoned_uploads == credentials_pb2.ABANDONED_UPLOAD_POLICY_SALVAGE
     out = json.loads(result.stdout)
     assert out["access_key_id_hint"] == "****MPLE" and out["sse"] == "AES256"
+    assert out["abandoned_uploads"] == "salvage"
 
 
 def test_cli_creds_set_reads_the_secret_from_env(

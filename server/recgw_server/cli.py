@@ -1,4 +1,9 @@
-"""The `recgw` command: serve, migrate, dev, policy, upload, creds."""
+"""The gateway's commands of `recgw`: serve, migrate, dev, policy.
+
+The `recgw` command itself belongs to the client package (recgw_client.cli), which
+holds upload, status, abort, salvage and creds; it loads these commands through the
+`recgw.commands` entry point of this package (see `register`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,6 @@ from typing import Annotated
 
 import typer
 
-from recgw_server import cli_client
 from recgw_server.logs import configure_logging
 
 app = typer.Typer(
@@ -17,7 +21,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-cli_client.register(app)
 
 
 @app.command()
@@ -313,5 +316,14 @@ def policy(
         )
 
 
+def register(root: typer.Typer) -> None:
+    """Entry point of the `recgw.commands` group: add the gateway's commands to `recgw`."""
+    root.registered_commands.extend(app.registered_commands)
+    root.registered_groups.extend(app.registered_groups)
+
+
 def main() -> None:
-    app()
+    """The whole `recgw` command, client and gateway commands."""
+    from recgw_client.cli import main as recgw
+
+    recgw()

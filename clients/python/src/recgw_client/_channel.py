@@ -1,8 +1,14 @@
-"""Channels and bearer-token metadata shared by the clients."""
+"""Channels (TLS or, when asked for, plaintext) and bearer-token metadata shared by the clients."""
 
 from __future__ import annotations
 
+import ipaddress
+import os
+from dataclasses import dataclass
+
 import grpc
+
+__all__ = ["TlsConfig", "channel_credentials_for", "is_loopback_target"]
 
 DEFAULT_TIMEOUT = 30.0
 # HTTP/2 pings while a stream is open, so a connection that dies silently (no reset) is noticed
@@ -13,20 +19,122 @@ CHANNEL_OPTIONS = (
 )
 
 ChannelOrTarget = grpc.aio.Channel | str
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """How the client checks the gateway, and proves itself to it (mTLS).
+
+    ``ca_file``: PEM root certificates the gateway's certificate must chain to
+    (default: the system's roots). ``cert_file`` and ``key_file``: the
+    client's PEM certificate chain and private key, for a gateway that
+    requires client certificates. ``server_name``: the name the gateway's
+    certificate must carry, when it differs from the host of the address (for
+    example when connecting by IP address).
+    """
+
+    ca_file: PathLike | None = None
+    cert_file: PathLike | None = None
+    key_file: PathLike | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("a client certificate needs its key: pass cert_file and key_file")
+        if self.server_name is not None and not self.server_name.strip():
+            raise ValueError("server_name must not be empty")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """The gRPC channel credentials; reads the files."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca_file, "CA file"),
+            private_key=_read(self.key_file, "client key file"),
+            certificate_chain=_read(self.cert_file, "client certificate file"),
+        )
+
+    def channel_options(self) -> tuple[tuple[str, str], ...]:
+        if self.server_name is None:
+            return ()
+        return (("grpc.ssl_target_name_override", self.server_name),)
+
+
+def _read(path: PathLike | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as err:
+        raise ValueError(f"cannot read the {what} {os.fspath(path)}: {err.strerror}") from None
+
+
+def _host(target: str) -> str:
+    """The host of a gRPC target such as ``host:port``, ``[::1]:50051`` or ``dns:///host:port``."""
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            target = target[len(scheme) :]
+            break
+    if target.startswith("["):
+        return target[1:].partition("]")[0]
+    if target.count(":") > 1:  # a bare IPv6 address
+        return target
+    return target.rpartition(":")[0] if ":" in target else target
+
+
+def is_loopback_target(target: str) -> bool:
+    """Whether the address is this machine's loopback (127.0.0.0/8, ::1, localhost)."""
+    if target.startswith("unix:"):
+        return True
+    host = _host(target).lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def channel_credentials_for(
+    target: str, tls: TlsConfig | None = None, plaintext: bool | None = None
+) -> grpc.ChannelCredentials | None:
+    """The credentials of a channel to ``target``; None means plaintext.
+
+    Plaintext only when asked for (``plaintext=True``), or by default for a
+    loopback address; every other address gets TLS (``tls``, else the
+    system's roots).
+    """
+    if plaintext and tls is not None:
+        raise ValueError("pass either plaintext=True or TLS options, not both")
+    if plaintext is None:
+        plaintext = tls is None and is_loopback_target(target)
+    if plaintext:
+        return None
+    return (tls or TlsConfig()).credentials()
 
 
 def open_channel(
     channel_or_target: ChannelOrTarget,
-    credentials: grpc.ChannelCredentials | None,
+    *,
+    tls: TlsConfig | None = None,
+    plaintext: bool | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> tuple[grpc.aio.Channel, bool]:
     """The channel to use, and whether the caller owns (must close) it."""
-    if isinstance(channel_or_target, str):
-        if credentials is None:
-            return grpc.aio.insecure_channel(channel_or_target, CHANNEL_OPTIONS), True
-        return grpc.aio.secure_channel(channel_or_target, credentials, CHANNEL_OPTIONS), True
+    if not isinstance(channel_or_target, str):
+        if credentials is not None or tls is not None or plaintext is not None:
+            raise ValueError("TLS options and credentials only apply when an address is given")
+        return channel_or_target, False
+    target = channel_or_target
     if credentials is not None:
-        raise ValueError("channel_credentials only apply when a target address is given")
-    return channel_or_target, False
+        if plaintext:
+            raise ValueError("pass either plaintext=True or channel_credentials, not both")
+    else:
+        credentials = channel_credentials_for(target, tls, plaintext)
+    options = CHANNEL_OPTIONS + (tls.channel_options() if tls is not None else ())
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options), True
+    return grpc.aio.secure_channel(target, credentials, options), True
 
 
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:

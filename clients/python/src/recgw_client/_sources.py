@@ -68,11 +68,16 @@ def _read_chunk(stream: Readable, size: int) -> bytes:
 
 
 class _StreamSource:
-    def __init__(self, stream: Readable, chunk_size: int) -> None:
+    def __init__(self, stream: Readable, chunk_size: int, skip: int = 0) -> None:
         self._stream = stream
         self._chunk_size = chunk_size
+        self._skip = skip
 
     def read(self) -> bytes:
+        if self._skip:
+            # In the reader thread: seeking a stream may block like reading it.
+            _seek(self._stream, self._skip)
+            self._skip = 0
         return _read_chunk(self._stream, self._chunk_size)
 
     def close(self) -> None:
@@ -80,21 +85,39 @@ class _StreamSource:
 
 
 class _FileSource:
-    def __init__(self, path: str, chunk_size: int) -> None:
+    def __init__(self, path: str, chunk_size: int, skip: int = 0) -> None:
         self._path = path
         self._chunk_size = chunk_size
+        self._skip = skip
         self._file: IO[bytes] | None = None
 
     def read(self) -> bytes:
         # Opened here, in the reader thread: opening a FIFO blocks until a writer appears.
         if self._file is None:
             self._file = open(self._path, "rb")  # noqa: SIM115 - closed by close()
+            if self._skip:
+                self._file.seek(self._skip)
         return _read_chunk(self._file, self._chunk_size)
 
     def close(self) -> None:
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
+
+
+def _seek(stream: Readable, skip: int) -> None:
+    seek = getattr(stream, "seek", None)
+    if not callable(seek):
+        raise TypeError("the stream cannot seek")
+    seek(skip, os.SEEK_CUR)
+
+
+def _is_seekable(stream: Readable) -> bool:
+    seekable = getattr(stream, "seekable", None)
+    try:
+        return bool(seekable()) if callable(seekable) else False
+    except (OSError, ValueError):
+        return False
 
 
 class _IterableSource:
@@ -207,49 +230,79 @@ async def _buffer(data: bytes) -> AsyncGenerator[bytes, None]:
     yield data
 
 
-@contextlib.asynccontextmanager
-async def open_source(
-    source: Source, chunk_size: int
-) -> AsyncIterator[tuple[AsyncIterator[bytes], int | None]]:
-    """The source's chunks and its size when known in advance (paths of regular files, bytes)."""
-    size: int | None = None
-    reader: _ThreadedReader | None = None
-    owned: AsyncGenerator[bytes, None] | None = None
-    raw: AsyncIterable[Buffer]
-    if isinstance(source, str | os.PathLike):
-        path = os.fspath(source)
-        # Fail before the upload starts for missing or unreadable files.
-        info = await asyncio.to_thread(os.stat, path)
+class OpenedSource:
+    """An upload source, before reading: its size if known and whether it can seek.
+
+    A seekable source (a path of a regular file, bytes, a stream whose
+    ``seekable()`` is true, positioned at the object's first byte) can start
+    reading at any offset, so an upload can be continued from the gateway's
+    committed size. Every other source is read once, as it produces: a live
+    recording.
+    """
+
+    def __init__(self, source: Source, chunk_size: int) -> None:
+        self._source = source
+        self._chunk_size = chunk_size
+        self.size: int | None = None
+        self.seekable = False
+        self._path: str | None = None
+        self._reader: _ThreadedReader | None = None
+        self._owned: list[AsyncGenerator[bytes, None]] = []
+        self._opened = False
+        if isinstance(source, str | os.PathLike):
+            self._path = os.fspath(source)
+        elif isinstance(source, bytes | bytearray | memoryview):
+            self.size, self.seekable = len(source), True
+        elif isinstance(source, Readable):
+            self.seekable = _is_seekable(source)
+        elif not isinstance(source, AsyncIterable | Iterable):
+            raise TypeError(
+                "source must be a path, bytes, a binary stream, or an (async) iterable of bytes, "
+                f"not {type(source).__name__}"
+            )
+
+    async def check(self) -> None:
+        """Fail before the upload starts for missing or unreadable files."""
+        if self._path is None:
+            return
+        info = await asyncio.to_thread(os.stat, self._path)
         if stat.S_ISDIR(info.st_mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        if not os.access(path, os.R_OK):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), self._path)
+        if not os.access(self._path, os.R_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), self._path)
         if stat.S_ISREG(info.st_mode):
-            size = info.st_size
-        reader = _ThreadedReader(_FileSource(path, chunk_size))
-    elif isinstance(source, bytes | bytearray | memoryview):
-        data = bytes(source)
-        size = len(data)
-        raw = owned = _buffer(data)
-    elif isinstance(source, Readable):
-        reader = _ThreadedReader(_StreamSource(source, chunk_size))
-    elif isinstance(source, AsyncIterable):
-        raw = source
-    elif isinstance(source, Iterable):
-        reader = _ThreadedReader(_IterableSource(source))
-    else:
-        raise TypeError(
-            "source must be a path, bytes, a binary stream, or an (async) iterable of bytes, "
-            f"not {type(source).__name__}"
-        )
-    if reader is not None:
-        raw = owned = reader.chunks()
-    chunks = _sized(raw, chunk_size)
-    try:
-        yield chunks, size
-    finally:
-        await chunks.aclose()
-        if owned is not None:
-            await owned.aclose()
-        if reader is not None:
-            reader.close()
+            self.size, self.seekable = info.st_size, True
+
+    def chunks(self, start: int = 0) -> AsyncIterator[bytes]:
+        """The source's chunks from byte ``start`` on (> 0 only for a seekable source); once."""
+        if self._opened:
+            raise RuntimeError("a source is read once")
+        self._opened = True
+        if start and not self.seekable:
+            raise ValueError("only a seekable source can start reading at an offset")
+        source, chunk_size = self._source, self._chunk_size
+        raw: AsyncIterable[Buffer]
+        if self._path is not None:
+            self._reader = _ThreadedReader(_FileSource(self._path, chunk_size, start))
+        elif isinstance(source, bytes | bytearray | memoryview):
+            raw = _buffer(bytes(source[start:]))
+            self._owned.append(raw)
+        elif isinstance(source, Readable):
+            self._reader = _ThreadedReader(_StreamSource(source, chunk_size, start))
+        elif isinstance(source, AsyncIterable):
+            raw = source
+        else:
+            assert isinstance(source, Iterable) and not isinstance(source, str)
+            self._reader = _ThreadedReader(_IterableSource(source))
+        if self._reader is not None:
+            raw = self._reader.chunks()
+            self._owned.append(raw)
+        sized = _sized(raw, chunk_size)
+        self._owned.insert(0, sized)
+        return sized
+
+    async def aclose(self) -> None:
+        for generator in self._owned:
+            await generator.aclose()
+        if self._reader is not None:
+            self._reader.close()

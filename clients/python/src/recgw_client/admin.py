@@ -10,10 +10,17 @@ from typing import Literal
 import grpc
 from recgw.v1 import credentials_pb2, credentials_pb2_grpc
 
-from recgw_client._channel import DEFAULT_TIMEOUT, ChannelOrTarget, bearer_metadata, open_channel
+from recgw_client._channel import (
+    DEFAULT_TIMEOUT,
+    ChannelOrTarget,
+    TlsConfig,
+    bearer_metadata,
+    open_channel,
+)
 from recgw_client.errors import RecgwError
 
 __all__ = [
+    "AbandonedUploads",
     "CredentialsAdmin",
     "CredentialsView",
     "ServerSideEncryption",
@@ -24,6 +31,21 @@ __all__ = [
 
 ServerSideEncryption = Literal["AES256", "aws:kms"]
 """SSE-S3 or SSE-KMS; None means the bucket's default."""
+
+AbandonedUploads = Literal["abort", "salvage"]
+"""What happens to an upload whose writer never comes back: nothing visible, or the
+recorded bytes kept as the object (see AbandonedUploadPolicy in the protos)."""
+
+_POLICY_TO_PROTO: dict[str | None, credentials_pb2.AbandonedUploadPolicy] = {
+    None: credentials_pb2.ABANDONED_UPLOAD_POLICY_UNSPECIFIED,
+    "abort": credentials_pb2.ABANDONED_UPLOAD_POLICY_ABORT,
+    "salvage": credentials_pb2.ABANDONED_UPLOAD_POLICY_SALVAGE,
+}
+_PROTO_TO_POLICY: dict[int, AbandonedUploads] = {
+    credentials_pb2.ABANDONED_UPLOAD_POLICY_UNSPECIFIED: "abort",
+    credentials_pb2.ABANDONED_UPLOAD_POLICY_ABORT: "abort",
+    credentials_pb2.ABANDONED_UPLOAD_POLICY_SALVAGE: "salvage",
+}
 
 _Mode = credentials_pb2.ServerSideEncryptionMode
 _SSE_TO_MODE: dict[str | None, _Mode] = {
@@ -56,6 +78,7 @@ class StorageTarget:
     allow_overwrite: bool
     equal_part_sizes: bool
     expected_bucket_owner: str = ""
+    abandoned_uploads: AbandonedUploads = "abort"
 
 
 @dataclass(frozen=True)
@@ -121,6 +144,7 @@ def _view(message: credentials_pb2.CredentialsView) -> CredentialsView:
             allow_overwrite=target.allow_overwrite,
             equal_part_sizes=target.equal_part_sizes,
             expected_bucket_owner=target.expected_bucket_owner,
+            abandoned_uploads=_PROTO_TO_POLICY.get(target.abandoned_uploads, "abort"),
         ),
         role_arn=message.role_arn,
         external_id=message.external_id,
@@ -132,8 +156,9 @@ class CredentialsAdmin:
     """Client of CredentialsService; ``token`` is the bearer token of an ``admin``.
 
     ``channel_or_target`` is a ``grpc.aio.Channel`` (not closed by this client)
-    or an address (a channel the client owns; plaintext unless
-    ``channel_credentials`` are given). No method returns a secret.
+    or an address (a channel the client owns; ``tls``, ``plaintext`` and
+    ``channel_credentials`` as for ``UploadClient``: plaintext by default only
+    on loopback). No method returns a secret.
     """
 
     def __init__(
@@ -141,12 +166,16 @@ class CredentialsAdmin:
         channel_or_target: ChannelOrTarget,
         token: str,
         *,
+        tls: TlsConfig | None = None,
+        plaintext: bool | None = None,
         channel_credentials: grpc.ChannelCredentials | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
         self._metadata = bearer_metadata(token)
         self._secrets: tuple[str, ...] = (token.strip(),)
-        self._channel, self._owns_channel = open_channel(channel_or_target, channel_credentials)
+        self._channel, self._owns_channel = open_channel(
+            channel_or_target, tls=tls, plaintext=plaintext, credentials=channel_credentials
+        )
         self._stub = credentials_pb2_grpc.CredentialsServiceStub(self._channel)
         self._timeout = timeout
 
@@ -176,7 +205,7 @@ class CredentialsAdmin:
         self,
         tenant_id: str,
         access_key_id: str,
-        secret_access_key: str,
+        secret_access_key: str | bytes | bytearray,
         region: str,
         bucket: str,
         *,
@@ -190,18 +219,29 @@ class CredentialsAdmin:
         expected_bucket_owner: str = "",
         role_arn: str = "",
         rotate_external_id: bool = False,
+        abandoned_uploads: AbandonedUploads | None = None,
     ) -> CredentialsView:
         """Create or overwrite the tenant's credentials; returns what was stored, without secret.
 
         With `role_arn` (and empty key id and secret) the gateway assumes that role instead;
-        `region` may be empty to have it found from the bucket.
+        `region` may be empty to have it found from the bucket. The secret may be a
+        ``bytearray`` (UTF-8) that the caller wipes afterwards; protobuf needs it as a
+        ``str`` while the request is sent, and this method clears the request once the call
+        has ended.
         """
         if sse not in _SSE_TO_MODE:
             raise ValueError("sse must be None, 'AES256' or 'aws:kms'")
+        if abandoned_uploads not in _POLICY_TO_PROTO:
+            raise ValueError("abandoned_uploads must be None, 'abort' or 'salvage'")
+        secret = (
+            secret_access_key
+            if isinstance(secret_access_key, str)
+            else bytes(secret_access_key).decode("utf-8")
+        )
         request = credentials_pb2.SetCredentialsRequest(
             tenant_id=tenant_id,
             access_key_id=access_key_id,
-            secret_access_key=secret_access_key,
+            secret_access_key=secret,
             rotate_external_id=rotate_external_id,
             target=credentials_pb2.StorageTarget(
                 region=region,
@@ -215,6 +255,7 @@ class CredentialsAdmin:
                 allow_overwrite=allow_overwrite,
                 equal_part_sizes=equal_part_sizes,
                 expected_bucket_owner=expected_bucket_owner,
+                abandoned_uploads=_POLICY_TO_PROTO[abandoned_uploads],
             ),
         )
         if role_arn:
@@ -224,7 +265,7 @@ class CredentialsAdmin:
                 request, metadata=self._metadata, timeout=self._timeout
             )
         except grpc.aio.AioRpcError as err:
-            raise self._error(err, secret_access_key) from None
+            raise self._error(err, secret) from None
         finally:
             request.Clear()
         return _view(response.credentials)

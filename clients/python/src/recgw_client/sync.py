@@ -12,24 +12,29 @@ from collections.abc import Iterable, Mapping
 
 import grpc
 
-from recgw_client._channel import DEFAULT_TIMEOUT
+from recgw_client._channel import DEFAULT_TIMEOUT, TlsConfig
 from recgw_client._sources import Buffer, Readable
 from recgw_client.retry import RetryCallback, RetryPolicy
 from recgw_client.uploads import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CONTENT_TYPE,
     DEFAULT_RETAIN_LIMIT,
+    DEFAULT_SPILL_LIMIT,
+    HEARTBEAT_INTERVAL,
     AbortResult,
+    CommittedCallback,
     ProgressCallback,
+    SalvageResult,
     UploadIdCallback,
     UploadResult,
     UploadStatus,
 )
 from recgw_client.uploads import abort_upload as _abort_upload
 from recgw_client.uploads import get_upload_status as _get_upload_status
+from recgw_client.uploads import salvage_upload as _salvage_upload
 from recgw_client.uploads import upload as _upload
 
-__all__ = ["SyncSource", "abort_upload", "get_upload_status", "upload"]
+__all__ = ["SyncSource", "abort_upload", "get_upload_status", "salvage_upload", "upload"]
 
 SyncSource = str | os.PathLike[str] | bytes | bytearray | memoryview | Readable | Iterable[Buffer]
 """A path, bytes, a binary stream (read in a thread), or an iterable of chunks."""
@@ -46,17 +51,24 @@ def upload(
     metadata: Mapping[str, str] | None = None,
     expected_size: int | None = None,
     upload_id: str | None = None,
+    source_offset: int = 0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: ProgressCallback | None = None,
+    on_committed: CommittedCallback | None = None,
     compute_checksums: bool = True,
     on_upload_id: UploadIdCallback | None = None,
-    max_attempts: int | None = None,
+    outage_tolerance: float | None = None,
     retain_limit: int = DEFAULT_RETAIN_LIMIT,
+    spill_limit: int = DEFAULT_SPILL_LIMIT,
+    spill_dir: str | os.PathLike[str] | None = None,
     on_retry: RetryCallback | None = None,
     retry_policy: RetryPolicy | None = None,
+    heartbeat_interval: float = HEARTBEAT_INTERVAL,
+    tls: TlsConfig | None = None,
+    plaintext: bool | None = None,
     channel_credentials: grpc.ChannelCredentials | None = None,
 ) -> UploadResult:
-    """Blocking ``recgw_client.upload``; it resumes after connection losses the same way."""
+    """Blocking ``recgw_client.upload``; it rides out outages the same way."""
     return asyncio.run(
         _upload(
             target,
@@ -68,14 +80,21 @@ def upload(
             metadata=metadata,
             expected_size=expected_size,
             upload_id=upload_id,
+            source_offset=source_offset,
             chunk_size=chunk_size,
             progress=progress,
+            on_committed=on_committed,
             compute_checksums=compute_checksums,
             on_upload_id=on_upload_id,
-            max_attempts=max_attempts,
+            outage_tolerance=outage_tolerance,
             retain_limit=retain_limit,
+            spill_limit=spill_limit,
+            spill_dir=spill_dir,
             on_retry=on_retry,
             retry_policy=retry_policy,
+            heartbeat_interval=heartbeat_interval,
+            tls=tls,
+            plaintext=plaintext,
             channel_credentials=channel_credentials,
         )
     )
@@ -86,13 +105,21 @@ def get_upload_status(
     token: str,
     upload_id: str,
     *,
+    tls: TlsConfig | None = None,
+    plaintext: bool | None = None,
     channel_credentials: grpc.ChannelCredentials | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
 ) -> UploadStatus:
     """Blocking ``recgw_client.get_upload_status``."""
     return asyncio.run(
         _get_upload_status(
-            target, token, upload_id, channel_credentials=channel_credentials, timeout=timeout
+            target,
+            token,
+            upload_id,
+            tls=tls,
+            plaintext=plaintext,
+            channel_credentials=channel_credentials,
+            timeout=timeout,
         )
     )
 
@@ -102,12 +129,44 @@ def abort_upload(
     token: str,
     upload_id: str,
     *,
+    tls: TlsConfig | None = None,
+    plaintext: bool | None = None,
     channel_credentials: grpc.ChannelCredentials | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
 ) -> AbortResult:
     """Blocking ``recgw_client.abort_upload``."""
     return asyncio.run(
         _abort_upload(
-            target, token, upload_id, channel_credentials=channel_credentials, timeout=timeout
+            target,
+            token,
+            upload_id,
+            tls=tls,
+            plaintext=plaintext,
+            channel_credentials=channel_credentials,
+            timeout=timeout,
+        )
+    )
+
+
+def salvage_upload(
+    target: str,
+    token: str,
+    upload_id: str,
+    *,
+    tls: TlsConfig | None = None,
+    plaintext: bool | None = None,
+    channel_credentials: grpc.ChannelCredentials | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
+) -> SalvageResult:
+    """Blocking ``recgw_client.salvage_upload``."""
+    return asyncio.run(
+        _salvage_upload(
+            target,
+            token,
+            upload_id,
+            tls=tls,
+            plaintext=plaintext,
+            channel_credentials=channel_credentials,
+            timeout=timeout,
         )
     )

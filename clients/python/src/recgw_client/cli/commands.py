@@ -1,4 +1,4 @@
-"""Client-side commands of `recgw`: upload, status, abort and creds.
+"""The commands of `recgw`: upload, status, abort, salvage and creds, plus plugins.
 
 The bearer token comes only from the environment (RECGW_TOKEN) or a file
 (--token-file), and a secret access key only from stdin, the environment or a
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import importlib.metadata
 import json
 import mimetypes
 import os
@@ -22,7 +23,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
-import grpc
 import typer
 from rich import filesize
 from rich.console import Console
@@ -48,10 +48,14 @@ from recgw_client import (
     RecgwError,
     RetryPolicy,
     ServerSideEncryption,
+    TlsConfig,
     UploadClient,
     UploadResult,
     UploadStatus,
+    is_retryable,
 )
+from recgw_client.cli import PLUGIN_GROUP
+from recgw_client.errors import SOURCE_NOT_SEEKABLE
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 TOKEN_ENV = "RECGW_TOKEN"
@@ -76,15 +80,54 @@ TokenFileOption = Annotated[
 ]
 TlsOption = Annotated[
     bool,
-    typer.Option("--tls", envvar="RECGW_TLS", help="Use TLS with the system's root certificates."),
+    typer.Option(
+        "--tls",
+        envvar="RECGW_TLS",
+        help="Use TLS (the default for every address but loopback ones).",
+    ),
+]
+PlaintextOption = Annotated[
+    bool,
+    typer.Option(
+        "--plaintext",
+        envvar="RECGW_PLAINTEXT",
+        help="No TLS. Only the default for loopback addresses (127.0.0.1, ::1, localhost).",
+    ),
 ]
 CaFileOption = Annotated[
     Path | None,
     typer.Option(
         "--ca-file",
         envvar="RECGW_CA_FILE",
-        help="PEM root certificates for TLS (implies --tls).",
+        help="PEM root certificates the gateway's certificate must chain to (implies --tls; "
+        "default: the system's roots).",
         dir_okay=False,
+    ),
+]
+CertFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--cert-file",
+        envvar="RECGW_CERT_FILE",
+        help="PEM client certificate chain, for a gateway that requires mTLS (needs --key-file).",
+        dir_okay=False,
+    ),
+]
+KeyFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--key-file",
+        envvar="RECGW_KEY_FILE",
+        help="PEM private key of --cert-file.",
+        dir_okay=False,
+    ),
+]
+ServerNameOption = Annotated[
+    str | None,
+    typer.Option(
+        "--server-name",
+        envvar="RECGW_SERVER_NAME",
+        help="Name the gateway's certificate must carry, if not the host of --address.",
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
@@ -101,14 +144,40 @@ class SseMode(enum.StrEnum):
 _SSE: dict[SseMode, ServerSideEncryption] = {SseMode.AES256: "AES256", SseMode.KMS: "aws:kms"}
 
 
+class AbandonedMode(enum.StrEnum):
+    """What `creds set --abandoned-uploads` may choose."""
+
+    ABORT = "abort"
+    SALVAGE = "salvage"
+
+
 @dataclass(frozen=True)
 class _Connection:
     address: str
     token: str
-    credentials: grpc.ChannelCredentials | None
+    tls: TlsConfig | None
+    plaintext: bool | None
 
     def __repr__(self) -> str:
         return f"_Connection(address={self.address!r})"
+
+    def uploads(self) -> UploadClient:
+        return UploadClient(self.address, self.token, tls=self.tls, plaintext=self.plaintext)
+
+    def admin(self) -> CredentialsAdmin:
+        return CredentialsAdmin(self.address, self.token, tls=self.tls, plaintext=self.plaintext)
+
+
+@dataclass(frozen=True)
+class _Security:
+    """The TLS options of a command."""
+
+    tls: bool = False
+    plaintext: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str | None = None
 
 
 # Stray arguments are collected rather than echoed by the parser's error: one
@@ -131,9 +200,7 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _connection(
-    address: str, token_file: Path | None, tls: bool, ca_file: Path | None
-) -> _Connection:
+def _connection(address: str, token_file: Path | None, security: _Security) -> _Connection:
     if token_file is not None:
         try:
             token = token_file.read_text(encoding="utf-8").strip()
@@ -145,33 +212,63 @@ def _connection(
         token = os.environ.get(TOKEN_ENV, "").strip()
         if not token:
             _fail(f"no bearer token: set {TOKEN_ENV} or pass --token-file PATH", EXIT_USAGE)
-    credentials = None
-    if tls or ca_file is not None:
+    wants_tls = security.tls or any(
+        value is not None
+        for value in (security.ca_file, security.cert_file, security.key_file, security.server_name)
+    )
+    if security.plaintext and wants_tls:
+        _fail(
+            "--plaintext cannot go with --tls, --ca-file, --cert-file, --key-file or --server-name",
+            EXIT_USAGE,
+        )
+    tls = None
+    if wants_tls:
         try:
-            roots = ca_file.read_bytes() if ca_file is not None else None
-        except OSError as err:
-            _fail(f"cannot read the CA file {ca_file}: {err}", EXIT_USAGE)
-        credentials = grpc.ssl_channel_credentials(root_certificates=roots)
-    return _Connection(address=address, token=token, credentials=credentials)
+            tls = TlsConfig(
+                ca_file=security.ca_file,
+                cert_file=security.cert_file,
+                key_file=security.key_file,
+                server_name=security.server_name,
+            )
+            tls.credentials()  # reads the files now, to report a bad path before connecting
+        except ValueError as err:
+            _fail(str(err), EXIT_USAGE)
+    plaintext = True if security.plaintext else (False if wants_tls else None)
+    return _Connection(address=address, token=token, tls=tls, plaintext=plaintext)
 
 
-def _run(coroutine: Coroutine[Any, Any, T], *, json_output: bool = False) -> T:
+def _error_fields(err: RecgwError) -> dict[str, object]:
+    error: dict[str, object] = {"code": err.code.name, "message": err.message}
+    if err.reason:
+        error["reason"] = err.reason
+    if err.metadata:
+        error["metadata"] = err.metadata
+    if err.upload_id:
+        error["upload_id"] = err.upload_id
+    if err.attempts > 1:
+        error["attempts"] = err.attempts
+    return error
+
+
+def _run(
+    coroutine: Coroutine[Any, Any, T],
+    *,
+    json_output: bool = False,
+    hint: Callable[[RecgwError], str] | None = None,
+) -> T:
     """Run one client call; gateway errors exit non-zero with the status code and message."""
     try:
         return asyncio.run(coroutine)
     except RecgwError as err:
         if json_output:
-            error: dict[str, object] = {"code": err.code.name, "message": err.message}
-            if err.upload_id:
-                error["upload_id"] = err.upload_id
-            if err.attempts > 1:
-                error["attempts"] = err.attempts
-            typer.echo(json.dumps({"error": error}))
-        notes = [f"upload id {err.upload_id}"] if err.upload_id else []
+            typer.echo(json.dumps({"error": _error_fields(err)}))
+        notes = [err.reason] if err.reason else []
+        if err.upload_id:
+            notes.append(f"upload id {err.upload_id}")
         if err.attempts > 1:
             notes.append(f"{err.attempts} attempts")
         suffix = f" ({', '.join(notes)})" if notes else ""
-        _fail(f"{err}{suffix}")
+        _fail(f"{err}{suffix}{hint(err) if hint is not None else ''}")
     except ValueError as err:
         _fail(str(err), EXIT_USAGE)
     except OSError as err:
@@ -230,6 +327,7 @@ def _result_fields(result: UploadResult) -> dict[str, object]:
         "part_count": result.part_count,
         "crc32c": result.checksums.crc32c_hex,
         "sha256": result.checksums.sha256_hex,
+        "unconfirmed": result.unconfirmed or None,
     }
 
 
@@ -285,16 +383,14 @@ def _known_size(file: str, size: int | None) -> int | None:
     return info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
-def _retry_policy(max_attempts: int) -> RetryPolicy:
+def _retry_policy(outage_tolerance: float) -> RetryPolicy:
     """The backoff of `recgw upload` (tests replace it with one that does not sleep)."""
-    return RetryPolicy(max_attempts=max_attempts)
+    return RetryPolicy(outage_tolerance=outage_tolerance)
 
 
-def _resume_line(attempt: int, error: RecgwError, committed: int, max_attempts: int) -> str:
-    return (
-        f"connection lost ({error.code.name}); resuming at byte {committed}, "
-        f"attempt {attempt}/{max_attempts}"
-    )
+def _resume_line(attempt: int, error: RecgwError, committed: int) -> str:
+    why = f"{error.code.name} {error.reason}" if error.reason else error.code.name
+    return f"connection lost ({why}); resuming at byte {committed}, stream {attempt}"
 
 
 async def _upload(
@@ -304,43 +400,42 @@ async def _upload(
     progress: Progress,
     announce: Callable[[str], None],
     notify: Callable[[str], None],
-    max_attempts: int,
+    outage_tolerance: float,
     **options: Any,
 ) -> UploadResult:
     source = _stdin() if file == "-" else file
     task = progress.add_task("uploading", total=options.get("expected_size"))
+    first: list[int] = []
 
     def on_progress(sent: int, total: int | None) -> None:
+        if not first:
+            first.append(sent)
+            if sent:
+                notify(f"continuing at byte {sent}, committed by the gateway earlier")
         progress.update(task, completed=sent, total=total)
 
     def on_retry(attempt: int, error: RecgwError, committed: int) -> None:
-        notify(_resume_line(attempt, error, committed, max_attempts))
+        notify(_resume_line(attempt, error, committed))
 
-    async with UploadClient(
-        connection.address, connection.token, channel_credentials=connection.credentials
-    ) as client:
+    async with connection.uploads() as client:
         with progress:
             return await client.upload(
                 source,
                 progress=on_progress,
                 on_upload_id=announce,
                 on_retry=on_retry,
-                retry_policy=_retry_policy(max_attempts),
+                retry_policy=_retry_policy(outage_tolerance),
                 **options,
             )
 
 
 async def _call(connection: _Connection, method: Callable[[UploadClient], Awaitable[T]]) -> T:
-    async with UploadClient(
-        connection.address, connection.token, channel_credentials=connection.credentials
-    ) as client:
+    async with connection.uploads() as client:
         return await method(client)
 
 
 async def _admin(connection: _Connection, method: Callable[[CredentialsAdmin], Awaitable[T]]) -> T:
-    async with CredentialsAdmin(
-        connection.address, connection.token, channel_credentials=connection.credentials
-    ) as admin:
+    async with connection.admin() as admin:
         return await method(admin)
 
 
@@ -361,6 +456,7 @@ def _view_fields(view: CredentialsView) -> dict[str, object]:
         "allow_overwrite": target.allow_overwrite,
         "equal_part_sizes": target.equal_part_sizes,
         "expected_bucket_owner": target.expected_bucket_owner,
+        "abandoned_uploads": target.abandoned_uploads,
         "role_arn": view.role_arn,
         "external_id": view.external_id,
         "trusted_principal": view.trusted_principal,
@@ -403,10 +499,11 @@ def _read_secret(secret_stdin: bool) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    """Add the client commands to the `recgw` app."""
+    """Add the client commands to a `recgw` app."""
     app.command("upload", context_settings=_EXTRA_ARGS)(upload_command)
     app.command("status", context_settings=_EXTRA_ARGS)(status_command)
     app.command("abort", context_settings=_EXTRA_ARGS)(abort_command)
+    app.command("salvage", context_settings=_EXTRA_ARGS)(salvage_command)
     creds = typer.Typer(
         help="Store, describe, verify and delete a tenant's S3 credentials (role admin).",
         no_args_is_help=True,
@@ -416,6 +513,32 @@ def register(app: typer.Typer) -> None:
     creds.command("delete", context_settings=_EXTRA_ARGS)(creds_delete_command)
     creds.command("verify", context_settings=_EXTRA_ARGS)(creds_verify_command)
     app.add_typer(creds, name="creds")
+
+
+def load_plugins(app: typer.Typer) -> None:
+    """Add the commands of every installed `recgw.commands` plugin (e.g. the gateway's)."""
+    for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            entry.load()(app)
+        except Exception as err:  # the client commands must work even so
+            typer.echo(
+                f"warning: the recgw commands of {entry.value} could not be loaded: "
+                f"{type(err).__name__}: {err}",
+                err=True,
+            )
+
+
+def make_app(plugins: bool = True) -> typer.Typer:
+    """The `recgw` app: the client commands and, with ``plugins``, those of plugins."""
+    app = typer.Typer(
+        help="recgw: stream call recordings into the customer's S3 bucket through the gateway.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+    )
+    register(app)
+    if plugins:
+        load_plugins(app)
+    return app
 
 
 def upload_command(
@@ -453,8 +576,22 @@ def upload_command(
         str, typer.Option("--chunk-size", help="Bytes per message, e.g. 256KiB (max 4MiB).")
     ] = "1MiB",
     upload_id: Annotated[
-        str | None, typer.Option("--upload-id", help="Client-chosen upload id (a UUID).")
+        str | None,
+        typer.Option(
+            "--upload-id",
+            help="Client-chosen upload id (a UUID). If it names an upload that has bytes "
+            "committed (an earlier run died), the upload continues from there: FILE must then "
+            "hold the whole object, or be - with --source-offset.",
+        ),
     ] = None,
+    source_offset: Annotated[
+        str,
+        typer.Option(
+            "--source-offset",
+            help="The input holds the object's bytes from this byte on (with --upload-id, to "
+            "finish an upload from a pipe; no whole-object checksums then).",
+        ),
+    ] = "0",
     checksums: Annotated[
         bool,
         typer.Option(
@@ -462,30 +599,72 @@ def upload_command(
             help="Send CRC32C and SHA-256 for the gateway to verify (costs CPU).",
         ),
     ] = True,
-    max_attempts: Annotated[
-        int,
+    outage_tolerance: Annotated[
+        float,
         typer.Option(
-            "--max-attempts",
-            min=1,
-            help="Streams to try in a row without progress before giving up; after a lost "
-            "connection the upload resumes where the gateway's committed bytes end. 1: never.",
+            "--outage-tolerance",
+            min=0,
+            metavar="SECONDS",
+            help="Give up after this long without the gateway committing more bytes; until "
+            "then a lost connection or an unavailable gateway is retried. 0: never retry.",
         ),
-    ] = 8,
+    ] = recgw_client.DEFAULT_OUTAGE_TOLERANCE,
+    retain_limit: Annotated[
+        str,
+        typer.Option(
+            "--retain-limit",
+            help="Memory for bytes sent but not yet committed by the gateway, e.g. 64MiB.",
+        ),
+    ] = "64MiB",
+    spill_limit: Annotated[
+        str,
+        typer.Option(
+            "--spill-limit",
+            help="Disk for such bytes beyond --retain-limit while a live input (stdin, a pipe) "
+            "outpaces the gateway, e.g. during an outage; reaching it fails the upload. "
+            "0: make the input wait instead.",
+        ),
+    ] = "1GiB",
+    spill_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--spill-dir",
+            exists=True,
+            file_okay=False,
+            writable=True,
+            help="Where the private spill file goes (default: $TMPDIR or /tmp).",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_output: JsonOption = False,
     address: AddressOption = DEFAULT_ADDRESS,
     token_file: TokenFileOption = None,
     tls: TlsOption = False,
+    plaintext: PlaintextOption = False,
     ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+    server_name: ServerNameOption = None,
 ) -> None:
     """Stream a file or stdin into the tenant's bucket (role uploader).
 
-    A lost connection does not lose the upload: it resumes on a new stream from
-    the gateway's committed size, printing one line to stderr per retry.
+    A lost connection or an unavailable gateway does not lose the upload: it
+    resumes on a new stream from the gateway's committed size, printing one
+    line to stderr per retry, for up to --outage-tolerance seconds without
+    progress. stdin is read as it comes also meanwhile (beyond --retain-limit
+    into a private temporary file), so a recorder never has to wait. If this
+    command dies, run it again with the same --upload-id to finish the upload.
     """
     _reject_extra_args(ctx)
     expected_size = _parse_size(size, "--size") if size is not None else None
     chunk = _parse_size(chunk_size, "--chunk-size")
+    offset = _parse_size(source_offset, "--source-offset")
+    if offset and upload_id is None:
+        raise typer.BadParameter("needs --upload-id", param_hint="--source-offset")
+    retain = _parse_size(retain_limit, "--retain-limit")
+    if retain < chunk:
+        raise typer.BadParameter("must be at least --chunk-size", param_hint="--retain-limit")
+    spill = _parse_size(spill_limit, "--spill-limit")
     if not 0 < chunk <= recgw_client.MAX_CHUNK_SIZE:
         raise typer.BadParameter("must be between 1 byte and 4MiB", param_hint="--chunk-size")
     metadata = _parse_metadata(meta or [])
@@ -493,7 +672,11 @@ def upload_command(
         content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
     if file != "-" and not os.path.exists(file):
         _fail(f"no such file: {file}", EXIT_USAGE)
-    connection = _connection(address, token_file, tls, ca_file)
+    connection = _connection(
+        address,
+        token_file,
+        _Security(tls, plaintext, ca_file, cert_file, key_file, server_name),
+    )
     total = _known_size(file, expected_size)
     progress = _progress(total is not None, quiet)
 
@@ -515,22 +698,43 @@ def upload_command(
             progress=progress,
             announce=announce,
             notify=notify,
-            max_attempts=max_attempts,
+            outage_tolerance=outage_tolerance,
             tenant_id=tenant,
             object_name=name,
             content_type=content_type,
             metadata=metadata,
             expected_size=expected_size,
             upload_id=upload_id,
+            source_offset=offset,
             chunk_size=chunk,
             compute_checksums=checksums,
+            retain_limit=retain,
+            spill_limit=spill,
+            spill_dir=spill_dir,
         ),
         json_output=json_output,
+        hint=lambda err: _upload_hint(err, outage_tolerance),
     )
     if json_output:
         _print_json(_result_fields(result))
     else:
         _print_fields(_result_fields(result), title=f"uploaded s3://{result.bucket}/{result.key}")
+
+
+def _upload_hint(err: RecgwError, outage_tolerance: float) -> str:
+    """What to do about a failed upload, for people."""
+    if err.reason == SOURCE_NOT_SEEKABLE:
+        committed = err.committed_size()
+        return (
+            f"; give the recording's file instead of -, or pipe its bytes from byte {committed} "
+            f"on with --source-offset {committed}"
+        )
+    if is_retryable(err):
+        return (
+            f"; no progress for {outage_tolerance:g} s, so the upload was left open: run the "
+            "same command with --upload-id to finish it"
+        )
+    return ""
 
 
 def _status_fields(status: UploadStatus) -> dict[str, object]:
@@ -555,11 +759,19 @@ def status_command(
     address: AddressOption = DEFAULT_ADDRESS,
     token_file: TokenFileOption = None,
     tls: TlsOption = False,
+    plaintext: PlaintextOption = False,
     ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+    server_name: ServerNameOption = None,
 ) -> None:
     """Show the state and committed size of an upload (role uploader)."""
     _reject_extra_args(ctx)
-    connection = _connection(address, token_file, tls, ca_file)
+    connection = _connection(
+        address,
+        token_file,
+        _Security(tls, plaintext, ca_file, cert_file, key_file, server_name),
+    )
     status = _run(
         _call(connection, lambda c: c.get_upload_status(upload_id)), json_output=json_output
     )
@@ -580,11 +792,19 @@ def abort_command(
     address: AddressOption = DEFAULT_ADDRESS,
     token_file: TokenFileOption = None,
     tls: TlsOption = False,
+    plaintext: PlaintextOption = False,
     ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+    server_name: ServerNameOption = None,
 ) -> None:
     """Cancel an upload; nothing of it becomes visible (role uploader)."""
     _reject_extra_args(ctx)
-    connection = _connection(address, token_file, tls, ca_file)
+    connection = _connection(
+        address,
+        token_file,
+        _Security(tls, plaintext, ca_file, cert_file, key_file, server_name),
+    )
     aborted: AbortResult = _run(
         _call(connection, lambda c: c.abort_upload(upload_id)), json_output=json_output
     )
@@ -593,6 +813,38 @@ def abort_command(
         "storage_aborted": aborted.storage_aborted,
         "detail": aborted.detail,
     }
+    if json_output:
+        _print_json(fields)
+    else:
+        _print_fields(fields)
+
+
+def salvage_command(
+    ctx: typer.Context,
+    upload_id: Annotated[str, typer.Argument(help="The upload id.")],
+    json_output: JsonOption = False,
+    address: AddressOption = DEFAULT_ADDRESS,
+    token_file: TokenFileOption = None,
+    tls: TlsOption = False,
+    plaintext: PlaintextOption = False,
+    ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+    server_name: ServerNameOption = None,
+) -> None:
+    """Keep what an open upload has committed as an object, e.g. after its recorder died."""
+    _reject_extra_args(ctx)
+    connection = _connection(
+        address,
+        token_file,
+        _Security(tls, plaintext, ca_file, cert_file, key_file, server_name),
+    )
+    salvaged = _run(
+        _call(connection, lambda c: c.salvage_upload(upload_id)), json_output=json_output
+    )
+    fields: dict[str, object] = {"state": salvaged.state.name}
+    if salvaged.result is not None:
+        fields |= _result_fields(salvaged.result)
     if json_output:
         _print_json(fields)
     else:
@@ -647,6 +899,14 @@ def creds_set_command(
     equal_part_sizes: Annotated[
         bool, typer.Option("--equal-part-sizes", help="Equal-size parts, for stores that need it.")
     ] = False,
+    abandoned_uploads: Annotated[
+        AbandonedMode | None,
+        typer.Option(
+            "--abandoned-uploads",
+            help="An upload whose writer never comes back: abort (nothing visible; the "
+            "default) or salvage (what was recorded becomes the object).",
+        ),
+    ] = None,
     secret_stdin: Annotated[
         bool,
         typer.Option(
@@ -659,11 +919,19 @@ def creds_set_command(
     address: AddressOption = DEFAULT_ADDRESS,
     token_file: TokenFileOption = None,
     tls: TlsOption = False,
+    plaintext: PlaintextOption = False,
     ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+    server_name: ServerNameOption = None,
 ) -> None:
     """Create or overwrite a tenant's S3 credentials: an access key pair or a role."""
     _reject_extra_args(ctx)
-    connection = _connection(address, token_file, tls, ca_file)
+    connection = _connection(
+        address,
+        token_file,
+        _Security(tls, plaintext, ca_file, cert_file, key_file, server_name),
+    )
     if role_arn and access_key_id:
         _fail("give either --role-arn or --access-key-id, not both", EXIT_USAGE)
     if not role_arn and not access_key_id:
@@ -688,6 +956,7 @@ def creds_set_command(
                 kms_key_id=kms_key_id,
                 allow_overwrite=allow_overwrite,
                 equal_part_sizes=equal_part_sizes,
+                abandoned_uploads=None if abandoned_uploads is None else abandoned_uploads.value,
             ),
         ),
         json_output=json_output,
@@ -702,11 +971,19 @@ def creds_describe_command(
     address: AddressOption = DEFAULT_ADDRESS,
     token_file: TokenFileOption = None,
     tls: TlsOption = False,
+    plaintext: PlaintextOption = False,
     ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+    server_name: ServerNameOption = None,
 ) -> None:
     """Show a tenant's stored credentials, without the secret."""
     _reject_extra_args(ctx)
-    connection = _connection(address, token_file, tls, ca_file)
+    connection = _connection(
+        address,
+        token_file,
+        _Security(tls, plaintext, ca_file, cert_file, key_file, server_name),
+    )
     view = _run(_admin(connection, lambda a: a.describe(tenant)), json_output=json_output)
     _print_view(view, json_output)
 
@@ -718,11 +995,19 @@ def creds_delete_command(
     address: AddressOption = DEFAULT_ADDRESS,
     token_file: TokenFileOption = None,
     tls: TlsOption = False,
+    plaintext: PlaintextOption = False,
     ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+    server_name: ServerNameOption = None,
 ) -> None:
     """Delete a tenant's credentials, all versions."""
     _reject_extra_args(ctx)
-    connection = _connection(address, token_file, tls, ca_file)
+    connection = _connection(
+        address,
+        token_file,
+        _Security(tls, plaintext, ca_file, cert_file, key_file, server_name),
+    )
     _run(_admin(connection, lambda a: a.delete(tenant)), json_output=json_output)
     if json_output:
         _print_json({"tenant_id": tenant, "deleted": True})
@@ -737,11 +1022,19 @@ def creds_verify_command(
     address: AddressOption = DEFAULT_ADDRESS,
     token_file: TokenFileOption = None,
     tls: TlsOption = False,
+    plaintext: PlaintextOption = False,
     ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+    server_name: ServerNameOption = None,
 ) -> None:
     """Check everything the tenant's uploads need (the setup doctor); exit 1 if anything fails."""
     _reject_extra_args(ctx)
-    connection = _connection(address, token_file, tls, ca_file)
+    connection = _connection(
+        address,
+        token_file,
+        _Security(tls, plaintext, ca_file, cert_file, key_file, server_name),
+    )
     verified = _run(_admin(connection, lambda a: a.verify(tenant)), json_output=json_output)
     fields = {
         "ok": verified.ok,
