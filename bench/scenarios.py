@@ -338,11 +338,13 @@ async def live_scenario(
         await call.done_writing()
         call_state.response = await call
 
-    async def timed_upload(name: str, size: int, delay: float) -> dict[str, Any]:
+    async def timed_upload(name: str, size: int, delay: float, state: dict[str, Any]) -> None:
+        """One upload beside the live calls; `state` keeps what is known if it is cancelled."""
         await asyncio.sleep(max(0.0, delay - time.perf_counter()))
         workload = Workload.make(size, chunk)
         crc = await asyncio.to_thread(workload.crc32c)
         begun = time.perf_counter()
+        state.update(size_mib=size / MiB, started_at_s=begun - t0, begun=begun)
         async with grpc.aio.insecure_channel(address) as channel:
             response = await upload_one(channel, token, workload, name)
         took = time.perf_counter() - begun
@@ -350,13 +352,7 @@ async def live_scenario(
             verify_stored, store, PREFIX + name, size, crc
         )
         await asyncio.to_thread(delete_quietly, store, PREFIX + name)
-        return {
-            "size_mib": size / MiB,
-            "started_at_s": begun - t0,
-            "seconds": took,
-            "mib_per_s": size / MiB / took,
-            "verified": good,
-        }
+        state.update(seconds=took, mib_per_s=size / MiB / took, verified=good)
 
     bulk_at = t0 + seconds / 4
     small_at = t0 + seconds / 2
@@ -378,19 +374,24 @@ async def live_scenario(
             gateway_cores=gateway / took,
             gateway_cpu_ms_per_stream_second=gateway * 1000 / (streams * took),
             gateway_cpu_us_per_message=gateway * 1e6 / count if count else 0.0,
+            messages_per_s=count / took,
+            scheduled_messages_per_s=streams / interval,
             client_cores=(own_cpu() - before[1]) / took,
             store_cores=(cpu_seconds(store_pid) - before[2]) / took,
         )
 
     work: list[Awaitable[Any]] = [live(i) for i in range(streams)]
-    work.append(timed_upload("live-bulk.bin", bulk_size, bulk_at))
-    work.append(timed_upload("live-small.bin", small_size, small_at))
+    bulk: dict[str, Any] = {}
+    small: dict[str, Any] = {}
+    work.append(timed_upload("live-bulk.bin", bulk_size, bulk_at, bulk))
+    work.append(timed_upload("live-small.bin", small_size, small_at, small))
     window_task = asyncio.ensure_future(live_window())
     try:
         cpu_before = cpu_seconds(pid)
         watch.start()
         results, stopped_by = await bounded(work, watch, seconds + grace)
-        took = time.perf_counter() - t0
+        ended = time.perf_counter()
+        took = ended - t0
         await watch.stop()
         gateway_cpu = cpu_seconds(pid) - cpu_before
         await asyncio.gather(window_task, return_exceptions=True)
@@ -412,10 +413,13 @@ async def live_scenario(
         verified += good
         await asyncio.to_thread(delete_quietly, store, PREFIX + state.name)
     await asyncio.to_thread(store.settle)
-    bulk, small = (
-        r if isinstance(r, dict) else {"error": f"{type(r).__name__}: {r}"[:300]}
-        for r in results[-2:]
-    )
+    for beside, result in ((bulk, results[-2]), (small, results[-1])):
+        begun = beside.pop("begun", None)
+        if isinstance(result, asyncio.CancelledError):
+            waited = f" after {ended - begun:.1f} s" if begun is not None else ", never started"
+            beside["error"] = f"unfinished at the scenario's deadline{waited}"
+        elif isinstance(result, BaseException):
+            beside["error"] = f"{type(result).__name__}: {result}"[:300]
     lags = [state.max_lag for state in calls]
     return LiveResult(
         streams=streams,
