@@ -35,6 +35,7 @@ import json
 import secrets
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -473,6 +474,8 @@ def run_bench(options: Options) -> dict[str, Any]:
         "sha256_switch": switch[0] if switch else None,
         "wall_seconds": time.time() - started,
     }
+    loads = [load for info in data["paths"].values() for load in info["load_average"]]
+    data["config"]["median_load_average"] = statistics.median(loads) if loads else None
     data["machine"] = report.machine_facts()
     data["ratios"] = report.ratios(data["paths"], bool(switch))
     data["goals"] = report.goals(data)

@@ -209,6 +209,13 @@ def print_report(data: dict[str, Any]) -> None:
     )
     machine = data["machine"]
     print(f"machine: nproc {machine['nproc']}, {machine['cpu_model']}, Python {machine['python']}")
+    loads = [load for info in paths.values() for load in info["load_average"]]
+    if loads and statistics.median(loads) > 1.5 * machine["nproc"]:
+        print(
+            f"WARNING: the load average was {statistics.median(loads):.1f} on {machine['nproc']} "
+            "cores (other processes were running): throughput and its ratios are not "
+            "reliable in this run; CPU ms per MiB is less affected"
+        )
     if not config["sha256_switch"]:
         print("note: the gateway has no setting to turn its SHA-256 off; the SHA-256-off ratio")
         print("      uses the default gateway (which hashes every byte)")
@@ -243,6 +250,8 @@ def print_report(data: dict[str, Any]) -> None:
             f"{memory['verified']}/{memory['streams']} byte-exact in {memory['seconds']:.1f} s "
             f"({memory['mib_per_s']:.0f} MiB/s){stop}"
         )
+        for kind, count in memory["errors"].items():
+            print(f"    {count} failed: {kind}")
     live = data.get("live")
     if live:
         window = live["live_only"]
@@ -253,6 +262,8 @@ def print_report(data: dict[str, Any]) -> None:
             f"{live['verified']}/{live['streams']} byte-exact{stop}; write lag median "
             f"{live['median_lag_s'] * 1000:.0f} ms, max {live['max_lag_s'] * 1000:.0f} ms"
         )
+        for kind, count in live["errors"].items():
+            print(f"    {count} calls failed: {kind}")
         print(
             f"    gateway RSS idle {live['idle_rss_mib']:.0f} MiB, peak {live['peak_rss_mib']:.0f}"
             f" MiB (budget {live['budget_mib']} MiB)"

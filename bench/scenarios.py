@@ -95,6 +95,23 @@ async def bounded(
     return results, reason
 
 
+def failures(results: list[Any]) -> dict[str, int]:
+    """How many of `results` failed, by kind: the gRPC status and the start of its message,
+    or the exception type ("cancelled" for what the deadline stopped)."""
+    kinds: dict[str, int] = {}
+    for result in results:
+        if not isinstance(result, BaseException):
+            continue
+        if isinstance(result, asyncio.CancelledError):
+            kind = "cancelled"
+        elif isinstance(result, grpc.aio.AioRpcError):
+            kind = f"{result.code().name}: {(result.details() or '')[:120]}"
+        else:
+            kind = f"{type(result).__name__}: {str(result)[:120]}"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
 def verify_stored(store: Store, key: str, size: int, crc32c: int) -> bool:
     """Byte-exact as far as S3 can tell: the stored length, and S3's own CRC32C of the object
     (FULL_OBJECT for multipart uploads, the PutObject's for small ones)."""
@@ -133,6 +150,7 @@ class MemoryResult:
     completed: int
     verified: int
     stopped_by: str  # "" when every stream finished
+    errors: dict[str, int]
     idle_rss_mib: float
     peak_rss_mib: float
     budget_mib: int
@@ -222,6 +240,7 @@ async def memory_scenario(
         completed=completed,
         verified=verified,
         stopped_by=stopped_by,
+        errors=failures(results),
         idle_rss_mib=idle / KiB,
         peak_rss_mib=watch.peak_kib / KiB,
         budget_mib=budget_mib,
@@ -255,6 +274,7 @@ class LiveResult:
     completed: int
     verified: int
     stopped_by: str
+    errors: dict[str, int]
     messages: int
     idle_rss_mib: float
     peak_rss_mib: float
@@ -430,6 +450,7 @@ async def live_scenario(
         completed=completed,
         verified=verified,
         stopped_by=stopped_by,
+        errors=failures(results[:streams]),
         messages=message_count,
         idle_rss_mib=idle / KiB,
         peak_rss_mib=watch.peak_kib / KiB,
