@@ -10,6 +10,7 @@ import io
 import threading
 import time
 import urllib.parse
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -191,8 +192,6 @@ async def resumed_upload(
     (a write after the call has ended would hide it behind INTERNAL, grpc/grpc#36066), and the
     bench polls again and retries.
     """
-    import uuid
-
     start = upload_pb2.UploadStart(
         tenant_id=TENANT,
         object_name=name,
