@@ -11,6 +11,7 @@ bench-tools`, which passes its path as RECGW_MINIO_BIN); nothing of MinIO is com
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -209,6 +210,9 @@ def start_minio(log_dir: Path, port: int | None = None, data_dir: Path | None = 
             "MINIO_BROWSER": "off",
             "MINIO_UPDATE": "off",
             "MINIO_REGION": "us-east-1",
+            # A static key for SSE-S3 (MinIO answers SSE with 501 without a KMS); new per run.
+            "MINIO_KMS_SECRET_KEY": "recgw-dev-key:"
+            + base64.b64encode(secrets.token_bytes(32)).decode(),
         },
         log_dir,
     )
