@@ -1,318 +1,67 @@
-"""`make bench`: gateway throughput against raw gRPC streaming and direct boto3, in one run.
+"""`make bench`: the gateway beside raw gRPC, direct boto3, aws-crt and tusd, in one run.
 
-Four measurements of the same bytes on the same machine:
+Throughput: the same recording (unknown length, 1 MiB messages) goes, in interleaved rounds
+(the order rotates each round), through every path:
 
-1. gateway: a client-streaming Upload of one recording (unknown length, 1 MiB messages) through
-   a real `recgw serve` process into moto_server (IAM on, a tenant with the setup guide's
-   PutObject-only policy, credentials in an OpenBao dev server);
-2. direct boto3: the same bytes uploaded straight to the same moto with boto3 multipart, the
-   same part size and as many parts in flight as the gateway allows, the same CRC32C per part,
-   with the tenant's own keys;
-3. raw gRPC: the same messages streamed to a trivial grpc.aio server (another process) that
-   discards them: the ceiling of the transport;
-4. gateway, resumed: the gateway upload again, but the client cancels its stream `--interruptions`
-   times (3: after the message that reaches 25%, 50% and 75% of the bytes), polls
-   GetUploadStatus until the gateway has detached it (received_size == committed_size) and
-   resumes with a new stream at committed_size, re-sending what was not committed. Timed like 1,
-   from the first message to the final response, breaks and polls included; the result is its
-   throughput over that of 1. finish_write carries the whole object's SHA-256 (in 1 as well), so
-   the gateway verifies it, and so does the bench against the response.
+- raw gRPC: streamed to a trivial grpc.aio server (another process) that discards it: the
+  transport's ceiling;
+- direct boto3: a multipart upload straight to S3 with the gateway's part size, parts in
+  flight, CRC32C per part and unsigned payload, configured like the gateway's own client;
+- aws-crt: awscrt.s3's client fed from a Python stream (a PUT of unknown length);
+- tusd v2 (s3store), as shipped and tuned (8 MiB parts, no content hashes), driven by a tus
+  client that uses creation-defer-length and 64 MiB PATCHes;
+- the gateway (`recgw serve`) into S3, the same with its SHA-256 off where it has such a
+  setting, the gateway with a discarding ObjectStore (a separate process of its own, see
+  bench.backends.NullStore), and the gateway with the stream broken and resumed 3 times.
 
-The gateway runs as `recgw serve --config <tmp>/recgw.toml` (its own process and GIL; the TOML
-holds only token hashes and Vault role ids, the AppRole secret ids go in RECGW_* variables) and
-gets the tenant's keys through SetCredentials; its session store (data_dir) is in the temp dir
-too. The client side of 1, 3 and 4 (grpc.aio) and all of 2 run in the bench process. Each
-transfer is timed from its first message (or CreateMultipartUpload) to the response, and the CPU
-time every process spent meanwhile is read from /proc, to show which one is busy. The gateway's
-peak RSS is its VmHWM.
+S3 is MinIO (single drive on tmpfs, its trash emptied between measurements) unless `--store
+moto`. Every process's CPU is read from /proc around each transfer; the gateway's peak RSS is
+its VmHWM, reset before each transfer. Then the scenarios, each on a fresh gateway: 64 and 500
+concurrent streams (RSS above idle against the memory budget), 500 live calls at 1 Mbit/s
+beside a bulk and a small upload, and the first upload of 16 new tenants at once.
 
-Every process the bench starts (OpenBao, moto_server, the gateway, the sink) is stopped at the
-end, on errors and on Ctrl-C. Secrets (Vault token and secret ids, AWS secret key, bearer
-tokens) go through environment variables and Python objects, never a command line or output.
+Every process the bench starts is stopped at the end, on errors and on Ctrl-C; everything
+listens on 127.0.0.1. Secrets go through environment variables and Python objects, never a
+command line or the output.
 
-Usage: `make bench BENCH_ARGS="--size-mib 512 --repeat 3 --json out.json"`.
+Usage: `make bench BENCH_ARGS="--rounds 3 --json out.json"`; `--quick` for a short run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
-import os
-import platform
 import secrets
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from importlib import metadata as importlib_metadata
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 import grpc
-from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
 
-MiB = 1024 * 1024
-KiB = 1024
-HEADER_SIZE = 16  # every chunk starts with its index and offset, so no two chunks are equal
-# Room for the other fields of an UploadRequest beside its data (as the gateway allows).
-MESSAGE_OVERHEAD = 64 * KiB
-RPC_TIMEOUT = 900.0
-DETACH_TIMEOUT = 60.0  # longest wait for the gateway to let go of a broken stream
-POLL_INTERVAL = 0.005  # between GetUploadStatus calls while waiting for that
-MAX_REFUSED = 20  # resumes refused because the old stream was still attached, per upload
-UPLOAD_ID_HEADER = "x-recgw-upload-id"  # sent by the gateway once a stream is attached
-# Set when the bench is interrupted: worker threads (boto3 parts, checksums) stop at once
-# instead of running on while asyncio.run waits for them.
-STOPPING = threading.Event()
-TENANT = "bench"
-BUCKET = "recgw-bench"
-PREFIX = "uploads/"
+from bench import backends, paths, report, scenarios
+from bench.common import (
+    PREFIX,
+    STOPPING,
+    TENANT,
+    Child,
+    Cleanup,
+    KiB,
+    Meter,
+    MiB,
+    Sample,
+    Workload,
+    memory_kib,
+)
 
-
-# -- the bytes -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Workload:
-    """A recording of `size` bytes in `chunk`-sized messages, made from one random block.
-
-    The block is generated once; each chunk is its slice of the block behind a 16-byte header
-    (chunk index and offset), so every chunk and every part differs while nothing but the
-    block stays in memory.
-    """
-
-    size: int
-    chunk: int
-    block: bytes
-
-    @classmethod
-    def make(cls, size: int, chunk: int, block_size: int = 8 * MiB) -> Workload:
-        block_size = max(block_size, chunk) // chunk * chunk
-        return cls(size, chunk, os.urandom(block_size))
-
-    @property
-    def chunk_count(self) -> int:
-        return -(-self.size // self.chunk)
-
-    def chunks(self, start: int = 0) -> Iterator[bytes]:
-        """The bytes from offset `start` on, cut at the chunk boundaries (so the first piece is
-        shorter when `start` falls inside a chunk, as when a resume starts at a part boundary)."""
-        view = memoryview(self.block)
-        for index in range(start // self.chunk, self.chunk_count):
-            if STOPPING.is_set():
-                raise KeyboardInterrupt("the bench is stopping")
-            offset = index * self.chunk
-            length = min(self.chunk, self.size - offset)
-            header = index.to_bytes(8, "big") + offset.to_bytes(8, "big")
-            if length <= HEADER_SIZE:
-                piece = header[:length]
-            else:
-                at = offset % len(self.block)
-                piece = b"".join((header, view[at + HEADER_SIZE : at + length]))
-            yield piece[start - offset :] if offset < start else piece
-
-    def parts(self, part_size: int) -> Iterator[bytes]:
-        """The same bytes cut into parts of `part_size` (the last one may be shorter).
-
-        Like the gateway, each part is one join of its chunks; only a chunk that straddles
-        two parts is copied first.
-        """
-        pending: list[bytes] = []
-        filled = 0
-        for chunk in self.chunks():
-            while chunk:
-                room = part_size - filled
-                piece, chunk = chunk[:room], chunk[room:]
-                pending.append(piece)
-                filled += len(piece)
-                if filled == part_size:
-                    yield b"".join(pending)
-                    pending.clear()
-                    filled = 0
-        if pending:
-            yield b"".join(pending)
-
-    def sha256(self) -> bytes:
-        digest = hashlib.sha256()
-        for chunk in self.chunks():
-            digest.update(chunk)
-        return digest.digest()
-
-
-def upload_requests(
-    workload: Workload,
-    start: upload_pb2.UploadStart,
-    offset: int = 0,
-    until: int | None = None,
-    sha256: bytes = b"",
-) -> Iterator[upload_pb2.UploadRequest]:
-    """The messages of one upload stream from byte `offset`: `start` first; `finish_write` (and
-    the whole object's SHA-256 to verify, if given) on the last, unless the stream is to stop
-    early, after the message that reaches byte `until`."""
-    first = True
-    for chunk in workload.chunks(offset):
-        message = upload_pb2.UploadRequest(write_offset=offset, data=chunk)
-        if first:
-            message.start.CopyFrom(start)
-            first = False
-        offset += len(chunk)
-        if offset == workload.size:
-            message.finish_write = True
-            if sha256:
-                message.object_checksums.sha256 = sha256
-        yield message
-        if until is not None and offset >= until:
-            return
-
-
-# -- processes -------------------------------------------------------------------------------
-
-
-@dataclass
-class Child:
-    """A process the bench started; `stop()` is safe to call more than once."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    log_file: IO[bytes]
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if not self.log_file.closed:
-            self.log_file.close()
-
-
-def spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> Child:
-    """Start a process in its own session (Ctrl-C reaches the bench only, which stops it).
-
-    RECGW_* variables of the caller are not passed on: the bench's own configuration holds.
-    """
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("RECGW_")}
-    log_path = log_dir / f"{name}.log"
-    log_file = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
-    try:
-        process = subprocess.Popen(
-            args,
-            env={**inherited, **env},
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    except BaseException:
-        log_file.close()
-        raise
-    return Child(name, process, log_path, log_file)
-
-
-def script(name: str) -> str:
-    beside_python = Path(sys.executable).parent / name
-    if beside_python.exists():
-        return str(beside_python)
-    found = shutil.which(name)
-    if not found:
-        raise RuntimeError(f"{name} not found; run `make install` first")
-    return found
-
-
-def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of a process, in KiB, from /proc/<pid>/status."""
-    values: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0])
-    return values
-
-
-class Cleanup:
-    """Everything to stop at the end, last started first."""
-
-    def __init__(self) -> None:
-        self._stops: list[tuple[str, Callable[[], None]]] = []
-
-    def add(self, name: str, stop: Callable[[], None]) -> None:
-        self._stops.append((name, stop))
-
-    def run(self) -> None:
-        while self._stops:
-            name, stop = self._stops.pop()
-            try:
-                stop()
-            except Exception as exc:  # keep stopping the others
-                print(f"warning: stopping {name} failed ({type(exc).__name__})", file=sys.stderr)
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-# -- the trivial sink server (runs as a separate process: `bench.py --sink-port PORT`) --------
-
-
-async def discard(
-    request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
-) -> upload_pb2.UploadResponse:
-    """Reads a whole Upload stream and throws the bytes away."""
-    size = 0
-    async for message in request_iterator:
-        size += len(message.data)
-    return upload_pb2.UploadResponse(size=size)
-
-
-async def run_sink(port: int, max_message: int) -> None:
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", max_message),
-            ("grpc.so_reuseport", 0),
-        ]
-    )
-    handler = grpc.stream_unary_rpc_method_handler(
-        discard,
-        request_deserializer=upload_pb2.UploadRequest.FromString,
-        response_serializer=upload_pb2.UploadResponse.SerializeToString,
-    )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("recgw.v1.UploadService", {"Upload": handler}),)
-    )
-    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
-        raise RuntimeError(f"sink cannot listen on port {port}")
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(1)
-
-
-# -- measurements ----------------------------------------------------------------------------
+ALL_PATHS = tuple(report.PATHS)
 
 
 @dataclass
@@ -323,8 +72,26 @@ class Options:
     inflight: int
     boto3_concurrency: int
     memory_budget_mib: int
-    repeat: int
+    rounds: int
     interruptions: int
+    store: str
+    paths: tuple[str, ...]
+    tus_patch: int
+    memory_streams: tuple[int, ...]
+    memory_stream_size: int
+    memory_channels: int
+    rss_limit_mib: int
+    scenario_timeout: float
+    live_streams: int
+    live_seconds: float
+    live_message_bytes: int
+    live_kbps: float
+    live_channels: int
+    live_bulk: int
+    live_small: int
+    live_grace: float
+    first_clients: int
+    first_size: int
     json_path: Path | None
     keep_logs: bool
 
@@ -333,369 +100,22 @@ class Options:
 class Stack:
     """What the measurements talk to."""
 
-    gateway_address: str
+    store: backends.Store
+    gateways: dict[str, backends.GatewayProcess]
+    sink: Child
     sink_address: str
-    gateway: Child
-    moto: Any  # recgw_server.devstack.MotoS3
-    tenant_keys: Any  # recgw_server.devstack.AwsKeys
+    tusds: dict[str, backends.Tusd]
+    config: backends.GatewayConfig
+    secret_ids: dict[str, str]
+    workdir: Path
     uploader_token: str
     admin_token: str
+    sha256_switch: tuple[str, str] | None
+    cleanup: Cleanup
 
 
-KINDS = ("raw_grpc", "direct_boto3", "gateway", "gateway_resumed")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process (all its threads), from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One timed transfer: wall seconds, and the CPU seconds each process spent meanwhile."""
-
-    seconds: float
-    cpu: dict[str, float]
-
-
-class Meter:
-    """Wall clock and CPU time of the bench client and its child processes."""
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self._pids = pids
-        self._started = 0.0
-        self._cpu: dict[str, float] = {}
-
-    def _snapshot(self) -> dict[str, float]:
-        times = os.times()
-        values = {"bench client": times.user + times.system}
-        for name, pid in self._pids.items():
-            values[name] = cpu_seconds(pid)
-        return values
-
-    def start(self) -> None:
-        self._cpu = self._snapshot()
-        self._started = time.perf_counter()
-
-    def stop(self) -> Sample:
-        seconds = time.perf_counter() - self._started
-        now = self._snapshot()
-        return Sample(seconds, {name: now[name] - self._cpu[name] for name in now})
-
-
-@dataclass
-class Results:
-    samples: dict[str, list[Sample]] = field(default_factory=lambda: {k: [] for k in KINDS})
-    gateway_idle_kib: int = 0
-    gateway_peak_kib: int = 0
-    gateway_parts: int = 0
-    resumed: list[Resumed] = field(default_factory=list)
-
-
-async def stream(
-    address: str,
-    token: str,
-    workload: Workload,
-    start: upload_pb2.UploadStart,
-    meter: Meter,
-    sha256: bytes = b"",
-) -> tuple[Sample, upload_pb2.UploadResponse]:
-    """One client-streaming Upload, timed from the first message to the response."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        await asyncio.wait_for(channel.channel_ready(), 30)
-        stub = upload_pb2_grpc.UploadServiceStub(channel)
-        meter.start()
-        call = stub.Upload(metadata=(("authorization", f"Bearer {token}"),), timeout=RPC_TIMEOUT)
-        try:
-            for message in upload_requests(workload, start, sha256=sha256):
-                await call.write(message)
-            await call.done_writing()
-            response: upload_pb2.UploadResponse = await call
-        except asyncio.InvalidStateError:  # a write after the server ended the call
-            raise RuntimeError(f"the upload failed: {await rpc_status(call)}") from None
-        return meter.stop(), response
-
-
-async def rpc_status(call: Any) -> str:
-    """Status code and details of a finished call (a write after the end only says "finished")."""
-    return f"{(await call.code()).name}: {await call.details()}"
-
-
-@dataclass(frozen=True)
-class Interruption:
-    """One broken stream of the resumed upload."""
-
-    sent: int  # bytes of data the client had written when it cancelled the stream
-    committed: int  # GetUploadStatus.committed_size once detached: where the next stream starts
-    detach_seconds: float  # from the cancel to the status showing the upload detached
-    polls: int  # GetUploadStatus calls until then
-
-
-@dataclass(frozen=True)
-class Resumed:
-    """An upload interrupted at `cuts` and resumed each time: timed from the first message of
-    the first stream to the response of the last, detaching and status polls included."""
-
-    sample: Sample
-    interruptions: list[Interruption]
-    data_sent: int  # bytes of data written on all streams; beyond the size they were re-sent
-    refused: int  # resumes the gateway refused because the old stream was still attached
-
-
-def cut_points(workload: Workload, interruptions: int) -> list[int]:
-    """Where the streams break: after the message that reaches k/(n+1) of the chunks."""
-    count = workload.chunk_count
-    return [
-        min(count * k // (interruptions + 1) * workload.chunk, workload.size)
-        for k in range(1, interruptions + 1)
-    ]
-
-
-async def wait_detached(
-    stub: upload_pb2_grpc.UploadServiceAsyncStub,
-    upload_id: str,
-    metadata: tuple[tuple[str, str], ...],
-) -> tuple[int, int]:
-    """Poll GetUploadStatus until the upload is detached (received == committed): returns the
-    committed size and the number of polls."""
-    deadline = time.monotonic() + DETACH_TIMEOUT
-    polls = 0
-    while True:
-        polls += 1
-        try:
-            status = await stub.GetUploadStatus(
-                upload_pb2.GetUploadStatusRequest(upload_id=upload_id),
-                metadata=metadata,
-                timeout=30,
-            )
-        except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-            return 0, polls  # the start never reached the gateway: begin again at byte 0
-        if status.state != upload_pb2.UPLOAD_STATE_OPEN:
-            state = upload_pb2.UploadState.Name(status.state)
-            raise RuntimeError(f"the interrupted upload is {state}: {status.error_message}")
-        if status.received_size == status.committed_size:
-            return status.committed_size, polls
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the upload did not detach within {DETACH_TIMEOUT:g} s")
-        await asyncio.sleep(POLL_INTERVAL)
-
-
-async def resumed_stream(
-    address: str,
-    token: str,
-    workload: Workload,
-    start: upload_pb2.UploadStart,
-    cuts: list[int],
-    sha256: bytes,
-    meter: Meter,
-) -> tuple[Resumed, upload_pb2.UploadResponse]:
-    """One upload whose stream the client cancels at each of `cuts`; after each break it polls
-    GetUploadStatus until the gateway has detached the stream, then resumes with a new stream at
-    the committed size. The last stream sends finish_write with the whole object's SHA-256.
-
-    received == committed also holds before the gateway has noticed a break (0 == 0, or at a part
-    boundary with nothing in flight), and then the resume is refused with ABORTED: another stream
-    is writing. A resumed stream therefore waits for the upload id header, which the gateway
-    sends once the stream is attached, before it writes more: a refusal then shows as ABORTED
-    (a write after the call has ended would hide it behind INTERNAL, grpc/grpc#36066), and the
-    bench polls again and retries.
-    """
-    metadata = (("authorization", f"Bearer {token}"),)
-    pending = list(cuts)
-    interruptions: list[Interruption] = []
-    offset = data_sent = refused = 0
-    async with grpc.aio.insecure_channel(address) as channel:
-        await asyncio.wait_for(channel.channel_ready(), 30)
-        stub = upload_pb2_grpc.UploadServiceStub(channel)
-        meter.start()
-        while True:
-            until = pending[0] if pending else None
-            call = stub.Upload(metadata=metadata, timeout=RPC_TIMEOUT)
-            sent = offset
-            try:
-                for message in upload_requests(workload, start, offset, until, sha256):
-                    await call.write(message)
-                    sent += len(message.data)
-                    data_sent += len(message.data)
-                    if message.HasField("start") and interruptions:
-                        headers = await call.initial_metadata()
-                        if UPLOAD_ID_HEADER not in dict(headers or ()):
-                            await call  # the call ended: raises its status
-                if until is None:
-                    await call.done_writing()
-                    response: upload_pb2.UploadResponse = await call
-                    break
-            except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
-                retry = (grpc.StatusCode.ABORTED, grpc.StatusCode.OUT_OF_RANGE)
-                if await call.code() not in retry or refused >= MAX_REFUSED:
-                    raise RuntimeError(f"the upload failed: {await rpc_status(call)}") from None
-                refused += 1
-                await asyncio.sleep(POLL_INTERVAL)
-                offset, _ = await wait_detached(stub, start.upload_id, metadata)
-                continue
-            call.cancel()  # the break: the client drops the stream mid-upload
-            broke = time.perf_counter()
-            pending.pop(0)
-            offset, polls = await wait_detached(stub, start.upload_id, metadata)
-            interruptions.append(Interruption(sent, offset, time.perf_counter() - broke, polls))
-        return Resumed(meter.stop(), interruptions, data_sent, refused), response
-
-
-async def measure_raw_grpc(stack: Stack, workload: Workload, run: int, meter: Meter) -> Sample:
-    start = upload_pb2.UploadStart(tenant_id=TENANT, object_name=f"raw-{run}.bin")
-    sample, response = await stream(stack.sink_address, "unused", workload, start, meter)
-    if response.size != workload.size:
-        raise RuntimeError(f"the sink received {response.size} of {workload.size} bytes")
-    return sample
-
-
-async def measure_gateway(
-    stack: Stack,
-    workload: Workload,
-    run: int,
-    expected_sha256: bytes,
-    results: Results,
-    meter: Meter,
-) -> Sample:
-    name = f"gateway-{run}.bin"
-    start = upload_pb2.UploadStart(
-        tenant_id=TENANT, object_name=name, content_type="application/octet-stream"
-    )  # no expected_size: a live recording of unknown length
-    sample, response = await stream(
-        stack.gateway_address, stack.uploader_token, workload, start, meter, expected_sha256
-    )
-    if response.size != workload.size or response.checksums.sha256 != expected_sha256:
-        raise RuntimeError("the gateway stored other bytes than were sent")
-    results.gateway_parts = response.part_count
-    await asyncio.to_thread(delete_object, stack, PREFIX + name)
-    return sample
-
-
-async def measure_resumed(
-    stack: Stack,
-    workload: Workload,
-    run: int,
-    expected_sha256: bytes,
-    interruptions: int,
-    meter: Meter,
-) -> Resumed:
-    """The gateway upload again, broken `interruptions` times and resumed after each break."""
-    name = f"resumed-{run}.bin"
-    start = upload_pb2.UploadStart(
-        tenant_id=TENANT,
-        object_name=name,
-        content_type="application/octet-stream",
-        upload_id=str(uuid.uuid4()),  # chosen by the client, so it is known before any byte
-    )
-    resumed, response = await resumed_stream(
-        stack.gateway_address,
-        stack.uploader_token,
-        workload,
-        start,
-        cut_points(workload, interruptions),
-        expected_sha256,
-        meter,
-    )
-    if response.size != workload.size or response.checksums.sha256 != expected_sha256:
-        raise RuntimeError("the resumed upload stored other bytes than were sent")
-    if len(resumed.interruptions) != interruptions:
-        raise RuntimeError(
-            f"the upload broke {len(resumed.interruptions)} times, not {interruptions}"
-        )
-    await asyncio.to_thread(delete_object, stack, PREFIX + name)
-    return resumed
-
-
-def s3_client(stack: Stack, options: Options) -> Any:
-    """A boto3 client configured as the gateway configures its own (see recgw_server.storage.s3)."""
-    import boto3
-    import botocore.config
-
-    config = botocore.config.Config(
-        region_name=stack.moto.region,
-        retries={"mode": "standard", "max_attempts": 5},
-        connect_timeout=5,
-        read_timeout=60,
-        max_pool_connections=max(options.boto3_concurrency, 1),
-        s3={"addressing_style": "path"},
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-    )
-    return boto3.session.Session().client(
-        "s3",
-        aws_access_key_id=stack.tenant_keys.access_key_id,
-        aws_secret_access_key=stack.tenant_keys.secret_access_key.reveal(),
-        endpoint_url=stack.moto.endpoint_url,
-        config=config,
-    )
-
-
-def direct_upload(
-    client: Any, key: str, workload: Workload, options: Options, meter: Meter
-) -> Sample:
-    """Multipart upload with boto3: `boto3_concurrency` parts in flight, CRC32C on each part.
-
-    Parts are cut and checksummed while earlier ones are on their way, like the gateway does;
-    timed from CreateMultipartUpload to the CompleteMultipartUpload response.
-    """
-    from recgw_server.pipeline.digest import crc32c
-    from recgw_server.storage.s3 import crc32c_header
-
-    def send(number: int, body: bytes) -> dict[str, Any]:
-        part_crc = crc32c_header(crc32c(body))
-        response = client.upload_part(
-            Bucket=BUCKET,
-            Key=key,
-            UploadId=upload_id,
-            PartNumber=number,
-            Body=body,
-            ChecksumCRC32C=part_crc,
-        )
-        return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32C": part_crc}
-
-    meter.start()
-    upload_id = client.create_multipart_upload(
-        Bucket=BUCKET, Key=key, ContentType="application/octet-stream", ChecksumAlgorithm="CRC32C"
-    )["UploadId"]
-    slots = threading.BoundedSemaphore(options.boto3_concurrency)
-    futures: list[Future[dict[str, Any]]] = []
-    with ThreadPoolExecutor(options.boto3_concurrency, thread_name_prefix="bench-s3") as pool:
-        try:
-            for number, body in enumerate(workload.parts(options.part_size), start=1):
-                slots.acquire()
-                future = pool.submit(send, number, body)
-                future.add_done_callback(lambda _: slots.release())
-                futures.append(future)
-            parts = [future.result() for future in futures]
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-    client.complete_multipart_upload(
-        Bucket=BUCKET, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
-    )
-    return meter.stop()
-
-
-def delete_object(stack: Stack, key: str) -> None:
-    """Keep moto's memory flat between runs (with the admin keys: the tenant may only put)."""
-    stack.moto.client("s3").delete_object(Bucket=BUCKET, Key=key)
-
-
-def measure_direct(
-    stack: Stack, client: Any, workload: Workload, run: int, options: Options, meter: Meter
-) -> Sample:
-    key = f"{PREFIX}direct-{run}.bin"
-    sample = direct_upload(client, key, workload, options, meter)
-    head = stack.moto.client("s3").head_object(Bucket=BUCKET, Key=key)
-    if head["ContentLength"] != workload.size:
-        raise RuntimeError(f"direct upload stored {head['ContentLength']} bytes")
-    delete_object(stack, key)
-    return sample
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 async def wait_ready(address: str, child: Child, timeout: float = 60) -> None:
@@ -712,256 +132,322 @@ async def wait_ready(address: str, child: Child, timeout: float = 60) -> None:
                     raise TimeoutError(f"{child.name} not ready after {timeout}s") from None
 
 
-async def set_tenant_credentials(stack: Stack) -> None:
-    """The tenant's keys go in as a customer's would: through SetCredentials."""
-    async with grpc.aio.insecure_channel(stack.gateway_address) as channel:
-        await credentials_pb2_grpc.CredentialsServiceStub(channel).SetCredentials(
-            credentials_pb2.SetCredentialsRequest(
-                tenant_id=TENANT,
-                access_key_id=stack.tenant_keys.access_key_id,
-                secret_access_key=stack.tenant_keys.secret_access_key.reveal(),
-                target=credentials_pb2.StorageTarget(
-                    region=stack.moto.region,
-                    bucket=BUCKET,
-                    prefix=PREFIX,
-                    endpoint_url=stack.moto.endpoint_url,
-                    force_path_style=True,
-                ),
-            ),
-            metadata=(("authorization", f"Bearer {stack.admin_token}"),),
-            timeout=30,
+def show(label: str, path: str, size: int, sample: Sample) -> None:
+    info = report.PATHS[path]
+    mib = size / MiB
+    cpu = ", ".join(
+        f"{name} {sample.cpu.get(name, 0.0) * 1000 / mib:.2f}" for name in info.processes
+    )
+    rss = f"  peak RSS {sample.peak_rss_kib / KiB:.0f} MiB" if sample.peak_rss_kib else ""
+    print(
+        f"{label} {path:<19} {mib / sample.seconds:8.1f} MiB/s  {sample.seconds:6.2f} s  "
+        f"CPU ms/MiB: {cpu}; load {sample.load_average:.2f}{rss}",
+        flush=True,
+    )
+
+
+class Rounds:
+    """Runs one path once; knows the stack, the workload and the meter."""
+
+    def __init__(self, stack: Stack, options: Options, workload: Workload) -> None:
+        self.stack = stack
+        self.options = options
+        self.workload = workload
+        self.crc32c = 0
+        self.sha256 = b""
+        pids = {"store": stack.store.pid, "sink": stack.sink.pid}
+        pids.update({name: gateway.pid for name, gateway in stack.gateways.items()})
+        pids.update({name: tusd.child.pid for name, tusd in stack.tusds.items()})
+        self.meter = Meter(pids)
+        self.gateway_parts = 0
+        self.resumed: list[paths.Resumed] = []
+        self._boto3: Any = None
+        self._crt: paths.CrtUploader | None = None
+
+    async def prepare(self) -> None:
+        self.crc32c = await asyncio.to_thread(self.workload.crc32c)
+        self.sha256 = await asyncio.to_thread(self.workload.sha256)
+        concurrency = self.options.boto3_concurrency
+        self._boto3 = await asyncio.to_thread(paths.boto3_client, self.stack.store, concurrency)
+        self._crt = paths.CrtUploader(self.stack.store, self.options.part_size)
+
+    async def run(self, path: str, run: int, workload: Workload | None = None) -> Sample:
+        workload = workload or self.workload
+        stack, options, meter = self.stack, self.options, self.meter
+        crc = self.crc32c if workload is self.workload else workload.crc32c()
+        if path == "raw_grpc":
+            return await paths.raw_grpc(stack.sink_address, workload, run, meter)
+        if path == "direct_boto3":
+            return await asyncio.to_thread(
+                paths.direct_boto3,
+                self._boto3,
+                stack.store,
+                workload,
+                run,
+                options.part_size,
+                options.boto3_concurrency,
+                meter,
+            )
+        if path == "aws_crt":
+            assert self._crt is not None
+            return await asyncio.to_thread(self._crt.upload, workload, run, meter)
+        if path.startswith("tusd"):
+            tusd = stack.tusds[path]
+            sample = await asyncio.to_thread(
+                paths.tus_upload, tusd, workload, options.tus_patch, meter
+            )
+            await asyncio.to_thread(paths.assert_tus_object, stack.store, workload)
+            await asyncio.to_thread(paths.tus_cleanup, stack.store)
+            return sample
+        if path == "gateway_resumed":
+            gateway = stack.gateways["gateway"]
+            sha = self.sha256 if workload is self.workload else workload.sha256()
+            name = f"resumed-{run}.bin"
+            resumed = await paths.resumed_upload(
+                gateway.address,
+                stack.uploader_token,
+                workload,
+                name,
+                options.interruptions,
+                sha,
+                meter,
+                gateway.pid,
+            )
+            if workload is self.workload:
+                self.resumed.append(resumed)
+            await asyncio.to_thread(stack.store.delete, PREFIX + name)
+            return resumed.sample
+        gateway = stack.gateways[path]
+        name = f"{path}-{run}.bin"
+        sample, response = await paths.gateway_upload(
+            gateway.address, stack.uploader_token, workload, name, crc, meter, gateway.pid
         )
+        if path == "gateway":
+            self.gateway_parts = response.part_count
+        if path != "gateway_null":
+            await asyncio.to_thread(stack.store.delete, PREFIX + name)
+        return sample
 
 
-async def measure(
-    stack: Stack, sink: Child, workload: Workload, options: Options, results: Results
-) -> None:
+async def fresh_gateway(stack: Stack, name: str) -> backends.GatewayProcess:
+    """A new gateway process (same settings, same Vault) for one scenario, warmed up with one
+    small upload so that its idle RSS includes the S3 client."""
+    gateway = backends.start_gateway(
+        name, stack.config, free_port(), stack.secret_ids, stack.workdir
+    )
+    stack.cleanup.add(name, gateway.child.stop)
+    await wait_ready(gateway.address, gateway.child)
+    warm = Workload.make(1 * MiB, 256 * KiB, 1 * MiB)
+    await paths.gateway_upload(
+        gateway.address,
+        stack.uploader_token,
+        warm,
+        f"{name}-warm.bin",
+        warm.crc32c(),
+        Meter({}),
+        0,
+    )
+    await asyncio.to_thread(stack.store.delete, f"{PREFIX}{name}-warm.bin")
+    return gateway
+
+
+def free_port() -> int:
+    from recgw_server.dev.stack import free_port
+
+    return free_port()
+
+
+async def measure(stack: Stack, options: Options) -> dict[str, Any]:
     try:
-        await measure_runs(stack, sink, workload, options, results)
+        return await measure_all(stack, options)
     except BaseException:
         STOPPING.set()
         raise
 
 
-async def measure_runs(
-    stack: Stack, sink: Child, workload: Workload, options: Options, results: Results
-) -> None:
-    await wait_ready(stack.gateway_address, stack.gateway)
-    await wait_ready(stack.sink_address, sink)
-    await set_tenant_credentials(stack)
-    print("checksumming the workload (not timed)...", flush=True)
-    expected_sha256 = await asyncio.to_thread(workload.sha256)
-    meter = Meter(
-        {"gateway": stack.gateway.pid, "moto": stack.moto.managed.process.pid, "sink": sink.pid}
+async def measure_all(stack: Stack, options: Options) -> dict[str, Any]:
+    for gateway in stack.gateways.values():
+        await wait_ready(gateway.address, gateway.child)
+    await wait_ready(stack.sink_address, stack.sink)
+    # Every gateway reads the same Vault: one SetCredentials serves them all.
+    await scenarios.set_credentials(
+        stack.gateways["gateway"].address, stack.admin_token, TENANT, stack.store
     )
-    # Warm-up (not timed): the gateway's Vault login, credentials cache and S3 client; boto3's
-    # connection pool and lazily loaded parts.
-    warm = Workload.make(1 * MiB, workload.chunk, 1 * MiB)
-    warm_sha256 = await asyncio.to_thread(warm.sha256)
-    await measure_gateway(stack, warm, -1, warm_sha256, results, meter)
-    client = await asyncio.to_thread(s3_client, stack, options)
-    await asyncio.to_thread(measure_direct, stack, client, warm, -1, options, meter)
-    # and the resume path (GetUploadStatus, attaching to a session), with a few chunks
-    warm = Workload.make((options.interruptions + 1) * workload.chunk, workload.chunk, 1 * MiB)
-    warm_sha256 = await asyncio.to_thread(warm.sha256)
-    await measure_resumed(stack, warm, -1, warm_sha256, options.interruptions, meter)
-    results.gateway_idle_kib = memory_kib(stack.gateway.pid)["VmRSS"]
-    for run in range(options.repeat):
-        label = f"[{run + 1}/{options.repeat}]"
-        sample = await measure_raw_grpc(stack, workload, run, meter)
-        show(label, "raw gRPC", workload.size, sample)
-        results.samples["raw_grpc"].append(sample)
-        sample = await asyncio.to_thread(
-            measure_direct, stack, client, workload, run, options, meter
-        )
-        show(label, "direct boto3", workload.size, sample)
-        results.samples["direct_boto3"].append(sample)
-        sample = await measure_gateway(stack, workload, run, expected_sha256, results, meter)
-        show(label, "gateway", workload.size, sample)
-        results.samples["gateway"].append(sample)
-        resumed = await measure_resumed(
-            stack, workload, run, expected_sha256, options.interruptions, meter
-        )
-        show(label, "gateway resumed", workload.size, resumed.sample)
-        results.samples["gateway_resumed"].append(resumed.sample)
-        results.resumed.append(resumed)
-    results.gateway_peak_kib = memory_kib(stack.gateway.pid)["VmHWM"]
-
-
-def mib_per_s(size: int, seconds: float) -> float:
-    return size / MiB / seconds
-
-
-def busy(sample: Sample) -> dict[str, float]:
-    """CPU cores each process kept busy on average during a transfer."""
-    return {name: cpu / sample.seconds for name, cpu in sample.cpu.items()}
-
-
-def format_busy(cores: dict[str, float]) -> str:
-    shown = [f"{name} {value:.2f}" for name, value in cores.items() if value >= 0.01]
-    return ", ".join(shown) + f" (sum {sum(cores.values()):.2f})"
-
-
-def show(label: str, kind: str, size: int, sample: Sample) -> None:
-    speed = mib_per_s(size, sample.seconds)
-    print(
-        f"{label} {kind:<15} {speed:8.1f} MiB/s  {sample.seconds:6.2f} s  "
-        f"CPU cores: {format_busy(busy(sample))}",
-        flush=True,
-    )
-
-
-# -- set-up ----------------------------------------------------------------------------------
-
-
-def toml_string(value: str) -> str:
-    return json.dumps(value)  # a JSON string is a valid TOML basic string
-
-
-def gateway_config(
-    port: int,
-    options: Options,
-    vault_address: str,
-    identities: Any,
-    token_hashes: dict[str, str],
-    data_dir: Path,
-) -> str:
-    """The gateway's TOML: no secrets (those go in RECGW_* variables), only token hashes; its
-    session store (SQLite) in `data_dir`, inside the bench's temp dir."""
-    tokens = "".join(
-        f"""
-[[tokens]]
-name = "bench-{role}"
-role = "{role}"
-sha256 = {toml_string(digest)}
-tenants = ["*"]
-"""
-        for role, digest in token_hashes.items()
-    )
-    return f"""\
-listen = {toml_string(f"127.0.0.1:{port}")}
-plaintext = true
-metrics_listen = ""
-shutdown_grace_seconds = 2
-log_level = "INFO"
-data_dir = {toml_string(str(data_dir))}
-
-[vault]
-address = {toml_string(vault_address)}
-
-[vault.writer]
-method = "approle"
-role_id = {toml_string(identities.writer.role_id)}
-
-[vault.reader]
-method = "approle"
-role_id = {toml_string(identities.reader.role_id)}
-
-[uploads]
-part_size_mib = {options.part_size // MiB}
-max_inflight_parts = {options.inflight}
-memory_budget_mib = {options.memory_budget_mib}
-{tokens}"""
-
-
-def machine_facts() -> dict[str, Any]:
-    def version(package: str) -> str:
-        try:
-            return importlib_metadata.version(package)
-        except importlib_metadata.PackageNotFoundError:
-            return "?"
-
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "grpcio": version("grpcio"),
-        "boto3": version("boto3"),
-        "moto": version("moto"),
+    print(f"generating {options.size // MiB} MiB of test data and its checksums...", flush=True)
+    workload = Workload.make(options.size, options.chunk)
+    rounds = Rounds(stack, options, workload)
+    await rounds.prepare()
+    chosen = [path for path in options.paths if path != "gateway_sha256_off" or stack.sha256_switch]
+    # Warm-up, not timed: Vault logins, credential caches, S3 clients, connection pools.
+    warm = Workload.make(max(options.interruptions + 1, 2) * options.chunk, options.chunk, MiB)
+    for path in chosen:
+        await rounds.run(path, -1, warm)
+    await asyncio.to_thread(stack.store.settle)
+    samples: dict[str, list[Sample]] = {path: [] for path in chosen}
+    for run in range(options.rounds):
+        label = f"[{run + 1}/{options.rounds}]"
+        order = chosen[run % len(chosen) :] + chosen[: run % len(chosen)]
+        for path in order:
+            sample = await rounds.run(path, run)
+            show(label, path, options.size, sample)
+            samples[path].append(sample)
+            await asyncio.to_thread(stack.store.settle)
+    data: dict[str, Any] = {
+        "paths": {
+            path: report.summarise(samples[path], options.size, report.PATHS[path])
+            for path in chosen
+        },
+        "gateway_parts": rounds.gateway_parts,
+        "resume": [
+            {
+                "bytes_resent": run.data_sent - options.size,
+                "refused_resumes": run.refused,
+                "breaks": [cut.__dict__ for cut in run.interruptions],
+            }
+            for run in rounds.resumed
+        ],
     }
+    await run_scenarios(stack, options, data)
+    return data
+
+
+async def run_scenarios(stack: Stack, options: Options, data: dict[str, Any]) -> None:
+    if options.first_clients:
+        print(f"first upload of {options.first_clients} new tenants at once...", flush=True)
+        gateway = await fresh_gateway(stack, "gateway_first")
+        data["first_upload"] = await scenarios.first_uploads(
+            gateway.address,
+            stack.uploader_token,
+            stack.admin_token,
+            stack.store,
+            options.first_clients,
+            options.first_size,
+            secrets.token_hex(3),
+        )
+        gateway.child.stop()
+    data["memory"] = []
+    for count in options.memory_streams:
+        print(f"memory: {count} concurrent streams...", flush=True)
+        gateway = await fresh_gateway(stack, f"gateway_memory_{count}")
+        result = await scenarios.memory_scenario(
+            gateway.address,
+            gateway.pid,
+            stack.uploader_token,
+            stack.store,
+            count,
+            options.memory_stream_size,
+            options.chunk,
+            options.memory_channels,
+            options.memory_budget_mib,
+            options.rss_limit_mib,
+            options.scenario_timeout,
+        )
+        data["memory"].append(result.as_dict())
+        gateway.child.stop()
+        await asyncio.to_thread(stack.store.settle)
+    if options.live_streams:
+        print(
+            f"live: {options.live_streams} calls for {options.live_seconds:g} s beside a bulk "
+            "and a small upload...",
+            flush=True,
+        )
+        gateway = await fresh_gateway(stack, "gateway_live")
+        live = await scenarios.live_scenario(
+            gateway.address,
+            gateway.pid,
+            stack.uploader_token,
+            stack.store,
+            streams=options.live_streams,
+            seconds=options.live_seconds,
+            message_bytes=options.live_message_bytes,
+            kbit_per_s=options.live_kbps,
+            channel_count=options.live_channels,
+            bulk_size=options.live_bulk,
+            small_size=options.live_small,
+            chunk=options.chunk,
+            budget_mib=options.memory_budget_mib,
+            rss_limit_mib=options.rss_limit_mib,
+            grace=options.live_grace,
+            store_pid=stack.store.pid,
+        )
+        data["live"] = live.as_dict()
+        data["live"]["gateway_final_rss_mib"] = memory_kib(gateway.pid)["VmRSS"] / KiB
+        gateway.child.stop()
 
 
 def run_bench(options: Options) -> dict[str, Any]:
     from recgw_server.auth.tokens import hash_token
-    from recgw_server.dev.stack import (
-        bootstrap_vault,
-        free_port,
-        seed_policy,
-        start_moto,
-        start_openbao,
-    )
+    from recgw_server.dev.minio import tmpfs_dir
+    from recgw_server.dev.stack import bootstrap_vault, free_port, start_openbao
 
     workdir = Path(tempfile.mkdtemp(prefix="recgw-bench-"))  # mode 0700
     cleanup = Cleanup()
     keep = options.keep_logs
-    results = Results()
+    started = time.time()
     try:
-        print("starting OpenBao and moto_server...", flush=True)
+        print(f"starting OpenBao and {options.store}...", flush=True)
         bao = start_openbao(workdir)
         cleanup.add("OpenBao", bao.stop)
-        moto = start_moto(workdir)
-        cleanup.add("moto_server", moto.stop)
+        store = backends.start_store(options.store, workdir)
+        cleanup.add(options.store, store.stop)
         identities = bootstrap_vault(bao)
-        moto.create_bucket(BUCKET)
-        tenant_keys = moto.create_user("recgw-bench-writer", seed_policy(BUCKET))
+        assert identities.writer.secret_id and identities.reader.secret_id
         uploader_token = "upl_" + secrets.token_urlsafe(24)
         admin_token = "adm_" + secrets.token_urlsafe(24)
-
-        gateway_port = free_port()
-        config = workdir / "recgw.toml"
-        text = gateway_config(
-            gateway_port,
-            options,
-            bao.address,
-            identities,
-            {"uploader": hash_token(uploader_token), "admin": hash_token(admin_token)},
-            workdir / "gateway-data",
+        config = backends.GatewayConfig(
+            part_size=options.part_size,
+            inflight=options.inflight,
+            memory_budget_mib=options.memory_budget_mib,
+            vault_address=bao.address,
+            writer_role_id=identities.writer.role_id,
+            reader_role_id=identities.reader.role_id,
+            token_hashes={"uploader": hash_token(uploader_token), "admin": hash_token(admin_token)},
         )
-        with os.fdopen(os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-            f.write(text)
-        assert identities.writer.secret_id and identities.reader.secret_id
-        print("starting the gateway (recgw serve) and the raw gRPC sink...", flush=True)
-        gateway = spawn(
-            "gateway",
-            [script("recgw"), "serve", "--config", str(config)],
-            {
-                "RECGW_VAULT__WRITER__SECRET_ID": identities.writer.secret_id.reveal(),
-                "RECGW_VAULT__READER__SECRET_ID": identities.reader.secret_id.reveal(),
-            },
-            workdir,
-        )
-        cleanup.add("gateway", gateway.stop)
+        secret_ids = {
+            "writer": identities.writer.secret_id.reveal(),
+            "reader": identities.reader.secret_id.reveal(),
+        }
+        switch = backends.sha256_switch()
+        wanted = set(options.paths)
+        print("starting the gateways, the raw gRPC sink and tusd...", flush=True)
+        gateways: dict[str, backends.GatewayProcess] = {}
+        variants: list[tuple[str, bool, dict[str, str]]] = [("gateway", False, {})]
+        if "gateway_null" in wanted:
+            variants.append(("gateway_null", True, {}))
+        if switch and "gateway_sha256_off" in wanted:
+            variants.append(("gateway_sha256_off", False, {switch[0]: switch[1]}))
+        for name, null_store, env in variants:
+            gateway = backends.start_gateway(
+                name, config, free_port(), secret_ids, workdir, null_store=null_store, env=env
+            )
+            cleanup.add(name, gateway.child.stop)
+            gateways[name] = gateway
         sink_port = free_port()
-        sink = spawn(
-            "sink",
-            [sys.executable, str(Path(__file__).resolve()), "--sink-port", str(sink_port)],
-            {},
-            workdir,
-        )
+        sink = backends.start_sink(sink_port, workdir)
         cleanup.add("sink", sink.stop)
+        spool = tmpfs_dir("recgw-bench-spool-")
+        cleanup.add("spool", lambda: shutil.rmtree(spool, ignore_errors=True))
+        tusds: dict[str, backends.Tusd] = {}
+        for name, tuned in (("tusd_defaults", False), ("tusd_tuned", True)):
+            if name in wanted:
+                tusd = backends.start_tusd(name, store, free_port(), tuned, spool / name, workdir)
+                cleanup.add(name, tusd.child.stop)
+                tusds[name] = tusd
         stack = Stack(
-            gateway_address=f"127.0.0.1:{gateway_port}",
+            store=store,
+            gateways=gateways,
+            sink=sink,
             sink_address=f"127.0.0.1:{sink_port}",
-            gateway=gateway,
-            moto=moto,
-            tenant_keys=tenant_keys,
+            tusds=tusds,
+            config=config,
+            secret_ids=secret_ids,
+            workdir=workdir,
             uploader_token=uploader_token,
             admin_token=admin_token,
+            sha256_switch=switch,
+            cleanup=cleanup,
         )
-        print(f"generating {options.size // MiB} MiB of test data...", flush=True)
-        workload = Workload.make(options.size, options.chunk)
-        asyncio.run(measure(stack, sink, workload, options, results))
+        data = asyncio.run(measure(stack, options))
     except KeyboardInterrupt:
         raise
     except BaseException:
@@ -973,165 +459,79 @@ def run_bench(options: Options) -> dict[str, Any]:
             print(f"logs kept in {workdir} (private; openbao.log shows its dev root token)")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    return report(options, results)
-
-
-def report(options: Options, results: Results) -> dict[str, Any]:
-    speeds: dict[str, Any] = {}
-    for kind in KINDS:
-        samples = results.samples[kind]
-        runs = [mib_per_s(options.size, sample.seconds) for sample in samples]
-        cores = [busy(sample) for sample in samples]
-        speeds[kind] = {
-            "median": statistics.median(runs),
-            "runs": runs,
-            "seconds": [sample.seconds for sample in samples],
-            "cpu_seconds": [sample.cpu for sample in samples],
-            "median_cores_busy": {
-                name: statistics.median(c[name] for c in cores) for name in cores[0]
-            },
-        }
-    gateway = speeds["gateway"]["median"]
-    peak_mib = results.gateway_peak_kib / KiB
-    resent = [run.data_sent - options.size for run in results.resumed]
-    return {
-        "machine": machine_facts(),
-        "config": {
-            "size_mib": options.size / MiB,
-            "chunk_kib": options.chunk // KiB,
-            "part_size_mib": options.part_size // MiB,
-            "max_inflight_parts": options.inflight,
-            "boto3_concurrency": options.boto3_concurrency,
-            "memory_budget_mib": options.memory_budget_mib,
-            "repeat": options.repeat,
-            "gateway_parts": results.gateway_parts,
-            "interruptions": options.interruptions,
-        },
-        "mib_per_s": speeds,
-        "ratios": {
-            "gateway_over_raw_grpc": gateway / speeds["raw_grpc"]["median"],
-            "gateway_over_direct_boto3": gateway / speeds["direct_boto3"]["median"],
-            "gateway_resumed_over_gateway": speeds["gateway_resumed"]["median"] / gateway,
-        },
-        # The gateway upload broken `interruptions` times by the client (call.cancel()) and
-        # resumed at GetUploadStatus.committed_size each time; finish_write carries the SHA-256.
-        "resume": {
-            "interruptions": options.interruptions,
-            "median_bytes_resent": statistics.median(resent),
-            "runs": [
-                {
-                    "bytes_resent": extra,
-                    "refused_resumes": run.refused,
-                    "sha256_verified": True,  # the gateway checked it and so did the bench
-                    "breaks": [
-                        {
-                            "bytes_sent": cut.sent,
-                            "committed_size": cut.committed,
-                            "detach_seconds": cut.detach_seconds,
-                            "status_polls": cut.polls,
-                        }
-                        for cut in run.interruptions
-                    ],
-                }
-                for run, extra in zip(results.resumed, resent, strict=True)
-            ],
-        },
-        "gateway_memory": {
-            "idle_rss_mib": results.gateway_idle_kib / KiB,
-            "peak_rss_mib": peak_mib,
-            "memory_budget_mib": options.memory_budget_mib,
-            "peak_over_budget": peak_mib / options.memory_budget_mib,
-            # One upload holds at most its in-flight parts plus the one being filled.
-            "one_upload_budget_mib": (options.inflight + 1) * options.part_size / MiB,
-        },
+    data["config"] = {
+        "size_mib": options.size / MiB,
+        "chunk_kib": options.chunk // KiB,
+        "part_size_mib": options.part_size // MiB,
+        "inflight": options.inflight,
+        "boto3_concurrency": options.boto3_concurrency,
+        "memory_budget_mib": options.memory_budget_mib,
+        "rounds": options.rounds,
+        "interruptions": options.interruptions,
+        "store": options.store,
+        "store_data": "tmpfs" if options.store == "minio" else "moto's memory",
+        "tus_patch_mib": options.tus_patch / MiB,
+        "sha256_switch": switch[0] if switch else None,
+        "wall_seconds": time.time() - started,
     }
-
-
-def print_report(data: dict[str, Any]) -> None:
-    machine, config = data["machine"], data["config"]
-    speeds, ratios, memory = data["mib_per_s"], data["ratios"], data["gateway_memory"]
-    concurrency = config["boto3_concurrency"]
-    mode = "sequential" if concurrency == 1 else f"{concurrency} parts in flight"
-    labels = {
-        "raw_grpc": "raw gRPC ceiling (discarding grpc.aio server)",
-        "direct_boto3": f"direct boto3 -> moto ({mode})",
-        "gateway": f"gateway -> moto ({config['gateway_parts']} parts, unknown length)",
-        "gateway_resumed": f"gateway -> moto, interrupted {config['interruptions']}x and resumed",
-    }
-    print()
-    print(
-        f"recgw bench: {config['size_mib']:g} MiB, {config['chunk_kib']} KiB messages, "
-        f"{config['part_size_mib']} MiB parts, {config['max_inflight_parts']} parts in flight, "
-        f"repeat {config['repeat']}"
-    )
-    print(
-        f"machine: nproc {machine['nproc']}, {machine['cpu_model']}, Python {machine['python']}, "
-        f"grpcio {machine['grpcio']}, boto3 {machine['boto3']}, moto {machine['moto']}"
-    )
-    for kind in KINDS:
-        runs = ", ".join(f"{value:.1f}" for value in speeds[kind]["runs"])
-        print(f"  {labels[kind]:<50} {speeds[kind]['median']:8.1f} MiB/s  (runs: {runs})")
-    print(f"  {'gateway / raw gRPC':<50} {ratios['gateway_over_raw_grpc']:8.2f}")
-    print(f"  {'gateway / direct boto3':<50} {ratios['gateway_over_direct_boto3']:8.2f}")
-    resume = data["resume"]
-    print(
-        f"  {'gateway resumed / uninterrupted':<50} "
-        f"{ratios['gateway_resumed_over_gateway']:8.2f}  "
-        f"({speeds['gateway_resumed']['median']:.1f} vs {speeds['gateway']['median']:.1f} MiB/s; "
-        f"{resume['interruptions']} breaks, {resume['median_bytes_resent'] / MiB:.1f} MiB re-sent, "
-        f"SHA-256 verified)"
-    )
-    print(
-        f"  gateway RSS: peak (VmHWM) {memory['peak_rss_mib']:.0f} MiB, "
-        f"idle {memory['idle_rss_mib']:.0f} MiB; memory budget {memory['memory_budget_mib']} MiB "
-        f"(peak RSS is {memory['peak_over_budget']:.0%} of the budget)"
-    )
-    print(
-        f"    of that budget one upload reserves at most (in flight + filling) x part size = "
-        f"{memory['one_upload_budget_mib']:g} MiB; RSS above idle was "
-        f"{memory['peak_rss_mib'] - memory['idle_rss_mib']:.0f} MiB"
-    )
-    print(f"  CPU cores kept busy (median over runs; the machine has {machine['nproc']}):")
-    for kind in KINDS:
-        print(f"    {kind:<15} {format_busy(speeds[kind]['median_cores_busy'])}")
+    loads = [load for info in data["paths"].values() for load in info["load_average"]]
+    data["config"]["median_load_average"] = statistics.median(loads) if loads else None
+    data["machine"] = report.machine_facts()
+    data["ratios"] = report.ratios(data["paths"], bool(switch))
+    data["goals"] = report.goals(data)
+    return data
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Options]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--size-mib", type=float, default=256, help="recording size (256)")
-    parser.add_argument("--chunk-kib", type=int, default=1024, help="message size (1024)")
-    parser.add_argument("--part-size-mib", type=int, default=8, help="S3 part size (8)")
-    parser.add_argument(
-        "--inflight", type=int, default=4, help="gateway max_inflight_parts (4, its default)"
-    )
-    parser.add_argument(
-        "--boto3-concurrency",
-        type=int,
-        default=0,
-        help="parts in flight for direct boto3 (default: the same as --inflight; 1: sequential)",
-    )
-    parser.add_argument(
-        "--memory-budget-mib", type=int, default=512, help="gateway memory budget (512)"
-    )
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement (1)")
-    parser.add_argument(
-        "--interruptions",
-        type=int,
-        default=3,
-        help="breaks of the resumed gateway upload, evenly spread over its bytes (3)",
-    )
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with logs")
-    parser.add_argument("--sink-port", type=int, default=0, help=argparse.SUPPRESS)
+    add = parser.add_argument
+    add("--size-mib", type=float, default=512, help="recording size per path and round (512)")
+    add("--chunk-kib", type=int, default=1024, help="message size (1024)")
+    add("--part-size-mib", type=int, default=8, help="S3 part size (8)")
+    add("--inflight", type=int, default=4, help="gateway max_inflight_parts (4, its default)")
+    add("--boto3-concurrency", type=int, default=0, help="direct boto3 parts in flight (inflight)")
+    add("--memory-budget-mib", type=int, default=512, help="gateway memory budget (512)")
+    add("--rounds", "--repeat", type=int, default=3, help="interleaved rounds (3)")
+    add("--interruptions", type=int, default=3, help="breaks of the resumed upload (3)")
+    add("--store", choices=("minio", "moto"), default="minio", help="the S3 (minio)")
+    add("--paths", default=",".join(ALL_PATHS), help="comma-separated paths to measure (all)")
+    add("--tus-patch-mib", type=int, default=64, help="bytes per tus PATCH (64 MiB)")
+    add("--memory-streams", default="64,500", help="concurrent streams per memory run (64,500)")
+    add("--memory-stream-mib", type=float, default=16, help="size of each of those streams (16)")
+    add("--memory-channels", type=int, default=0, help="channels for them (0: one per stream)")
+    add("--rss-limit-mib", type=int, default=8192, help="stop a scenario above this RSS (8192)")
+    add("--scenario-timeout", type=float, default=300, help="longest memory run, seconds (300)")
+    add("--live-streams", type=int, default=500, help="live calls (500; 0 skips)")
+    add("--live-seconds", type=float, default=60, help="length of each live call (60)")
+    add("--live-message-bytes", type=int, default=8000, help="bytes per live message (8000)")
+    add("--live-kbps", type=float, default=1000, help="kbit/s per live call (1000)")
+    add("--live-channels", type=int, default=8, help="channels the live calls share (8)")
+    add("--live-bulk-mib", type=float, default=256, help="bulk upload beside them (256)")
+    add("--live-small-mib", type=float, default=4, help="small upload beside them (4)")
+    add("--live-grace", type=float, default=120, help="time allowed past the calls' end (120)")
+    add("--first-clients", type=int, default=16, help="new tenants uploading at once (16)")
+    add("--first-size-kib", type=int, default=64, help="size of their first upload (64)")
+    add("--quick", action="store_true", help="a short run: 64 MiB, 1 round, small scenarios")
+    add("--json", type=Path, default=None, help="write the results here")
+    add("--keep-logs", action="store_true", help="keep the temp dir with logs")
+    add("--sink-port", type=int, default=0, help=argparse.SUPPRESS)
+    add("--null-gateway", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.size_mib, args.rounds, args.memory_streams = 64, 1, "16"
+        args.live_streams, args.live_seconds, args.live_bulk_mib = 50, 8, 64
+        args.live_grace, args.first_clients = 60, 4
     size = int(args.size_mib * MiB)
     chunk = args.chunk_kib * KiB
+    chosen = tuple(path.strip() for path in args.paths.split(",") if path.strip())
+    if unknown := [path for path in chosen if path not in ALL_PATHS]:
+        parser.error(f"unknown paths {unknown}; choose from {', '.join(ALL_PATHS)}")
+    if "gateway" not in chosen:
+        chosen = ("gateway", *chosen)  # every ratio is about it
     if not 0 < chunk <= 4 * MiB:
         parser.error("--chunk-kib must be between 1 and 4096")
-    if size < 1:
-        parser.error("--size-mib must be positive")
-    if args.repeat < 1 or args.inflight < 1 or args.interruptions < 1:
-        parser.error("--repeat, --inflight and --interruptions must be at least 1")
+    if size < 1 or args.rounds < 1 or args.inflight < 1 or args.interruptions < 1:
+        parser.error("--size-mib, --rounds, --inflight and --interruptions must be positive")
     if -(-size // chunk) <= args.interruptions:
         parser.error("the recording needs more messages than --interruptions")
     options = Options(
@@ -1141,8 +541,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
         inflight=args.inflight,
         boto3_concurrency=args.boto3_concurrency or args.inflight,
         memory_budget_mib=args.memory_budget_mib,
-        repeat=args.repeat,
+        rounds=args.rounds,
         interruptions=args.interruptions,
+        store=args.store,
+        paths=chosen,
+        tus_patch=args.tus_patch_mib * MiB,
+        memory_streams=tuple(int(n) for n in str(args.memory_streams).split(",") if n.strip()),
+        memory_stream_size=int(args.memory_stream_mib * MiB),
+        memory_channels=args.memory_channels,
+        rss_limit_mib=args.rss_limit_mib,
+        scenario_timeout=args.scenario_timeout,
+        live_streams=args.live_streams,
+        live_seconds=args.live_seconds,
+        live_message_bytes=args.live_message_bytes,
+        live_kbps=args.live_kbps,
+        live_channels=max(1, args.live_channels),
+        live_bulk=int(args.live_bulk_mib * MiB),
+        live_small=int(args.live_small_mib * MiB),
+        live_grace=args.live_grace,
+        first_clients=args.first_clients,
+        first_size=args.first_size_kib * KiB,
         json_path=args.json,
         keep_logs=args.keep_logs,
     )
@@ -1152,7 +570,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
 def main(argv: list[str] | None = None) -> int:
     args, options = parse_args(argv)
     if args.sink_port:
-        asyncio.run(run_sink(args.sink_port, 4 * MiB + MESSAGE_OVERHEAD))
+        asyncio.run(backends.run_sink(args.sink_port))
+        return 0
+    if args.null_gateway:
+        asyncio.run(backends.run_null_gateway(args.null_gateway))
         return 0
     signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -1160,12 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; everything the bench started was stopped", file=sys.stderr)
         return 130
-    print_report(data)
+    report.print_report(data)
     if options.json_path is not None:
-        options.json_path.write_text(json.dumps(data, indent=2) + "\n")
+        options.json_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
         print(f"results written to {options.json_path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,9 @@
-"""Session-wide real services: OpenBao, moto_server with IAM on, PostgreSQL, and a gateway."""
+"""Session-wide real services: OpenBao dev server, moto_server with IAM on, PostgreSQL, a gateway.
+
+RECGW_TEST_S3=minio (`make test-s3compat`) puts MinIO in moto's place: the `moto` fixture is
+then a MinioS3 with the same methods. Tests that rely on how moto differs from S3 are marked
+`moto_only`; tests of what only a stricter S3 enforces are marked `minio_only`.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import grpc
 import pytest
 
 from recgw_server.auth.tokens import hash_token
+from recgw_server.dev.minio import MinioS3, start_minio
 from recgw_server.dev.stack import (
     MotoS3,
     OpenBao,
@@ -41,6 +47,19 @@ from tests.harness import (
 from tests.proxy import CuttableProxy
 
 SHARED_BUCKET = "recgw-test-bucket"
+S3_BACKEND = os.environ.get("RECGW_TEST_S3", "moto")
+if S3_BACKEND not in ("moto", "minio"):
+    raise pytest.UsageError(f"RECGW_TEST_S3 must be moto or minio, not {S3_BACKEND!r}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip what does not apply to the S3 backend of this run."""
+    for item in items:
+        for marker, backend in (("moto_only", "moto"), ("minio_only", "minio")):
+            found = item.get_closest_marker(marker)
+            if found is not None and backend != S3_BACKEND:
+                reason = found.kwargs.get("reason") or (found.args[0] if found.args else "")
+                item.add_marker(pytest.mark.skip(reason=f"{marker}: {reason}"))
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +76,11 @@ def openbao(service_logs: Path) -> Iterator[OpenBao]:
 
 
 @pytest.fixture(scope="session")
-def moto(service_logs: Path) -> Iterator[MotoS3]:
-    s3 = start_moto(service_logs)
+def moto(service_logs: Path) -> Iterator[MotoS3 | MinioS3]:
+    """The tests' S3: moto_server with IAM on, or MinIO (RECGW_TEST_S3=minio)."""
+    s3: MotoS3 | MinioS3 = (
+        start_minio(service_logs) if S3_BACKEND == "minio" else start_moto(service_logs)
+    )
     s3.create_bucket(SHARED_BUCKET)
     yield s3
     s3.stop()

@@ -186,6 +186,9 @@ class MotoS3:
         key = iam.create_access_key(UserName=user_name)["AccessKey"]
         return AwsKeys(key["AccessKeyId"], Secret(key["SecretAccessKey"]))
 
+    def user_arn(self, user_name: str) -> str:
+        return str(self.client("iam").get_user(UserName=user_name)["User"]["Arn"])
+
     def stop(self) -> None:
         self.managed.stop()
 

@@ -1,0 +1,322 @@
+"""Turn the samples into figures (medians, spread, CPU per MiB, ratios, goals), as JSON for
+comparing runs and as a table for people."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+from bench.common import CLIENT, MiB, Sample
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    label: str
+    processes: tuple[str, ...]  # whose CPU counts for this path, besides nothing else
+    uploader: str  # the process that does the uploading work (its CPU per MiB is the figure)
+
+
+PATHS: dict[str, PathInfo] = {
+    "raw_grpc": PathInfo("raw gRPC stream -> discarding grpc.aio server", (CLIENT, "sink"), "sink"),
+    "direct_boto3": PathInfo(
+        "direct boto3 multipart (8 MiB, 4 in flight, CRC32C, unsigned)", (CLIENT, "store"), CLIENT
+    ),
+    "aws_crt": PathInfo("aws-crt S3 client from a Python stream", (CLIENT, "store"), CLIENT),
+    "tusd_tuned": PathInfo(
+        "tusd s3store, 8 MiB parts, content hashes off",
+        (CLIENT, "tusd_tuned", "store"),
+        "tusd_tuned",
+    ),
+    "tusd_defaults": PathInfo(
+        "tusd s3store, defaults", (CLIENT, "tusd_defaults", "store"), "tusd_defaults"
+    ),
+    "gateway": PathInfo("recgw gateway -> S3, defaults", (CLIENT, "gateway", "store"), "gateway"),
+    "gateway_sha256_off": PathInfo(
+        "recgw gateway -> S3, SHA-256 off",
+        (CLIENT, "gateway_sha256_off", "store"),
+        "gateway_sha256_off",
+    ),
+    "gateway_null": PathInfo(
+        "recgw gateway -> discarding store", (CLIENT, "gateway_null"), "gateway_null"
+    ),
+    "gateway_resumed": PathInfo(
+        "recgw gateway -> S3, broken and resumed", (CLIENT, "gateway", "store"), "gateway"
+    ),
+}
+
+
+def summarise(samples: list[Sample], size: int, info: PathInfo) -> dict[str, Any]:
+    mib = size / MiB
+    speeds = [mib / sample.seconds for sample in samples]
+    median = statistics.median(speeds)
+    cpu_ms = {
+        name: [sample.cpu.get(name, 0.0) * 1000 / mib for sample in samples]
+        for name in info.processes
+    }
+    peaks = [sample.peak_rss_kib / 1024 for sample in samples if sample.peak_rss_kib]
+    return {
+        "label": info.label,
+        "uploader": info.uploader,
+        "mib_per_s": {
+            "median": median,
+            "min": min(speeds),
+            "max": max(speeds),
+            "spread": (max(speeds) - min(speeds)) / median,
+            "runs": speeds,
+        },
+        "seconds": [sample.seconds for sample in samples],
+        "cpu_ms_per_mib": {name: statistics.median(values) for name, values in cpu_ms.items()},
+        "cpu_ms_per_mib_runs": cpu_ms,
+        "uploader_cpu_ms_per_mib": statistics.median(cpu_ms[info.uploader]),
+        "load_average": [sample.load_average for sample in samples],
+        "gateway_peak_rss_mib": {"max": max(peaks), "runs": peaks} if peaks else None,
+    }
+
+
+def ratio(speeds: dict[str, Any], top: str, bottom: str) -> float | None:
+    if top not in speeds or bottom not in speeds:
+        return None
+    return float(speeds[top]["mib_per_s"]["median"] / speeds[bottom]["mib_per_s"]["median"])
+
+
+def ratios(paths: dict[str, Any], sha256_off: bool) -> dict[str, Any]:
+    """The issue's ratios; the tuned-tusd one uses the SHA-256-off gateway where there is one."""
+    fair = "gateway_sha256_off" if sha256_off else "gateway"
+    return {
+        "gateway_over_direct_boto3": ratio(paths, "gateway", "direct_boto3"),
+        "gateway_over_raw_grpc": ratio(paths, "gateway", "raw_grpc"),
+        "gateway_over_tusd_defaults": ratio(paths, "gateway", "tusd_defaults"),
+        "gateway_sha256_off_over_tusd_tuned": ratio(paths, fair, "tusd_tuned"),
+        "gateway_sha256_off_over_tusd_tuned_uses": fair,
+        "gateway_null_over_raw_grpc": ratio(paths, "gateway_null", "raw_grpc"),
+        "gateway_over_aws_crt": ratio(paths, "gateway", "aws_crt"),
+        "gateway_resumed_over_gateway": ratio(paths, "gateway_resumed", "gateway"),
+    }
+
+
+def goals(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 11's goals, each with its target, this run's value, and whether it is met."""
+    paths, found = data["paths"], data["ratios"]
+    out: list[dict[str, Any]] = []
+    load = data["config"].get("median_load_average")
+    contended = load is not None and load > 1.5 * data["machine"]["nproc"]
+
+    def goal(
+        name: str, value: float | None, target: float, higher: bool = True, ratio: bool = False
+    ) -> None:
+        met = None if value is None else (value >= target if higher else value <= target)
+        # Under other load a throughput ratio says more about the scheduler than the paths.
+        unreliable = ratio and contended
+        out.append(
+            {
+                "goal": name,
+                "value": value,
+                "target": target,
+                "met": None if unreliable else met,
+                "note": "unreliable: other load on the machine" if unreliable else "",
+            }
+        )
+
+    goal("gateway / direct boto3 >= 0.75", found["gateway_over_direct_boto3"], 0.75, ratio=True)
+    goal("gateway / tusd defaults >= 1.5", found["gateway_over_tusd_defaults"], 1.5, ratio=True)
+    goal(
+        f"{found['gateway_sha256_off_over_tusd_tuned_uses']} / tusd tuned >= 0.9",
+        found["gateway_sha256_off_over_tusd_tuned"],
+        0.9,
+        ratio=True,
+    )
+    goal(
+        "null-store gateway / raw gRPC >= 0.8", found["gateway_null_over_raw_grpc"], 0.8, ratio=True
+    )
+    if all(k in paths for k in ("gateway", "raw_grpc", "direct_boto3")):
+        budget = (
+            paths["raw_grpc"]["uploader_cpu_ms_per_mib"]
+            + paths["direct_boto3"]["uploader_cpu_ms_per_mib"]
+        )
+        out.append(
+            {
+                "goal": "gateway CPU ms/MiB <= raw gRPC sink's + direct boto3 client's",
+                "value": paths["gateway"]["uploader_cpu_ms_per_mib"],
+                "target": budget,
+                "met": paths["gateway"]["uploader_cpu_ms_per_mib"] <= budget,
+            }
+        )
+    for memory in data.get("memory", []):
+        limit = memory["budget_mib"] + 64  # "the budget plus a small constant"
+        goal(
+            f"RSS above idle with {memory['streams']} streams <= budget + 64 MiB",
+            memory["above_idle_mib"] if not memory["stopped_by"] else None,
+            limit,
+            higher=False,
+        )
+    live = data.get("live")
+    if live:
+        all_exact = live["verified"] == live["streams"]
+        out.append(
+            {
+                "goal": f"{live['streams']} live calls all byte-exact, RSS < 1 GiB",
+                "value": live["peak_rss_mib"],
+                "target": 1024,
+                "met": all_exact and live["peak_rss_mib"] < 1024,
+            }
+        )
+        bulk = live.get("bulk", {})
+        out.append(
+            {
+                "goal": "bulk upload beside live calls finishes (MiB/s)",
+                "value": bulk.get("mib_per_s"),
+                "target": 0,
+                "met": "mib_per_s" in bulk and bool(bulk.get("verified")),
+            }
+        )
+        small = live.get("small", {})
+        goal("small upload beside live calls < 1 s", small.get("seconds"), 1.0, higher=False)
+    first = data.get("first_upload")
+    if first:
+        goal("a new tenant's first upload adds < 100 ms", first["added_ms"], 100.0, higher=False)
+    return out
+
+
+def machine_facts() -> dict[str, Any]:
+    def version(package: str) -> str:
+        try:
+            return importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            return "?"
+
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {
+            name: version(name) for name in ("grpcio", "protobuf", "boto3", "awscrt", "moto")
+        },
+    }
+
+
+# -- the table -------------------------------------------------------------------------------
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_report(data: dict[str, Any]) -> None:
+    config, paths = data["config"], data["paths"]
+    print()
+    print(
+        f"recgw bench: {config['size_mib']:g} MiB streams of unknown length, "
+        f"{config['chunk_kib']} KiB messages, {config['part_size_mib']} MiB parts, "
+        f"{config['inflight']} in flight, {config['rounds']} interleaved rounds, "
+        f"store {config['store']} (data on {config['store_data']})"
+    )
+    machine = data["machine"]
+    print(f"machine: nproc {machine['nproc']}, {machine['cpu_model']}, Python {machine['python']}")
+    loads = [load for info in paths.values() for load in info["load_average"]]
+    if loads and statistics.median(loads) > 1.5 * machine["nproc"]:
+        print(
+            f"WARNING: the load average was {statistics.median(loads):.1f} on {machine['nproc']} "
+            "cores (other processes were running): throughput and its ratios are not "
+            "reliable in this run; CPU ms per MiB is less affected"
+        )
+    if not config["sha256_switch"]:
+        print("note: the gateway has no setting to turn its SHA-256 off; the SHA-256-off ratio")
+        print("      uses the default gateway (which hashes every byte)")
+    print(f"  {'path':<19} {'MiB/s':>7} {'min':>7} {'max':>7} {'load':>5}  CPU ms per MiB")
+    for path, info in paths.items():
+        cpu = ", ".join(f"{name} {value:.2f}" for name, value in info["cpu_ms_per_mib"].items())
+        speeds = info["mib_per_s"]
+        load = statistics.median(info["load_average"])
+        print(
+            f"  {path:<19} {speeds['median']:7.1f} {speeds['min']:7.1f} {speeds['max']:7.1f} "
+            f"{load:5.2f}  {cpu}"
+        )
+    for path, info in paths.items():
+        print(f"    {path}: {info['label']}")
+    print("    (client: the bench process, which runs every client; store: the S3 server)")
+    for path, info in paths.items():
+        peak = info.get("gateway_peak_rss_mib")
+        if peak:
+            runs = ", ".join(f"{value:.0f}" for value in peak["runs"])
+            print(f"  peak RSS of {path}: {peak['max']:.0f} MiB (runs: {runs})")
+    print("  ratios (medians):")
+    for name, value in data["ratios"].items():
+        if not name.endswith("_uses"):
+            print(f"    {name:<45} {fmt(value)}")
+    for memory in data.get("memory", []):
+        stop = f", stopped by {memory['stopped_by']}" if memory["stopped_by"] else ""
+        print(
+            f"  memory: {memory['streams']} streams x {memory['stream_mib']:g} MiB over "
+            f"{memory['channels']} channels: RSS idle {memory['idle_rss_mib']:.0f} MiB, peak "
+            f"{memory['peak_rss_mib']:.0f} MiB, above idle {memory['above_idle_mib']:.0f} MiB "
+            f"= {memory['above_idle_over_budget']:.2f} x budget {memory['budget_mib']} MiB; "
+            f"{memory['verified']}/{memory['streams']} byte-exact in {memory['seconds']:.1f} s "
+            f"({memory['mib_per_s']:.0f} MiB/s){stop}"
+        )
+        for kind, count in memory["errors"].items():
+            print(f"    {count} failed: {kind}")
+    live = data.get("live")
+    if live:
+        window = live["live_only"]
+        stop = f", stopped by {live['stopped_by']}" if live["stopped_by"] else ""
+        print(
+            f"  live: {live['streams']} calls x {live['seconds']:g} s, {live['message_bytes']} B "
+            f"every {live['interval_ms']:.0f} ms, {live['channels']} channels: "
+            f"{live['verified']}/{live['streams']} byte-exact{stop}; write lag median "
+            f"{live['median_lag_s'] * 1000:.0f} ms, max {live['max_lag_s'] * 1000:.0f} ms"
+        )
+        for kind, count in live["errors"].items():
+            print(f"    {count} calls failed: {kind}")
+        print(
+            f"    gateway RSS idle {live['idle_rss_mib']:.0f} MiB, peak {live['peak_rss_mib']:.0f}"
+            f" MiB (budget {live['budget_mib']} MiB)"
+        )
+        if window:
+            print(
+                f"    live calls alone ({window['seconds']:.1f} s): gateway "
+                f"{window['gateway_cores']:.2f} cores = "
+                f"{window['gateway_cpu_ms_per_stream_second']:.2f} ms CPU per stream-second, "
+                f"{window['gateway_cpu_us_per_message']:.0f} us per message "
+                f"({window['messages_per_s']:.0f} messages/s of "
+                f"{window['scheduled_messages_per_s']:.0f} scheduled); client "
+                f"{window['client_cores']:.2f} cores, store {window['store_cores']:.2f} cores"
+            )
+        for name in ("bulk", "small"):
+            result = live[name]
+            if "error" in result:
+                started = result.get("started_at_s")
+                at = f", started at {started:.1f} s" if started is not None else ""
+                print(f"    {name} upload beside them: {result['error']}{at}")
+            else:
+                print(
+                    f"    {name} upload beside them: {result['size_mib']:g} MiB in "
+                    f"{result['seconds']:.2f} s ({result['mib_per_s']:.1f} MiB/s), started at "
+                    f"{result['started_at_s']:.1f} s, byte-exact {result['verified']}"
+                )
+    first = data.get("first_upload")
+    if first:
+        print(
+            f"  first upload of {first['clients']} new tenants at once ({first['size_kib']:g} KiB):"
+            f" median {first['first_ms']['median']:.0f} ms, max {first['first_ms']['max']:.0f} ms;"
+            f" warm median {first['warm_ms']['median']:.0f} ms; adds {first['added_ms']:.0f} ms"
+        )
+    print("  goals of issue 11:")
+    for item in data["goals"]:
+        state = {True: "met", False: "NOT met", None: "not measured"}[item["met"]]
+        if item.get("note"):
+            state = item["note"]
+        print(f"    {item['goal']:<62} {fmt(item['value'])} (target {item['target']:g}): {state}")
