@@ -22,7 +22,7 @@ from awscrt import checksums
 
 from recgw_server.dev.stack import MotoS3
 from recgw_server.domain import ErrorKind, RecgwError, StorageTarget, TenantCredentials
-from recgw_server.storage.base import ObjectSpec, WrittenPart
+from recgw_server.storage.base import BytesBody, ObjectSpec, WrittenPart
 from recgw_server.storage.s3 import S3ObjectStore, S3Settings
 from tests.harness import (
     GatewayThread,
@@ -142,7 +142,9 @@ def complete_with(
             parts: list[WrittenPart] = []
             for number, body in enumerate(bodies, start=1):
                 parts.append(
-                    await writer.upload_part(key, upload_id, number, body, checksums.crc32c(body))
+                    await writer.upload_part(
+                        key, upload_id, number, BytesBody(body), checksums.crc32c(body)
+                    )
                 )
             whole = checksums.crc32c(b"".join(bodies))
             wrong = (whole + object_crc_offset) % 2**32
