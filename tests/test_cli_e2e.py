@@ -177,6 +177,8 @@ def test_make_run_prints_a_command_that_uploads(tmp_path: Path) -> None:
             "0",
             "--data-dir",
             str(tmp_path / "dev"),
+            "--env-file",
+            str(tmp_path / "dev.env"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -211,6 +213,13 @@ def test_make_run_prints_a_command_that_uploads(tmp_path: Path) -> None:
         token = re.search(r"uploader token (\S+)", banner)
         assert token is not None
         assert token.group(1) not in uploaded.stdout + uploaded.stderr
+        # The same facts, machine-readable for test runners, in a private file.
+        env_file = tmp_path / "dev.env"
+        assert env_file.stat().st_mode & 0o777 == 0o600
+        env = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+        assert env["RECGW_ADDRESS"] == f"127.0.0.1:{ports[0]}"
+        assert env["RECGW_TOKEN"] == token.group(1)
+        assert env["RECGW_TENANT"] == "demo" and env["RECGW_ADMIN_TOKEN"]
     finally:
         process.send_signal(signal.SIGINT)
         try:

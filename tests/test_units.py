@@ -106,6 +106,32 @@ def test_budget_refuses_more_than_capacity() -> None:
     assert caught.value.kind is ErrorKind.RESOURCE_EXHAUSTED
 
 
+def test_a_tenant_over_its_memory_share_spills_instead_of_taking_memory(tmp_path: Path) -> None:
+    """A tenant may hold at most its share of the budget in memory: beyond it, its part moves to
+    the spool disk and the memory stays free for the other tenants."""
+    from recgw_server.pipeline.buffers import PartBuffer, Spool
+
+    async def scenario() -> None:
+        budget = MemoryBudget(100, tenant_share=0.5)
+        spool = Spool(tmp_path / "spool", 1000)
+        greedy = PartBuffer(1, 200, budget, spool, "greedy", spill_after=60)
+        other = PartBuffer(1, 200, budget, spool, "other", spill_after=60)
+        await greedy.append(b"g" * 40, 0)
+        assert not greedy.spilled and budget.held_by("greedy") == 40
+        await greedy.append(b"g" * 40, 0)  # 80 > 50: over its share
+        assert greedy.spilled
+        assert budget.held_by("greedy") < 50 and spool.budget.in_use >= 40
+        await other.append(b"o" * 45, 0)  # the other tenant still gets memory at once
+        assert not other.spilled and budget.held_by("other") == 45
+        body = await greedy.seal()
+        assert b"".join(bytes(c) for c in body.chunks()) == b"g" * 80
+        greedy.release()
+        other.release()
+        assert budget.in_use == 0 and spool.budget.in_use == 0
+
+    asyncio.run(scenario())
+
+
 def test_object_keys() -> None:
     assert build_object_key("uploads/", "a/b.webm") == "uploads/a/b.webm"
     assert build_object_key("uploads/", "ünïcode name.webm") == "uploads/ünïcode name.webm"

@@ -108,6 +108,13 @@ def dev(
     mtls: Annotated[
         bool, typer.Option("--mtls", help="Like --tls, and require client certificates.")
     ] = False,
+    env_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the address, tokens and tenant as RECGW_* lines to this file "
+            "(mode 0600), for test runners; the banner stays for people."
+        ),
+    ] = None,
 ) -> None:
     """Start a local stack: OpenBao, moto (S3 with IAM on), a demo tenant and the gateway."""
     from recgw_server.dev.command import DevOptions, run_dev
@@ -120,6 +127,7 @@ def dev(
         metrics_port=metrics_port,
         data_dir=data_dir,
         tls="mtls" if mtls else "tls" if tls else "",
+        env_file=env_file,
     )
     asyncio.run(run_dev(options))
 

@@ -46,6 +46,8 @@ class DevOptions:
     data_dir: Path = Path(".recgw-dev")
     tenant: str = "demo"
     bucket: str = "recgw-demo"
+    # Where to write the stack's address, tokens and tenant as RECGW_* lines (for test runners).
+    env_file: Path | None = None
     tls: str = ""  # "", "tls", or "mtls" (client certificates required)
 
 
@@ -229,9 +231,42 @@ Stream a live recording from stdin:
 """
 
 
+def stack_environment(stack: DevStack, options: DevOptions) -> dict[str, str]:
+    """What a test runner needs to use the stack, as RECGW_* variables (for --env-file)."""
+    env = {
+        "RECGW_ADDRESS": f"127.0.0.1:{stack.gateway.port}",
+        "RECGW_TOKEN": stack.uploader_token,
+        "RECGW_ADMIN_TOKEN": stack.admin_token,
+        "RECGW_TENANT": options.tenant,
+        "RECGW_BUCKET": options.bucket,
+        "RECGW_S3_ENDPOINT": stack.moto.endpoint_url,
+        "RECGW_VAULT_ADDRESS": stack.bao.address,
+    }
+    if stack.tls is not None:
+        env["RECGW_ADDRESS"] = f"{stack.tls.server_name}:{stack.gateway.port}"
+        env["RECGW_TLS_CA_FILE"] = str(stack.tls.ca_file)
+        env["RECGW_TLS_SERVER_NAME"] = stack.tls.server_name
+        if options.tls == "mtls":
+            env["RECGW_TLS_CERT_FILE"] = str(stack.tls.client_cert)
+            env["RECGW_TLS_KEY_FILE"] = str(stack.tls.client_key)
+    return env
+
+
+def write_env_file(path: Path, env: dict[str, str]) -> None:
+    """KEY=value lines (values quoted for a shell), private to the user: it holds tokens."""
+    import os
+    import shlex
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.writelines(f"{key}={shlex.quote(value)}\n" for key, value in env.items())
+
+
 async def run_dev(options: DevOptions) -> None:
     """Start the stack, print the banner, wait for Ctrl-C or SIGTERM, stop everything."""
     stack = await start_dev_stack(options)
+    if options.env_file is not None:
+        write_env_file(options.env_file, stack_environment(stack, options))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
