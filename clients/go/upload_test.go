@@ -126,14 +126,14 @@ func TestProgressRestartsTheOutageClock(t *testing.T) {
 	g.fault = func(stream int, msg *recgwv1.UploadRequest, u *fakeUpload) error {
 		seen[stream]++
 		if stream < 6 && seen[stream] == 3 { // start, one part, then the cut
-			time.Sleep(100 * time.Millisecond)
+			time.Sleep(200 * time.Millisecond)
 			return status.Error(codes.Unavailable, "cut")
 		}
 		return nil
 	}
 	data := ramp(1 * MiB)
 	result := mustUpload(t, NewClient(conn, g.token), bytes.NewReader(data), Start{Tenant: "acme", Object: "p.bin"},
-		WithChunkSize(64<<10), quick, WithOutageTolerance(400*time.Millisecond))
+		WithChunkSize(64<<10), quick, WithOutageTolerance(800*time.Millisecond))
 	if result.Streams != 7 || !bytes.Equal(g.upload(result.UploadID).data, data) {
 		t.Fatalf("streams %d", result.Streams)
 	}
