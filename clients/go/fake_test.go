@@ -31,6 +31,7 @@ type fakeGateway struct {
 
 	partSize int64
 	token    string
+	listener *bufconn.Listener
 
 	mu      sync.Mutex
 	uploads map[string]*fakeUpload
@@ -60,6 +61,7 @@ func newFakeGateway(t testing.TB, partSize int64) (*fakeGateway, *grpc.ClientCon
 	t.Helper()
 	g := &fakeGateway{partSize: partSize, token: "unit-test-token-0123456789", uploads: map[string]*fakeUpload{}}
 	listener := bufconn.Listen(1 << 20)
+	g.listener = listener
 	server := grpc.NewServer()
 	recgwv1.RegisterUploadServiceServer(server, g)
 	go func() { _ = server.Serve(listener) }()

@@ -730,6 +730,9 @@ func (u *uploadRun) attempt(ctx context.Context, resumeAt int64) (*recgwv1.Uploa
 				u.closeWithoutFinish(ctx, s)
 				return nil, u.sourceError(chunk.err)
 			}
+			// Recorded before sending: if the send fails, the next stream must still know that
+			// the source has ended (its reader is gone).
+			u.eof = chunk.err != nil
 			if len(chunk.data) > 0 {
 				u.retained.add(chunk.data)
 				if err := send(u.dataMessage(offset, chunk.data)); err != nil {
@@ -738,9 +741,6 @@ func (u *uploadRun) attempt(ctx context.Context, resumeAt int64) (*recgwv1.Uploa
 				offset += int64(len(chunk.data))
 				u.advance(offset)
 				u.maybeTrim(ctx)
-			}
-			if chunk.err != nil {
-				u.eof = true
 			}
 		case <-heartbeat.C:
 			if err := send(&recgwv1.UploadRequest{WriteOffset: offset}); err != nil {

@@ -6,12 +6,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	recgwv1 "github.com/recgw/recgw/clients/go/gen/recgw/v1"
@@ -123,14 +126,14 @@ func TestProgressRestartsTheOutageClock(t *testing.T) {
 	g.fault = func(stream int, msg *recgwv1.UploadRequest, u *fakeUpload) error {
 		seen[stream]++
 		if stream < 6 && seen[stream] == 3 { // start, one part, then the cut
-			time.Sleep(100 * time.Millisecond)
+			time.Sleep(200 * time.Millisecond)
 			return status.Error(codes.Unavailable, "cut")
 		}
 		return nil
 	}
 	data := ramp(1 * MiB)
 	result := mustUpload(t, NewClient(conn, g.token), bytes.NewReader(data), Start{Tenant: "acme", Object: "p.bin"},
-		WithChunkSize(64<<10), quick, WithOutageTolerance(400*time.Millisecond))
+		WithChunkSize(64<<10), quick, WithOutageTolerance(800*time.Millisecond))
 	if result.Streams != 7 || !bytes.Equal(g.upload(result.UploadID).data, data) {
 		t.Fatalf("streams %d", result.Streams)
 	}
@@ -402,7 +405,6 @@ func TestCredentialsNeverFormatTheirSecret(t *testing.T) {
 	}
 }
 
-
 func TestAnUnconfirmedCompletionIsDoneWithTheFlag(t *testing.T) {
 	g, conn := newFakeGateway(t, MiB)
 	g.loseResponse, g.unconfirmed = true, true
@@ -468,5 +470,59 @@ func TestAFailingStatusQueryOfAResumeIsRetried(t *testing.T) {
 	second := g.streamMessages(1)
 	if second[0].GetWriteOffset() != 128<<10 {
 		t.Fatalf("resumed at %d", second[0].GetWriteOffset())
+	}
+}
+
+// sendFailure fails the client's Send of the data message at offset once, as a connection that
+// died while the client was handing over its last chunk.
+type sendFailure struct {
+	grpc.ClientStream
+	cancel context.CancelFunc
+	offset int64
+	once   *sync.Once
+}
+
+func (s *sendFailure) SendMsg(m any) error {
+	if msg, ok := m.(*recgwv1.UploadRequest); ok && len(msg.GetData()) > 0 && msg.GetWriteOffset() == s.offset {
+		failed := false
+		s.once.Do(func() { failed = true })
+		if failed {
+			s.cancel()
+			return status.Error(codes.Unavailable, "injected: the connection died during Send")
+		}
+	}
+	return s.ClientStream.SendMsg(m)
+}
+
+func TestASendFailureOnTheLastChunkStillFinishesTheUpload(t *testing.T) {
+	g, _ := newFakeGateway(t, 64<<10)
+	var once sync.Once
+	conn, err := grpc.NewClient("passthrough:///fake",
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return g.listener.DialContext(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string,
+			streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+			ctx, cancel := context.WithCancel(ctx)
+			cs, err := streamer(ctx, desc, cc, method, opts...)
+			if err != nil {
+				cancel()
+				return nil, err
+			}
+			return &sendFailure{ClientStream: cs, cancel: cancel, offset: 192 << 10, once: &once}, nil
+		}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	data := ramp(200 << 10) // the last chunk (8 KiB at 192 KiB) comes with the end of the source
+	result, err := NewClient(conn, g.token).Upload(ctx, bytes.NewReader(data), Start{Tenant: "acme", Object: "l.bin"},
+		WithChunkSize(64<<10), quick)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if result.Streams != 2 || !bytes.Equal(g.upload(result.UploadID).data, data) {
+		t.Fatalf("streams %d", result.Streams)
 	}
 }
