@@ -123,6 +123,7 @@ def message_vectors() -> list[dict[str, Any]]:
             metadata={"room": "blue"},
             expected_size=11,
             upload_id="6f1c2a4e-8a47-4a53-9d2e-0c7b8f4e2d11",
+            compute_sha256=True,
         ),
         write_offset=0,
     )
@@ -131,6 +132,7 @@ def message_vectors() -> list[dict[str, Any]]:
             tenant_id="acme",
             object_name="live.webm",
             upload_id="6f1c2a4e-8a47-4a53-9d2e-0c7b8f4e2d11",
+            compute_sha256=True,
         ),
     )
     body = b"hello world"
@@ -150,6 +152,7 @@ def message_vectors() -> list[dict[str, Any]]:
             tenant_id="acme",
             object_name="live.webm",
             upload_id="6f1c2a4e-8a47-4a53-9d2e-0c7b8f4e2d11",
+            compute_sha256=True,
         ),
         write_offset=8388608,
         data=b"\x00\x01",

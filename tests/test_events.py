@@ -149,8 +149,11 @@ def test_failing_receiver_gets_it_after_retries(
         wait_until(lambda: hooks.of_type("upload.completed"), 30, "the event after retries")
         assert hooks.attempts == 4
         assert hooks.events[0]["data"]["upload_id"] == response.upload_id
-        counts = gateway.run(gateway.gateway.adapters.sessions.outbox_counts())
-        assert counts == {"pending": 0, "delivered": 1, "dead": 0}
+        sessions = gateway.gateway.adapters.sessions
+        wait_until(  # marked delivered once the receiver's answer is in
+            lambda: gateway.run(sessions.outbox_counts())["delivered"] == 1, 30, "delivered"
+        )
+        assert gateway.run(sessions.outbox_counts()) == {"pending": 0, "delivered": 1, "dead": 0}
         metric = gateway.gateway.metrics.webhook_deliveries
         assert metric.labels("failed")._value.get() == 3
     finally:

@@ -232,6 +232,8 @@ func newUploadRun(c *Client, cfg uploadConfig, start Start) *uploadRun {
 		ContentType: start.ContentType,
 		Metadata:    start.Metadata,
 		UploadId:    id,
+		// The gateway computes the SHA-256 the client verifies only when asked.
+		ComputeSha256: cfg.checksums,
 	}
 	if start.ExpectedSize > 0 {
 		size := start.ExpectedSize

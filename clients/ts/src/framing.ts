@@ -35,6 +35,8 @@ export interface StartFields {
   metadata?: Record<string, string> | undefined;
   expectedSize?: number | undefined;
   uploadId: string;
+  /** Ask the gateway for the SHA-256 the client verifies (it computes it only when asked). */
+  computeSha256?: boolean | undefined;
 }
 
 /** The UploadStart message; content type defaults to `application/octet-stream`. */
@@ -45,6 +47,7 @@ export function startMessage(fields: StartFields): UploadStart {
     contentType: fields.contentType ?? "",
     metadata: { ...(fields.metadata ?? {}) },
     uploadId: fields.uploadId,
+    computeSha256: fields.computeSha256 ?? false,
   });
   if (fields.expectedSize !== undefined) start.expectedSize = BigInt(fields.expectedSize);
   return start;

@@ -254,6 +254,7 @@ class UploadRun {
       contentType: start.contentType ?? "application/octet-stream",
       expectedSize: this.total,
       uploadId: this.uploadId,
+      computeSha256: o.checksums,
     });
     this.signal = options.signal;
     this.wholeChecksums = o.checksums && options.sourceOffset === undefined;

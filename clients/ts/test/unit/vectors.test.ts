@@ -95,6 +95,7 @@ type Fields = {
     metadata?: Record<string, string>;
     expected_size?: string;
     upload_id: string;
+    compute_sha256?: boolean;
   };
   write_offset?: string;
   data?: string;
@@ -130,6 +131,7 @@ describe("encoded messages", () => {
           metadata: fields.start.metadata,
           expectedSize: fields.start.expected_size === undefined ? undefined : Number(fields.start.expected_size),
           uploadId: fields.start.upload_id,
+          computeSha256: fields.start.compute_sha256,
         });
         if (message === undefined) message = startRequest(start, offset);
         else message.start = start;

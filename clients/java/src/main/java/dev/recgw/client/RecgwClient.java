@@ -220,7 +220,8 @@ public final class RecgwClient implements AutoCloseable {
   private CompletableFuture<UploadResult> launch(UploadStart start, UploadOptions opts, boolean seekable, Feed feed) {
     boolean resuming = !start.getUploadId().isEmpty();
     String id = resuming ? start.getUploadId() : UUID.randomUUID().toString();
-    UploadStart first = start.toBuilder().setUploadId(id).build();
+    // The gateway computes the SHA-256 the client verifies only when asked.
+    UploadStart first = start.toBuilder().setUploadId(id).setComputeSha256(opts.checksums).build();
     long offset = 0;
     if (resuming) {
       GetUploadStatusResponse status = probe(id, opts);
