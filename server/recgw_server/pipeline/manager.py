@@ -117,13 +117,7 @@ class UploadManager:
 
     async def salvage(self, upload_id: str) -> SalvageReport:
         """Keep what an open upload has committed as its object (SalvageUpload)."""
-        upload = await self.find(upload_id)
-        if upload is None:
-            raise RecgwError(
-                ErrorKind.NOT_FOUND,
-                f"no upload with id {quote_client(upload_id, 64)}",
-                reason=Reason.UPLOAD_NOT_FOUND,
-            )
+        upload = await self._existing(upload_id)
         if upload.state is UploadState.OPEN and not upload.attached:
             upload = await self._lease_for_control(upload, force=False)
         result = await upload.salvage("salvaged on request (SalvageUpload)")
@@ -357,7 +351,8 @@ class UploadManager:
         finally:
             del self._loading[upload_id]
 
-    async def status(self, upload_id: str) -> UploadStatus:
+    async def _existing(self, upload_id: str) -> Upload:
+        """The upload with this id, or NOT_FOUND."""
         upload = await self.find(upload_id)
         if upload is None:
             raise RecgwError(
@@ -365,17 +360,15 @@ class UploadManager:
                 f"no upload with id {quote_client(upload_id, 64)}",
                 reason=Reason.UPLOAD_NOT_FOUND,
             )
+        return upload
+
+    async def status(self, upload_id: str) -> UploadStatus:
+        upload = await self._existing(upload_id)
         return upload.status()
 
     async def abort(self, upload_id: str) -> AbortReport:
         """Abort an upload that is not complete; report what is left in S3."""
-        upload = await self.find(upload_id)
-        if upload is None:
-            raise RecgwError(
-                ErrorKind.NOT_FOUND,
-                f"no upload with id {quote_client(upload_id, 64)}",
-                reason=Reason.UPLOAD_NOT_FOUND,
-            )
+        upload = await self._existing(upload_id)
         if upload.state is UploadState.FINISHING:
             raise RecgwError(
                 ErrorKind.FAILED_PRECONDITION,

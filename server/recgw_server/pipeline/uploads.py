@@ -311,18 +311,8 @@ class Upload:
             if not self._store_upload_id:
                 await self._start_multipart(writer)
             body = await part.seal()
-            digest = self._hash(body)
-            written = await writer.upload_part(
-                self.spec.key, self._store_upload_id, part.number, body, part.crc32c
-            )
-            tail = PartRecord(
-                number=part.number,
-                etag=written.etag,
-                size=written.size,
-                crc32c=part.crc32c,
-                object_crc32c=combine_crc32c(self._object_crc, part.crc32c, part.size),
-                sha256_state=await digest if digest is not None else b"",
-            )
+            object_crc = combine_crc32c(self._object_crc, part.crc32c, part.size)
+            tail = await self._write_part(writer, part, body, object_crc, self._hash(body))
             await self._store_write(
                 lambda lease: self._manager.sessions.update(lease, time.time(), tail=tail)
             )
@@ -771,6 +761,27 @@ class Upload:
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
+    async def _write_part(
+        self,
+        writer: ObjectWriter,
+        part: PartBuffer,
+        body: PartBody,
+        object_crc: int,
+        digest: asyncio.Future[bytes] | None,
+    ) -> PartRecord:
+        """Send one part to S3; its record, with the object's checksum state at its end."""
+        written = await writer.upload_part(
+            self.spec.key, self._store_upload_id, part.number, body, part.crc32c
+        )
+        return PartRecord(
+            number=part.number,
+            etag=written.etag,
+            size=written.size,
+            crc32c=part.crc32c,
+            object_crc32c=object_crc,
+            sha256_state=await digest if digest is not None else b"",
+        )
+
     async def _upload_part(
         self,
         writer: ObjectWriter,
@@ -781,17 +792,7 @@ class Upload:
     ) -> None:
         started = time.monotonic()
         try:
-            written = await writer.upload_part(
-                self.spec.key, self._store_upload_id, part.number, body, part.crc32c
-            )
-            record = PartRecord(
-                number=part.number,
-                etag=written.etag,
-                size=written.size,
-                crc32c=part.crc32c,
-                object_crc32c=object_crc,
-                sha256_state=await digest if digest is not None else b"",
-            )
+            record = await self._write_part(writer, part, body, object_crc, digest)
             self._parts[part.number] = record
             if self.tail is not None and self.tail.number == part.number:
                 self.tail = None  # rewritten as a regular part: the kept tail is gone
@@ -805,7 +806,7 @@ class Upload:
             self._advance_prefix()
             self.updated_at = time.time()
             self._manager.metrics.parts_uploaded.inc()
-            self._manager.metrics.bytes_committed.inc(written.size)
+            self._manager.metrics.bytes_committed.inc(record.size)
             self._manager.metrics.part_seconds.observe(time.monotonic() - started)
         except RecgwError as error:
             if self._background_error is None:
