@@ -249,6 +249,11 @@ def test_every_credentials_call_is_audited_without_secrets(
     stub.DeleteCredentials(delete, metadata=ADMIN)  # 8 delete, ok
     with pytest.raises(grpc.RpcError):
         stub.DeleteCredentials(delete, metadata=ADMIN)  # 9 delete, failed: not found
+    pasted = credentials_pb2.SetCredentialsRequest(  # 10 set, failed: the secret pasted as id
+        tenant_id=f"BAD TENANT {secret}", access_key_id="short", secret_access_key=secret
+    )
+    with pytest.raises(grpc.RpcError):
+        stub.SetCredentials(pasted, metadata=ADMIN)
 
     records = read_audit(gateway)
     assert [(r["operation"], r["outcome"]) for r in records] == [
@@ -261,6 +266,7 @@ def test_every_credentials_call_is_audited_without_secrets(
         ("set", "failed"),
         ("delete", "ok"),
         ("delete", "failed"),
+        ("set", "failed"),
     ]
     set_ok, described, verified, invalid, wrong_role, anonymous, out_of_scope = records[:7]
     assert set_ok["caller"] == "test-admin" and set_ok["caller_kind"] == "token"
@@ -278,7 +284,8 @@ def test_every_credentials_call_is_audited_without_secrets(
         "scoped-admin",
         "TENANT_NOT_ALLOWED",
     )
-    assert records[-1]["code"] == "NOT_FOUND"
+    assert records[-2]["code"] == "NOT_FOUND"
+    assert records[-1]["tenant_id"] == "(invalid)"  # the caller's text is not recorded
     text = Path(gateway.gateway.settings.audit.sink).read_text()
     assert tenant.keys.access_key_id not in text
     assert_no_secrets(text)

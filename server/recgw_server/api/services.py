@@ -476,7 +476,9 @@ class CredentialsService(credentials_pb2_grpc.CredentialsServiceServicer):
         base = {
             "event": "credentials",
             "operation": operation,
-            "tenant_id": tenant_id,
+            # An invalid tenant id is the caller's text, which may hold anything (a pasted
+            # secret, say): the audit trail records that it was invalid, not what it was.
+            "tenant_id": tenant_id if TENANT_ID_PATTERN.fullmatch(tenant_id) else "(invalid)",
             "peer": context.peer(),
             **current_caller().audit_fields(),
         }

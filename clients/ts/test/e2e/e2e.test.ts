@@ -170,7 +170,7 @@ describe("e2e against a live gateway", { skip, concurrency: 1, timeout: 180_000 
     try {
       const data = pattern(7 * MiB, 5);
       const uploadId = randomUUID();
-      const start = startMessage({ tenantId: tenant(), objectName: name("offset"), uploadId });
+      const start = startMessage({ tenantId: tenant(), objectName: name("offset"), uploadId, computeSha256: true });
       // A raw stream writes 6 MiB (one 5 MiB part) and dies without finishing.
       const stop = new AbortController();
       async function* partial(): AsyncGenerator<UploadRequest> {
@@ -333,7 +333,7 @@ describe("e2e against a live gateway", { skip, concurrency: 1, timeout: 180_000 
     try {
       const data = pattern(1000, 9);
       const objectName = name("checksum");
-      const start = startMessage({ tenantId: tenant(), objectName, uploadId: randomUUID() });
+      const start = startMessage({ tenantId: tenant(), objectName, uploadId: randomUUID(), computeSha256: true });
       async function* corrupted(): AsyncGenerator<UploadRequest> {
         yield startRequest(start, 0);
         const message = dataRequest(0, data, true);
@@ -343,7 +343,7 @@ describe("e2e against a live gateway", { skip, concurrency: 1, timeout: 180_000 
       const chunk = toRecgwError(await client.services.upload.upload(corrupted()).catch((e: unknown) => e));
       assert.equal(chunk.code, "DATA_LOSS");
       assert.equal(chunk.reason, "CHUNK_CHECKSUM_MISMATCH");
-      const start2 = startMessage({ tenantId: tenant(), objectName, uploadId: randomUUID() });
+      const start2 = startMessage({ tenantId: tenant(), objectName, uploadId: randomUUID(), computeSha256: true });
       async function* wrongObject(): AsyncGenerator<UploadRequest> {
         yield startRequest(start2, 0);
         yield dataRequest(0, data, true, { checksums: { crc32c: 1, sha256: new Uint8Array(32) } });
