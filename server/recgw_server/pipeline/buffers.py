@@ -232,6 +232,11 @@ class PartBuffer:
             await self.spill()
         await self._budget.acquire(size, self._tenant_id)
         async with self._lock:
+            if self._released:  # the upload ended (AbortUpload) while this waited for memory
+                self._budget.release(size, self._tenant_id)
+                raise RecgwError(
+                    ErrorKind.ABORTED, "the upload has ended", reason=Reason.UPLOAD_ABORTED
+                )
             self._chunks.append(data)
             self._memory += size
             self.size += size

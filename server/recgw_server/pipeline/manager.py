@@ -382,7 +382,7 @@ class UploadManager:
             upload.abort_requested.set()
             error = upload.aborted_error()
             # The stream that drives the upload (if any) ends at once.
-            upload.interrupt(error)
+            upload.interrupt(error, unless_active=1.0)
             await upload.fail(error)
             await upload.terminal.wait()
         return _abort_report(upload)

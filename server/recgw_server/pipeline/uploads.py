@@ -223,11 +223,22 @@ class Upload:
                 )
             )
 
-    def interrupt(self, error: RecgwError) -> None:
-        """End the attached stream's handler at once with `error` (takeover, AbortUpload)."""
+    def interrupt(self, error: RecgwError, unless_active: float | None = None) -> None:
+        """End the attached stream's handler at once with `error` (takeover, AbortUpload).
+
+        With `unless_active`, a stream that delivered a message within that many seconds is not
+        cancelled: it meets the error at its next message (a cancelled handler whose client is
+        still sending could not always be answered with a status by grpc.aio).
+        """
         self._interruption = error
-        if self._stream is not None and not self._stream.done():
-            self._stream.cancel()
+        stream = self._stream
+        if stream is None or stream.done():
+            return
+        if unless_active is not None and time.monotonic() - self.last_activity < unless_active:
+            # An active stream ends at its next message; one that sends none is cancelled.
+            asyncio.get_running_loop().call_later(unless_active, _cancel_if_running, stream)
+            return
+        stream.cancel()
 
     def interruption(self) -> RecgwError | None:
         """Why the attached stream was interrupted, if it was."""
@@ -1093,6 +1104,11 @@ _EVENT_TYPES = {
     UploadState.EXPIRED: events.UPLOAD_EXPIRED,
     UploadState.SALVAGED: events.UPLOAD_SALVAGED,
 }
+
+
+def _cancel_if_running(stream: asyncio.Task[object]) -> None:
+    if not stream.done():
+        stream.cancel()
 
 
 def _update_all(sha: ResumableSha256, body: PartBody) -> None:

@@ -306,13 +306,33 @@ class GatewayE2ETest {
     return ByteString.copyFrom(bytes);
   }
 
+  /** The client reads ahead of the network: the gateway may not have opened the upload yet. */
+  private AbortResult abortWhenKnown(String uploadId) {
+    long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(20);
+    while (true) {
+      try {
+        return client.abort(uploadId);
+      } catch (RecgwException e) {
+        if (!"UPLOAD_NOT_FOUND".equals(e.reason()) || System.nanoTime() > deadline) {
+          throw e;
+        }
+        try {
+          Thread.sleep(20);
+        } catch (InterruptedException interrupted) {
+          Thread.currentThread().interrupt();
+          throw e;
+        }
+      }
+    }
+  }
+
   @Test
   void abortWhileDataFlowsEndsTheUpload() throws Exception {
     byte[] data = random(24 * MIB);
     AtomicReference<String> id = new AtomicReference<>();
     // Completed by the reader thread, whose abort call may return after the upload has failed.
     java.util.concurrent.CompletableFuture<AbortResult> aborted = new java.util.concurrent.CompletableFuture<>();
-    Trigger source = new Trigger(data, 6 * MIB, () -> aborted.complete(client.abort(id.get())));
+    Trigger source = new Trigger(data, 6 * MIB, () -> aborted.complete(abortWhenKnown(id.get())));
     RecgwException e = assertThrows(RecgwException.class,
         () -> client.upload(source, start(tenant), options().onUploadId(id::set).build()));
     assertEquals(UploadState.UPLOAD_STATE_ABORTED, aborted.get(30, TimeUnit.SECONDS).state(), e::toString);
