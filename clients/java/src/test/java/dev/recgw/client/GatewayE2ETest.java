@@ -306,6 +306,18 @@ class GatewayE2ETest {
     return ByteString.copyFrom(bytes);
   }
 
+  /** The committed size, 0 while the gateway has not opened the upload yet (the client reads ahead). */
+  private long committedOrZero(String uploadId) {
+    try {
+      return client.status(uploadId).committedSize();
+    } catch (RecgwException e) {
+      if ("UPLOAD_NOT_FOUND".equals(e.reason())) {
+        return 0;
+      }
+      throw e;
+    }
+  }
+
   /** The client reads ahead of the network: the gateway may not have opened the upload yet. */
   private AbortResult abortWhenKnown(String uploadId) {
     long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(20);
@@ -375,7 +387,7 @@ class GatewayE2ETest {
     Trigger crashing = new Trigger(data, 8 * MIB, () -> {
       // The recorder dies once the gateway has committed a part.
       long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(60);
-      while (client.status(id.get()).committedSize() < 5 * MIB) {
+      while (committedOrZero(id.get()) < 5 * MIB) {
         assertTrue(System.nanoTime() < deadline, "no part was committed");
         Thread.sleep(50); // polling the gateway, with a deadline
       }
