@@ -30,12 +30,17 @@ from recgw_server.domain import (
     UploadResult,
     invalid,
     mask_access_key_id,
-    quote_client,
     validate_tenant_id,
 )
 from recgw_server.metrics import GatewayMetrics
 from recgw_server.pipeline.manager import UploadManager
-from recgw_server.pipeline.model import DONE_STATES, StartRequest, UploadState, UploadStatus
+from recgw_server.pipeline.model import (
+    DONE_STATES,
+    StartRequest,
+    UploadState,
+    UploadStatus,
+    upload_not_found,
+)
 from recgw_server.pipeline.uploads import Upload as ActiveUpload
 from recgw_server.storage.doctor import CheckResult, DoctorReport, SetupDoctor
 
@@ -311,15 +316,6 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
             storage_aborted=report.storage_aborted,
             detail=report.detail,
         )
-
-
-def upload_not_found(upload_id: str) -> RecgwError:
-    """The NOT_FOUND of an unknown upload id, also given for another tenant's upload."""
-    return RecgwError(
-        ErrorKind.NOT_FOUND,
-        f"no upload with id {quote_client(upload_id, 64)}",
-        reason=Reason.UPLOAD_NOT_FOUND,
-    )
 
 
 def _target_from_proto(target: credentials_pb2.StorageTarget) -> StorageTarget:

@@ -17,7 +17,6 @@ from recgw_server.domain import (
     RecgwError,
     TenantCredentials,
     build_object_key,
-    quote_client,
 )
 from recgw_server.events.model import CREDENTIALS_FAILING, Event
 from recgw_server.events.webhooks import EventRouter, WebhookSettings
@@ -32,6 +31,7 @@ from recgw_server.pipeline.model import (
     StartRequest,
     UploadState,
     UploadStatus,
+    upload_not_found,
     validate_start,
 )
 from recgw_server.pipeline.parts import plan_parts
@@ -355,11 +355,7 @@ class UploadManager:
         """The upload with this id, or NOT_FOUND."""
         upload = await self.find(upload_id)
         if upload is None:
-            raise RecgwError(
-                ErrorKind.NOT_FOUND,
-                f"no upload with id {quote_client(upload_id, 64)}",
-                reason=Reason.UPLOAD_NOT_FOUND,
-            )
+            raise upload_not_found(upload_id)
         return upload
 
     async def status(self, upload_id: str) -> UploadStatus:

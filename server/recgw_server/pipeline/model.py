@@ -12,6 +12,7 @@ from typing import Any
 from recgw_server.domain import (
     ErrorKind,
     ObjectChecksums,
+    Reason,
     RecgwError,
     UploadResult,
     invalid,
@@ -102,6 +103,15 @@ class AbortReport:
 class SalvageReport:
     state: UploadState
     result: UploadResult | None
+
+
+def upload_not_found(upload_id: str) -> RecgwError:
+    """The NOT_FOUND of an unknown upload id (also given for another tenant's upload)."""
+    return RecgwError(
+        ErrorKind.NOT_FOUND,
+        f"no upload with id {quote_client(upload_id, 64)}",
+        reason=Reason.UPLOAD_NOT_FOUND,
+    )
 
 
 def validate_start(request: StartRequest) -> str:
