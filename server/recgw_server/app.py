@@ -186,6 +186,8 @@ class Gateway:
         webhooks = _webhook_settings(settings)
         self.events = EventRouter(webhooks)
         self.budget = MemoryBudget(uploads.memory_budget_mib * MiB, uploads.tenant_memory_share)
+        # Before the spool, which empties its directory: a worker must not empty another's.
+        self._data_dir_lock = lock_data_dir(settings.data_dir) if settings.server.reuse_port else -1
         self.spool = Spool(
             settings.spool.directory or settings.data_dir / "spool",
             settings.spool.disk_budget_mib * MiB,
@@ -284,7 +286,7 @@ class Gateway:
                 # dead connections themselves.
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.max_send_message_length", 4 * MiB),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(self.settings.server.reuse_port)),
             ],
         )
         upload_pb2_grpc.add_UploadServiceServicer_to_server(
@@ -505,10 +507,31 @@ class Gateway:
         self.adapters.store.close()
         await self.adapters.sessions.close()
         self.audit.close()
+        if self._data_dir_lock >= 0:
+            os.close(self._data_dir_lock)
+            self._data_dir_lock = -1
 
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold data_dir for this process (an flock, released when the process ends); returns the
+    lock's file descriptor. ConfigError when another worker holds it."""
+    import fcntl
+
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(data_dir / "worker.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"data_dir {str(data_dir)!r} is in use by another recgw worker: with "
+            "server.reuse_port every worker needs a data_dir of its own (RECGW_DATA_DIR)"
+        ) from None
+    return fd
 
 
 async def serve(settings: Settings, config_file: Path | None = None) -> None:

@@ -51,7 +51,7 @@ def serve(
 
     try:
         asyncio.run(run_server(settings, config))
-    except TlsError as error:
+    except (TlsError, ConfigError) as error:
         typer.echo(f"recgw serve: {error}", err=True)
         raise typer.Exit(2) from None
 

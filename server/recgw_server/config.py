@@ -250,6 +250,10 @@ class ServerSetting(BaseModel):
     # timeout is closed, which ends its streams (they stay resumable).
     keepalive_time_seconds: float = Field(10.0, gt=0)
     keepalive_timeout_seconds: float = Field(5.0, gt=0)
+    # SO_REUSEPORT: several `recgw serve` workers on one machine bind the same `listen`
+    # address and the kernel spreads connections across them. Needs PostgreSQL sessions and a
+    # data_dir of its own per worker (the spool is emptied at start-up).
+    reuse_port: bool = False
 
 
 class S3Setting(BaseModel):
@@ -376,6 +380,11 @@ class Settings(BaseSettings):
             )
         if self.tls is not None and self.plaintext:
             raise ValueError("plaintext = true and a [tls] section exclude each other")
+        if self.server.reuse_port and not self.sessions.postgres_url:
+            raise ValueError(
+                "server.reuse_port needs sessions.url (PostgreSQL): SQLite sessions in data_dir "
+                "serve one gateway process"
+            )
         if self.metrics_tls and self.tls is None:
             raise ValueError("metrics_tls needs a [tls] section (its certificate and key)")
         names = [t.name for t in self.tokens]
