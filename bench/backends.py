@@ -269,30 +269,6 @@ def start_gateway(
     return GatewayProcess(name, child, f"127.0.0.1:{port}")
 
 
-def sha256_switch() -> tuple[str, str] | None:
-    """The gateway's setting that turns its own SHA-256 off, if it has one: a bool field whose
-    name mentions sha256 in Settings or one of its sections, as (RECGW_ variable, its value)."""
-    from pydantic import BaseModel
-
-    from recgw_server.config import Settings
-
-    def walk(model: type[BaseModel], path: Sequence[str]) -> tuple[str, str] | None:
-        for field_name, info in model.model_fields.items():
-            annotation = info.annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                found = walk(annotation, [*path, field_name])
-                if found:
-                    return found
-            elif annotation is bool and "sha256" in field_name.lower():
-                variable = "RECGW_" + "__".join(p.upper() for p in [*path, field_name])
-                # "off" means False for a switch that turns SHA-256 on, True for one that skips it
-                off = any(w in field_name.lower() for w in ("skip", "disable", "no_"))
-                return variable, "true" if off else "false"
-        return None
-
-    return walk(Settings, [])
-
-
 # -- the null store --------------------------------------------------------------------------
 
 

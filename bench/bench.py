@@ -10,21 +10,26 @@ Throughput: the same recording (unknown length, 1 MiB messages) goes, in interle
 - aws-crt: awscrt.s3's client fed from a Python stream (a PUT of unknown length);
 - tusd v2 (s3store), as shipped and tuned (8 MiB parts, no content hashes), driven by a tus
   client that uses creation-defer-length and 64 MiB PATCHes;
-- the gateway (`recgw serve`) into S3, the same with its SHA-256 off where it has such a
-  setting, the gateway with a discarding ObjectStore (a separate process of its own, see
-  bench.backends.NullStore), and the gateway with the stream broken and resumed 3 times.
+- the gateway (`recgw serve`) into S3 with its defaults (CRC32C end to end; SHA-256 only on
+  request, and not requested), the same with the start message asking for SHA-256 (as the
+  clients do), the gateway with a discarding ObjectStore (a separate process of its own, see
+  bench.backends.NullStore), and the gateway with the stream broken and resumed 3 times;
+- each client library (Go, TypeScript, Java, Python; bench.clients) in a process of its own,
+  through the discarding-store gateway, checksums on (CRC32C + SHA-256), beside raw gRPC.
 
 S3 is MinIO (single drive on tmpfs, its trash emptied between measurements) unless `--store
 moto`. Every process's CPU is read from /proc around each transfer; the gateway's peak RSS is
 its VmHWM, reset before each transfer. Then the scenarios, each on a fresh gateway: 64 and 500
 concurrent streams (RSS above idle against the memory budget), 500 live calls at 1 Mbit/s
-beside a bulk and a small upload, and the first upload of 16 new tenants at once.
+beside a bulk and a small upload, and the first upload of 16 new tenants at once. Before them,
+one discarding-store gateway worker against two on one port (bench.workers).
 
 Every process the bench starts is stopped at the end, on errors and on Ctrl-C; everything
 listens on 127.0.0.1. Secrets go through environment variables and Python objects, never a
 command line or the output.
 
-Usage: `make bench BENCH_ARGS="--rounds 3 --json out.json"`; `--quick` for a short run.
+Usage: `make bench BENCH_ARGS="--rounds 3 --json out.json"`; `--quick` for a short run;
+`--only clients,workers` for some groups only (paths, clients, workers, scenarios).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from typing import Any
 
 import grpc
 
-from bench import backends, paths, report, scenarios
+from bench import backends, clients, paths, report, scenarios, workers
 from bench.common import (
     PREFIX,
     STOPPING,
@@ -62,6 +67,7 @@ from bench.common import (
 )
 
 ALL_PATHS = tuple(report.PATHS)
+GROUPS = ("paths", "clients", "workers", "scenarios")
 
 
 @dataclass
@@ -94,6 +100,9 @@ class Options:
     first_size: int
     json_path: Path | None
     keep_logs: bool
+    workers: bool = True
+    worker_streams: int = 4
+    scenarios: bool = True
 
 
 @dataclass
@@ -110,7 +119,6 @@ class Stack:
     workdir: Path
     uploader_token: str
     admin_token: str
-    sha256_switch: tuple[str, str] | None
     cleanup: Cleanup
 
 
@@ -163,6 +171,7 @@ class Rounds:
         self.resumed: list[paths.Resumed] = []
         self._boto3: Any = None
         self._crt: paths.CrtUploader | None = None
+        self.clients: dict[str, clients.Client] = {}
 
     async def prepare(self) -> None:
         self.crc32c = await asyncio.to_thread(self.workload.crc32c)
@@ -177,6 +186,17 @@ class Rounds:
         crc = self.crc32c if workload is self.workload else workload.crc32c()
         if path == "raw_grpc":
             return await paths.raw_grpc(stack.sink_address, workload, run, meter)
+        if path in report.CLIENT_PATHS:
+            gateway = stack.gateways["gateway_null"]
+            return await asyncio.to_thread(
+                clients.run,
+                self.clients[path],
+                gateway.address,
+                stack.uploader_token,
+                workload.size,
+                gateway.pid,
+                stack.workdir,
+            )
         if path == "direct_boto3":
             return await asyncio.to_thread(
                 paths.direct_boto3,
@@ -217,10 +237,13 @@ class Rounds:
                 self.resumed.append(resumed)
             await asyncio.to_thread(stack.store.delete, PREFIX + name)
             return resumed.sample
-        gateway = stack.gateways[path]
+        gateway = stack.gateways["gateway" if path == "gateway_sha256" else path]
         name = f"{path}-{run}.bin"
+        sha = b""
+        if path == "gateway_sha256":
+            sha = self.sha256 if workload is self.workload else workload.sha256()
         sample, response = await paths.gateway_upload(
-            gateway.address, stack.uploader_token, workload, name, crc, meter, gateway.pid
+            gateway.address, stack.uploader_token, workload, name, crc, meter, gateway.pid, sha
         )
         if path == "gateway":
             self.gateway_parts = response.part_count
@@ -277,21 +300,48 @@ async def measure_all(stack: Stack, options: Options) -> dict[str, Any]:
     workload = Workload.make(options.size, options.chunk)
     rounds = Rounds(stack, options, workload)
     await rounds.prepare()
-    chosen = [path for path in options.paths if path != "gateway_sha256_off" or stack.sha256_switch]
+    chosen = list(options.paths)
+    skipped: dict[str, str] = {}
+    for name in [path for path in chosen if path in report.CLIENT_PATHS]:
+        print(f"building {name} (not timed)...", flush=True)
+        client = await asyncio.to_thread(clients.build, name, stack.workdir)
+        if client.skipped:
+            skipped[name] = client.skipped
+            print(f"  {name}: {client.skipped}", flush=True)
+        else:
+            rounds.clients[name] = client
+    chosen = [path for path in chosen if path not in skipped]
     # Warm-up, not timed: Vault logins, credential caches, S3 clients, connection pools.
     warm = Workload.make(max(options.interruptions + 1, 2) * options.chunk, options.chunk, MiB)
-    for path in chosen:
-        await rounds.run(path, -1, warm)
+    for path in list(chosen):
+        try:
+            await rounds.run(path, -1, warm)
+        except RuntimeError as error:
+            if path not in report.CLIENT_PATHS:
+                raise
+            skipped[path] = f"skipped: failed in the warm-up: {error}"
+            print(f"  {path}: {skipped[path]}", flush=True)
+            chosen.remove(path)
     await asyncio.to_thread(stack.store.settle)
     samples: dict[str, list[Sample]] = {path: [] for path in chosen}
     for run in range(options.rounds):
         label = f"[{run + 1}/{options.rounds}]"
-        order = chosen[run % len(chosen) :] + chosen[: run % len(chosen)]
+        order = chosen[run % len(chosen) :] + chosen[: run % len(chosen)] if chosen else []
         for path in order:
-            sample = await rounds.run(path, run)
+            if path in skipped:
+                continue
+            try:
+                sample = await rounds.run(path, run)
+            except RuntimeError as error:  # a client that fails: its line says so
+                if path not in report.CLIENT_PATHS:
+                    raise
+                skipped[path] = f"skipped: failed in round {run + 1}: {error}"
+                print(f"{label} {path}: {skipped[path]}", flush=True)
+                continue
             show(label, path, options.size, sample)
             samples[path].append(sample)
             await asyncio.to_thread(stack.store.settle)
+    chosen = [path for path in chosen if path not in skipped]
     data: dict[str, Any] = {
         "paths": {
             path: report.summarise(samples[path], options.size, report.PATHS[path])
@@ -306,8 +356,23 @@ async def measure_all(stack: Stack, options: Options) -> dict[str, Any]:
             }
             for run in rounds.resumed
         ],
+        "clients_skipped": skipped,
     }
-    await run_scenarios(stack, options, data)
+    if options.workers:
+        print(f"workers: one vs two on one port, {options.worker_streams} uploads...", flush=True)
+        data["workers"] = await workers.workers_scenario(
+            stack.config,
+            stack.secret_ids,
+            stack.workdir,
+            stack.cleanup,
+            stack.uploader_token,
+            options.size,
+            options.chunk,
+            options.rounds,
+            options.worker_streams,
+        )
+    if options.scenarios:
+        await run_scenarios(stack, options, data)
     return data
 
 
@@ -407,15 +472,12 @@ def run_bench(options: Options) -> dict[str, Any]:
             "writer": identities.writer.secret_id.reveal(),
             "reader": identities.reader.secret_id.reveal(),
         }
-        switch = backends.sha256_switch()
         wanted = set(options.paths)
         print("starting the gateways, the raw gRPC sink and tusd...", flush=True)
         gateways: dict[str, backends.GatewayProcess] = {}
         variants: list[tuple[str, bool, dict[str, str]]] = [("gateway", False, {})]
-        if "gateway_null" in wanted:
+        if "gateway_null" in wanted or wanted & set(report.CLIENT_PATHS):
             variants.append(("gateway_null", True, {}))
-        if switch and "gateway_sha256_off" in wanted:
-            variants.append(("gateway_sha256_off", False, {switch[0]: switch[1]}))
         for name, null_store, env in variants:
             gateway = backends.start_gateway(
                 name, config, free_port(), secret_ids, workdir, null_store=null_store, env=env
@@ -444,7 +506,6 @@ def run_bench(options: Options) -> dict[str, Any]:
             workdir=workdir,
             uploader_token=uploader_token,
             admin_token=admin_token,
-            sha256_switch=switch,
             cleanup=cleanup,
         )
         data = asyncio.run(measure(stack, options))
@@ -471,13 +532,14 @@ def run_bench(options: Options) -> dict[str, Any]:
         "store": options.store,
         "store_data": "tmpfs" if options.store == "minio" else "moto's memory",
         "tus_patch_mib": options.tus_patch / MiB,
-        "sha256_switch": switch[0] if switch else None,
+        "gateway_sha256": "only when the start message asks (uploads.sha256 = on_request)",
         "wall_seconds": time.time() - started,
     }
     loads = [load for info in data["paths"].values() for load in info["load_average"]]
     data["config"]["median_load_average"] = statistics.median(loads) if loads else None
     data["machine"] = report.machine_facts()
-    data["ratios"] = report.ratios(data["paths"], bool(switch))
+    data["ratios"] = report.ratios(data["paths"])
+    data["clients"] = report.clients_summary(data, options.paths)
     data["goals"] = report.goals(data)
     return data
 
@@ -511,6 +573,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
     add("--live-grace", type=float, default=120, help="time allowed past the calls' end (120)")
     add("--first-clients", type=int, default=16, help="new tenants uploading at once (16)")
     add("--first-size-kib", type=int, default=64, help="size of their first upload (64)")
+    add("--worker-streams", type=int, default=4, help="concurrent uploads, workers line (4)")
+    add(
+        "--only",
+        default=",".join(GROUPS),
+        help="groups to run: paths (single uploads per --paths), clients (the four client "
+        "libraries beside raw gRPC), workers (one vs two gateway workers), scenarios (all)",
+    )
     add("--quick", action="store_true", help="a short run: 64 MiB, 1 round, small scenarios")
     add("--json", type=Path, default=None, help="write the results here")
     add("--keep-logs", action="store_true", help="keep the temp dir with logs")
@@ -526,8 +595,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
     chosen = tuple(path.strip() for path in args.paths.split(",") if path.strip())
     if unknown := [path for path in chosen if path not in ALL_PATHS]:
         parser.error(f"unknown paths {unknown}; choose from {', '.join(ALL_PATHS)}")
-    if "gateway" not in chosen:
-        chosen = ("gateway", *chosen)  # every ratio is about it
+    groups = {group.strip() for group in args.only.split(",") if group.strip()}
+    if unknown_groups := groups - set(GROUPS):
+        parser.error(f"unknown groups {sorted(unknown_groups)}; choose from {', '.join(GROUPS)}")
+    singles = [p for p in chosen if p not in report.CLIENT_PATHS] if "paths" in groups else []
+    if singles and "gateway" not in singles:
+        singles.insert(0, "gateway")  # every ratio is about it
+    client_paths = [p for p in chosen if p in report.CLIENT_PATHS] if "clients" in groups else []
+    if client_paths and "raw_grpc" not in singles:
+        singles.append("raw_grpc")  # the clients' ratios are to it
+    chosen = tuple(p for p in ALL_PATHS if p in singles or p in client_paths)
+    if args.worker_streams < 2 or args.worker_streams % 2:
+        parser.error("--worker-streams must be even and at least 2")
     if not 0 < chunk <= 4 * MiB:
         parser.error("--chunk-kib must be between 1 and 4096")
     if size < 1 or args.rounds < 1 or args.inflight < 1 or args.interruptions < 1:
@@ -563,6 +642,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
         first_size=args.first_size_kib * KiB,
         json_path=args.json,
         keep_logs=args.keep_logs,
+        workers="workers" in groups,
+        worker_streams=args.worker_streams,
+        scenarios="scenarios" in groups,
     )
     return args, options
 

@@ -97,15 +97,19 @@ async def gateway_upload(
     expected_crc32c: int,
     meter: Meter,
     rss_pid: int,
+    sha256: bytes = b"",
 ) -> tuple[Sample, upload_pb2.UploadResponse]:
     """A recording of unknown length through a gateway; the response's CRC32C and size must
-    be those of the bytes sent."""
+    be those of the bytes sent. With `sha256` the start asks the gateway for its SHA-256 and the
+    finish sends this one to verify, as the clients do."""
     start = upload_pb2.UploadStart(
         tenant_id=TENANT, object_name=name, content_type="application/octet-stream"
     )  # no expected_size: a live recording of unknown length
-    sample, response = await stream(address, token, workload, start, meter, rss_pid)
+    sample, response = await stream(address, token, workload, start, meter, rss_pid, sha256)
     if response.size != workload.size or response.checksums.crc32c != expected_crc32c:
         raise RuntimeError("the gateway stored other bytes than were sent")
+    if sha256 and response.checksums.sha256 != sha256:
+        raise RuntimeError("the gateway's SHA-256 is not that of the bytes sent")
     return sample, response
 
 

@@ -9,7 +9,9 @@ import java.util.UUID;
  * Upload throughput of the Java client through a gateway: {@code Bench [MiB] [--no-checksums]}.
  * Reads the gateway, token and tenant from the environment tests.e2e_stack hands over
  * (RECGW_E2E_DIRECT_ADDRESS, else RECGW_E2E_ADDRESS; RECGW_E2E_UPLOADER_TOKEN; RECGW_E2E_TENANT),
- * plaintext. Prints one line: {@code client_java: N MiB in S s = R MiB/s (checksums on)}.
+ * plaintext. Prints {@code client_java: uploading N MiB} when the upload begins, then
+ * {@code client_java: N MiB in S s = R MiB/s, CPU C s (checksums on)}, C being this process's
+ * CPU time during the upload (JIT and GC threads included); {@code make bench} reads both lines.
  */
 public final class Bench {
   private Bench() {}
@@ -32,15 +34,28 @@ public final class Bench {
           .setObjectName("bench/java-" + UUID.randomUUID())
           .setExpectedSize(total)
           .build();
+      System.out.printf("client_java: uploading %d MiB%n", mib);
+      System.out.flush();
+      long cpuBefore = processCpuNanos();
       long began = System.nanoTime();
       UploadResult r = client.upload(new Repeat(block, total), start, UploadOptions.builder().checksums(checksums).build());
       double seconds = (System.nanoTime() - began) / 1e9;
+      double cpu = (processCpuNanos() - cpuBefore) / 1e9;
       if (r.size() != total) {
         throw new IllegalStateException("stored " + r.size() + " bytes, sent " + total);
       }
-      System.out.printf("client_java: %d MiB in %.2f s = %.1f MiB/s (checksums %s)%n",
-          mib, seconds, mib / seconds, checksums ? "on" : "off");
+      System.out.printf("client_java: %d MiB in %.3f s = %.1f MiB/s, CPU %.3f s (checksums %s)%n",
+          mib, seconds, mib / seconds, cpu, checksums ? "on" : "off");
     }
+  }
+
+  /** CPU time of the whole process (every thread) so far, in nanoseconds; 0 if unknown. */
+  private static long processCpuNanos() {
+    if (java.lang.management.ManagementFactory.getOperatingSystemMXBean()
+        instanceof com.sun.management.OperatingSystemMXBean os) {
+      return Math.max(os.getProcessCpuTime(), 0);
+    }
+    return 0;
   }
 
   /** {@code total} bytes of {@code block} over and over. */
