@@ -1,5 +1,6 @@
 """Upload throughput of the Python client (recgw_client) through a gateway, as a process of its
-own like the other clients' bench commands: `python -m bench.client_python [MiB]`.
+own like the other clients' bench commands: `python -m bench.client_python [MiB]
+[--warmup-mib=N]` (an untimed upload of N MiB first, as the other clients' commands allow).
 
 Reads the gateway, token and tenant from RECGW_E2E_ADDRESS, RECGW_E2E_UPLOADER_TOKEN and
 RECGW_E2E_TENANT (plaintext, loopback). A live source of 1 MiB chunks, checksums on (the
@@ -39,12 +40,17 @@ def cpu_seconds() -> float:
     return times.user + times.system
 
 
-async def main(mib: int) -> None:
+async def main(mib: int, warmup_mib: int) -> None:
     address = os.environ["RECGW_E2E_ADDRESS"]
     token = os.environ["RECGW_E2E_UPLOADER_TOKEN"]
     tenant = os.environ["RECGW_E2E_TENANT"]
     total = mib * MiB
     block = os.urandom(8 * MiB)
+    if warmup_mib:
+        warm = warmup_mib * MiB
+        await upload(
+            address, token, live(warm, block), tenant, f"bench/python-warmup-{uuid.uuid4()}"
+        )
     print(f"client_python: uploading {mib} MiB", flush=True)
     cpu_before = cpu_seconds()
     began = time.perf_counter()
@@ -63,4 +69,6 @@ async def main(mib: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 64))
+    numbers = [arg for arg in sys.argv[1:] if not arg.startswith("--")]
+    warmups = [arg.split("=", 1)[1] for arg in sys.argv[1:] if arg.startswith("--warmup-mib=")]
+    asyncio.run(main(int(numbers[0]) if numbers else 64, int(warmups[-1]) if warmups else 0))

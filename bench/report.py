@@ -152,7 +152,7 @@ def goals(data: dict[str, Any]) -> list[dict[str, Any]]:
     ) -> None:
         met = None if value is None else (value >= target if higher else value <= target)
         # Under other load a throughput ratio says more about the scheduler than the paths.
-        unreliable = ratio and contended
+        unreliable = ratio and contended and value is not None
         out.append(
             {
                 "goal": name,
@@ -297,7 +297,7 @@ def print_report(data: dict[str, Any]) -> None:
             print(f"  peak RSS of {path}: {peak['max']:.0f} MiB (runs: {runs})")
     print("  ratios (medians):")
     for name, value in data["ratios"].items():
-        if not name.endswith("_uses"):
+        if value is not None:  # paths not measured in this run have none
             print(f"    {name:<45} {fmt(value)}")
     print_clients(data)
     print_workers(data.get("workers"))

@@ -46,6 +46,7 @@ func main() {
 	mib := flag.Int64("mib", 64, "MiB to upload")
 	chunk := flag.Int("chunk", recgw.DefaultChunkSize, "bytes per message")
 	noChecksums := flag.Bool("no-checksums", false, "turn the checksums off")
+	warmupMiB := flag.Int64("warmup-mib", 0, "MiB to upload first, untimed")
 	flag.Parse()
 	if *addr == "" || *token == "" || *tenant == "" {
 		fmt.Fprintln(os.Stderr, "recgw-bench: -addr, -token and -tenant are required")
@@ -70,10 +71,19 @@ func main() {
 		opts = append(opts, recgw.WithoutChecksums())
 	}
 	size := *mib << 20
+	client := recgw.NewClient(conn, *token)
+	if *warmupMiB > 0 {
+		_, err := client.Upload(context.Background(), &repeating{block: block, left: *warmupMiB << 20},
+			recgw.Start{Tenant: *tenant, Object: fmt.Sprintf("bench/go-warmup-%d.bin", time.Now().UnixNano())}, opts...)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+	}
 	fmt.Printf("client_go: uploading %d MiB\n", *mib)
 	cpuBefore := cpuSeconds()
 	began := time.Now()
-	result, err := recgw.NewClient(conn, *token).Upload(context.Background(), &repeating{block: block, left: size},
+	result, err := client.Upload(context.Background(), &repeating{block: block, left: size},
 		recgw.Start{Tenant: *tenant, Object: fmt.Sprintf("bench/go-%d.bin", time.Now().UnixNano())}, opts...)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

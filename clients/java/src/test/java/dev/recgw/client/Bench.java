@@ -19,6 +19,12 @@ public final class Bench {
   public static void main(String[] args) throws Exception {
     int mib = args.length > 0 && !args[0].startsWith("--") ? Integer.parseInt(args[0]) : 64;
     boolean checksums = !java.util.List.of(args).contains("--no-checksums");
+    int warmupMib = 0; // --warmup-mib=N: an untimed upload first, so the JIT has compiled the path
+    for (String arg : args) {
+      if (arg.startsWith("--warmup-mib=")) {
+        warmupMib = Integer.parseInt(arg.substring("--warmup-mib=".length()));
+      }
+    }
     String address = System.getenv("RECGW_E2E_DIRECT_ADDRESS");
     if (address == null) {
       address = System.getenv("RECGW_E2E_ADDRESS");
@@ -34,11 +40,17 @@ public final class Bench {
           .setObjectName("bench/java-" + UUID.randomUUID())
           .setExpectedSize(total)
           .build();
+      UploadOptions options = UploadOptions.builder().checksums(checksums).build();
+      if (warmupMib > 0) {
+        long warm = (long) warmupMib << 20;
+        client.upload(new Repeat(block, warm), start.toBuilder().setExpectedSize(warm)
+            .setObjectName("bench/java-warmup-" + UUID.randomUUID()).build(), options);
+      }
       System.out.printf("client_java: uploading %d MiB%n", mib);
       System.out.flush();
       long cpuBefore = processCpuNanos();
       long began = System.nanoTime();
-      UploadResult r = client.upload(new Repeat(block, total), start, UploadOptions.builder().checksums(checksums).build());
+      UploadResult r = client.upload(new Repeat(block, total), start, options);
       double seconds = (System.nanoTime() - began) / 1e9;
       double cpu = (processCpuNanos() - cpuBefore) / 1e9;
       if (r.size() != total) {
