@@ -411,3 +411,9 @@ def print_workers(found: dict[str, Any] | None) -> None:
         f"{found['nproc']} cores / {two['total_cpu_ms_per_mib']:.2f} CPU ms per MiB (client, "
         "workers, PostgreSQL together) vs one worker's rate"
     )
+    if two["cores"] < 0.75 * found["nproc"]:
+        print(
+            f"    note: the two-worker run kept only {two['cores']:.2f} of {found['nproc']} cores "
+            "busy: other load on the machine, or the one client process, limited it; the "
+            "ratio then says little about the gateway"
+        )
