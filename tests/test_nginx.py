@@ -20,11 +20,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from recgw.v1 import upload_pb2, upload_pb2_grpc
 
+from recgw_client import RecgwError, UploadResult
 from recgw_client import sync as client
 from recgw_client.retry import RetryPolicy
 from recgw_server.dev.stack import MotoS3, PostgresCluster, wait_until
@@ -69,14 +71,24 @@ def replace_once(text: str, old: str, new: str) -> str:
     return text.replace(old, new)
 
 
-def example_config(port: int, upstreams: list[str], *, keep_body_size: bool = True) -> str:
-    """The shipped example with this test's addresses (and optionally without the body size)."""
+def example_config(
+    port: int,
+    upstreams: list[str],
+    *,
+    keep_body_size: bool = True,
+    timeouts: dict[str, str] | None = None,
+) -> str:
+    """The shipped example with this test's addresses; optionally without the body size, or
+    with some timeouts scaled down."""
     text = EXAMPLE.read_text()
     text = replace_once(text, LISTEN, f"listen 127.0.0.1:{port} http2;")
     for placeholder, address in zip(REPLICA_ADDRESSES, upstreams, strict=True):
         text = replace_once(text, f"server {placeholder} ", f"server {address} ")
     if not keep_body_size:
         text = replace_once(text, BODY_SIZE, "")
+    for directive, value in (timeouts or {}).items():
+        text, count = re.subn(rf"\n(\s+){directive}\s+\w+;", rf"\n\1{directive} {value};", text)
+        assert count == 1, f"examples/nginx/recgw.conf must set {directive} once"
     return text
 
 
@@ -167,7 +179,7 @@ def replicas(make_gateway: Callable[..., GatewayThread], postgres: PostgresClust
 def start_nginx(replicas: Replicas) -> Iterator[Callable[..., Nginx]]:
     started: list[Nginx] = []
 
-    def start(**options: bool) -> Nginx:
+    def start(**options: Any) -> Nginx:
         site = example_config(free_port(), [replicas.a.address, replicas.b.address], **options)
         started.append(Nginx(site))
         return started[-1]
@@ -179,7 +191,7 @@ def start_nginx(replicas: Replicas) -> Iterator[Callable[..., Nginx]]:
 
 def client_upload(
     nginx: Nginx, tenant: Tenant, name: str, source: object, **options: object
-) -> client.UploadResult:
+) -> UploadResult:
     return client.upload(
         nginx.address,
         UPLOADER_TOKEN,
@@ -301,9 +313,81 @@ def test_without_client_max_body_size_0_large_uploads_fail_with_413(
                 metadata=UPLOADER,
                 timeout=60,
             )
-    print(failed.value.code(), failed.value.details())
-    assert failed.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
-    assert "413" in nginx.errors() or "too large" in nginx.errors()
+    # gRPC maps an HTTP 413 to UNKNOWN; the retrying clients would retry it in vain
+    assert failed.value.code() == grpc.StatusCode.UNKNOWN
+    assert "status: 413" in str(failed.value.details())
+    # ... counting the whole stream, not one message
+    assert "client intended to send too large chunked body" in nginx.errors()
 
 
-_ = (threading, upload_pb2)
+def beating_upload(
+    nginx: Nginx, tenant: Tenant, name: str, pause: float
+) -> tuple[bytes, UploadResult | grpc.RpcError, list[object]]:
+    """A live source that pauses for `pause` seconds after 1 MiB; the client sends heartbeats
+    every 0.25 s meanwhile. Returns the data, the result (or the first failure) and retries."""
+    data = os.urandom(2 * MiB)
+    source = GatedSource(data, [MiB])
+    failures: list[object] = []
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(
+            client_upload,
+            nginx,
+            tenant,
+            name,
+            source,
+            heartbeat_interval=0.25,
+            on_retry=lambda attempt, error, size: failures.append(error),
+        )
+        assert source.reached[MiB].wait(60)
+        threading.Event().wait(pause)
+        source.gates[MiB].set()
+        return data, future.result(timeout=60), failures
+
+
+def test_a_silence_longer_than_client_body_timeout_cuts_the_stream_unless_the_client_beats(
+    replicas: Replicas,
+    start_nginx: Callable[..., Nginx],
+    moto: MotoS3,
+    new_tenant: Callable[..., Tenant],
+) -> None:
+    """Why client_body_timeout must exceed the longest silence between messages: scaled down to
+    1 s, a stream silent for 2.5 s is cut (INTERNAL), while the client's heartbeats carry a
+    paused live source through the same pause."""
+    nginx = start_nginx(timeouts={"client_body_timeout": "1s"})
+    tenant = new_tenant(gateway=replicas.a)
+
+    def silent() -> Iterator[upload_pb2.UploadRequest]:
+        first, rest = upload_messages(tenant.tenant_id, "silent.bin", os.urandom(2 * MiB))
+        yield first
+        threading.Event().wait(2.5)
+        yield rest
+
+    with grpc.insecure_channel(nginx.address) as channel, pytest.raises(grpc.RpcError) as cut:
+        upload_pb2_grpc.UploadServiceStub(channel).Upload(silent(), metadata=UPLOADER, timeout=60)
+    assert cut.value.code() == grpc.StatusCode.INTERNAL
+    assert "RST_STREAM" in str(cut.value.details())  # nginx reset it
+
+    data, result, failures = beating_upload(nginx, tenant, "beating.bin", 2.5)
+    assert failures == []
+    assert isinstance(result, UploadResult)
+    assert read_object(moto, tenant.bucket, result.key) == data
+
+
+def test_heartbeats_do_not_reset_grpc_read_timeout(
+    replicas: Replicas,
+    start_nginx: Callable[..., Nginx],
+    moto: MotoS3,
+    new_tenant: Callable[..., Tenant],
+) -> None:
+    """Why grpc_read_timeout must exceed the longest pause of a recording, not only the longest
+    silence between messages: it waits for the replica, which sends nothing while only
+    heartbeats arrive (flow-control updates come only after enough data), so a pause longer
+    than it cuts the stream. The client resumes, so nothing is lost, but every such pause costs
+    a resume."""
+    nginx = start_nginx(timeouts={"grpc_read_timeout": "1s"})
+    tenant = new_tenant(gateway=replicas.a)
+    data, result, failures = beating_upload(nginx, tenant, "paused.bin", 2.5)
+    assert failures, "the stream should have been cut"
+    assert all(isinstance(f, RecgwError) and f.code == grpc.StatusCode.INTERNAL for f in failures)
+    assert isinstance(result, UploadResult)
+    assert read_object(moto, tenant.bucket, result.key) == data
