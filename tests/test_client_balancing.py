@@ -3,6 +3,7 @@ builds, and end to end over two in-process replicas sharing real PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import uuid
@@ -11,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from recgw_client import UploadClient
 from recgw_client import sync as client
 from recgw_client._channel import is_loopback_target, open_channel, target_for
 from recgw_client.retry import RetryPolicy
@@ -69,14 +71,29 @@ def test_uploads_spread_over_both_replicas(
     replicas: Replicas, moto: MotoS3, new_tenant: Callable[..., Tenant]
 ) -> None:
     tenant = new_tenant(gateway=replicas.a)
-    addresses = [replicas.a.address, replicas.b.address]
-    for index in range(6):
-        data = os.urandom(100_000 + index)
-        result = client.upload(addresses, UPLOADER_TOKEN, data, tenant.tenant_id, f"rr-{index}")
-        assert read_object(moto, tenant.bucket, result.key) == data
-    a, b = replicas.started(replicas.a), replicas.started(replicas.b)
-    assert a + b == 6
-    assert a >= 2 and b >= 2, f"round_robin sent {a:g} uploads to A and {b:g} to B"
+
+    async def uploads() -> None:
+        async with UploadClient([replicas.a.address, replicas.b.address], UPLOADER_TOKEN) as up:
+
+            async def one(name: str) -> None:
+                data = os.urandom(100_000)
+                result = await up.upload(data, tenant.tenant_id, name)
+                assert read_object(moto, tenant.bucket, result.key) == data
+
+            # round_robin uses the replicas it is connected to; the second may connect later
+            for index in range(20):
+                if replicas.started(replicas.a) and replicas.started(replicas.b):
+                    break
+                await one(f"warm-{index}")
+            before = replicas.started(replicas.a), replicas.started(replicas.b)
+            assert all(before), "the client never connected to both replicas"
+            for index in range(6):
+                await one(f"rr-{index}")
+            a = replicas.started(replicas.a) - before[0]
+            b = replicas.started(replicas.b) - before[1]
+            assert a >= 2 and b >= 2, f"round_robin sent {a:g} uploads to A and {b:g} to B"
+
+    asyncio.run(uploads())
 
 
 def test_an_upload_whose_replica_stops_completes_through_the_other(
