@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"time"
 
@@ -13,7 +14,14 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/resolver"
+	"google.golang.org/grpc/resolver/manual"
 )
+
+// roundRobin sends every call (each upload stream, each status query) to the next address that
+// is up: uploads spread over the replicas a DNS name or DialReplicas names, and a resume after a
+// lost replica goes to a live one.
+const roundRobin = `{"loadBalancingConfig": [{"round_robin": {}}]}`
 
 // Keepalive pings on open streams, so a connection that dies without a reset is noticed and the
 // upload resumes; the gateway permits pings every 10 s or more.
@@ -65,6 +73,41 @@ func WithDialOptions(opts ...grpc.DialOption) Option {
 // lazily and re-established after failures; close it when done. One connection serves any number
 // of Clients and CredentialsAdmins.
 func Dial(addr string, opts ...Option) (*grpc.ClientConn, error) {
+	return dial(addr, nil, opts)
+}
+
+// DialReplicas opens one connection that balances over several gateway replicas (gRPC's
+// round_robin over a static list of "host:port" addresses): each call goes to the next replica
+// that is up. The replicas must share one PostgreSQL session store, so any of them resumes any
+// upload. Over TLS each replica's certificate is checked against the host of its address unless
+// WithServerName names one for all. For a DNS name resolving to every replica, Dial balances
+// the same way.
+func DialReplicas(addrs []string, opts ...Option) (*grpc.ClientConn, error) {
+	if len(addrs) == 0 {
+		return nil, errors.New("recgw: DialReplicas needs at least one address")
+	}
+	var cfg dialConfig
+	for _, opt := range opts {
+		opt(&cfg)
+	}
+	state := resolver.State{}
+	for _, addr := range addrs {
+		host, _, err := net.SplitHostPort(addr)
+		if err != nil || host == "" {
+			return nil, fmt.Errorf("recgw: replica address %q is not host:port", addr)
+		}
+		address := resolver.Address{Addr: addr}
+		if !cfg.plaintext && cfg.serverName == "" {
+			address.ServerName = host
+		}
+		state.Addresses = append(state.Addresses, address)
+	}
+	static := manual.NewBuilderWithScheme("recgw-replicas")
+	static.InitialState(state)
+	return dial(static.Scheme()+":///replicas", static, opts)
+}
+
+func dial(addr string, static resolver.Builder, opts []Option) (*grpc.ClientConn, error) {
 	var cfg dialConfig
 	for _, opt := range opts {
 		opt(&cfg)
@@ -75,6 +118,7 @@ func Dial(addr string, opts ...Option) (*grpc.ClientConn, error) {
 	}
 	dialOptions := []grpc.DialOption{
 		grpc.WithTransportCredentials(creds),
+		grpc.WithDefaultServiceConfig(roundRobin),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{
 			Time:    keepaliveTime,
 			Timeout: keepaliveTimeout,
@@ -90,6 +134,9 @@ func Dial(addr string, opts ...Option) (*grpc.ClientConn, error) {
 			},
 			MinConnectTimeout: 5 * time.Second,
 		}),
+	}
+	if static != nil {
+		dialOptions = append(dialOptions, grpc.WithResolvers(static))
 	}
 	dialOptions = append(dialOptions, cfg.dialOptions...)
 	conn, err := grpc.NewClient(addr, dialOptions...)

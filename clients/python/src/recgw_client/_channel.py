@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
 
-__all__ = ["TlsConfig", "channel_credentials_for", "is_loopback_target"]
+__all__ = ["TlsConfig", "channel_credentials_for", "is_loopback_target", "target_for"]
 
 DEFAULT_TIMEOUT = 30.0
 # HTTP/2 pings while a stream is open, so a connection that dies silently (no reset) is noticed
 # within seconds and the upload resumes; the gateway accepts pings this often.
+# round_robin: every call (each upload stream, each status query) goes to the next of the
+# target's addresses that is up, so uploads spread over the replicas a DNS name or a list of
+# addresses names, and a resume after a lost replica goes to a live one.
 CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.lb_policy_name", "round_robin"),
 )
 
-ChannelOrTarget = grpc.aio.Channel | str
+ChannelOrTarget = grpc.aio.Channel | str | Sequence[str]
 PathLike = str | os.PathLike[str]
 
 
@@ -69,6 +74,53 @@ def _read(path: PathLike | None, what: str) -> bytes | None:
         raise ValueError(f"cannot read the {what} {os.fspath(path)}: {err.strerror}") from None
 
 
+def target_for(addresses: str | Sequence[str]) -> str:
+    """The gRPC target of one address, or of several replicas' addresses.
+
+    Several addresses (a list, or one string separated by commas) must be IP
+    addresses with ports (``10.0.0.11:50051``, ``[fd00::11]:50051``): they
+    become one ``ipv4:``/``ipv6:`` target that the channel balances over
+    (round_robin). For names, give one DNS name that resolves to every
+    replica (``dns:///recgw.internal:50051``).
+    """
+    if isinstance(addresses, str):
+        if "," not in addresses:
+            return addresses
+        for scheme in ("ipv4:", "ipv6:"):
+            if addresses.startswith(scheme):
+                return addresses
+        addresses = addresses.split(",")
+    parts = [address.strip() for address in addresses]
+    if not parts or not all(parts):
+        raise ValueError("an empty gateway address in the list of addresses")
+    if len(parts) == 1:
+        return parts[0]
+    families = set()
+    for address in parts:
+        host, sep, port = address.rpartition(":")
+        try:
+            ip = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            ip = None
+        if not sep or not port.isdigit() or ip is None:
+            raise ValueError(
+                f"several gateway addresses must each be IP:port ({address!r} is not); for "
+                "names, give one DNS name that resolves to every replica"
+            )
+        families.add(ip.version)
+    if len(families) > 1:
+        raise ValueError("several gateway addresses must be all IPv4 or all IPv6")
+    return f"ipv{families.pop()}:" + ",".join(parts)
+
+
+def _addresses(target: str) -> list[str]:
+    """The addresses of a target: one, or those of an ``ipv4:``/``ipv6:`` list."""
+    for scheme in ("ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            return target[len(scheme) :].split(",")
+    return [target]
+
+
 def _host(target: str) -> str:
     """The host of a gRPC target such as ``host:port``, ``[::1]:50051`` or ``dns:///host:port``."""
     for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
@@ -86,7 +138,11 @@ def is_loopback_target(target: str) -> bool:
     """Whether the address is this machine's loopback (127.0.0.0/8, ::1, localhost)."""
     if target.startswith("unix:"):
         return True
-    host = _host(target).lower()
+    return all(_is_loopback_host(_host(address)) for address in _addresses(target))
+
+
+def _is_loopback_host(host: str) -> bool:
+    host = host.lower()
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
@@ -121,16 +177,23 @@ def open_channel(
     credentials: grpc.ChannelCredentials | None = None,
 ) -> tuple[grpc.aio.Channel, bool]:
     """The channel to use, and whether the caller owns (must close) it."""
-    if not isinstance(channel_or_target, str):
+    if not isinstance(channel_or_target, str | Sequence):
         if credentials is not None or tls is not None or plaintext is not None:
             raise ValueError("TLS options and credentials only apply when an address is given")
         return channel_or_target, False
-    target = channel_or_target
+    target = target_for(channel_or_target)
+    several = len(_addresses(target)) > 1
     if credentials is not None:
         if plaintext:
             raise ValueError("pass either plaintext=True or channel_credentials, not both")
     else:
         credentials = channel_credentials_for(target, tls, plaintext)
+    if several and credentials is not None and (tls is None or tls.server_name is None):
+        # the target names no host to check the replicas' certificates against
+        raise ValueError(
+            "TLS to several gateway addresses needs the name their certificates carry: "
+            "tls=TlsConfig(server_name=...)"
+        )
     options = CHANNEL_OPTIONS + (tls.channel_options() if tls is not None else ())
     if credentials is None:
         return grpc.aio.insecure_channel(target, options), True

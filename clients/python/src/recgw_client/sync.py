@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import grpc
 
@@ -41,7 +41,7 @@ SyncSource = str | os.PathLike[str] | bytes | bytearray | memoryview | Readable 
 
 
 def upload(
-    target: str,
+    target: str | Sequence[str],
     token: str,
     source: SyncSource,
     tenant_id: str,
@@ -101,7 +101,7 @@ def upload(
 
 
 def get_upload_status(
-    target: str,
+    target: str | Sequence[str],
     token: str,
     upload_id: str,
     *,
@@ -125,7 +125,7 @@ def get_upload_status(
 
 
 def abort_upload(
-    target: str,
+    target: str | Sequence[str],
     token: str,
     upload_id: str,
     *,
@@ -149,7 +149,7 @@ def abort_upload(
 
 
 def salvage_upload(
-    target: str,
+    target: str | Sequence[str],
     token: str,
     upload_id: str,
     *,

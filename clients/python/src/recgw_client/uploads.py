@@ -928,10 +928,13 @@ class UploadClient:
     """Client of UploadService; one instance may run many uploads at once.
 
     ``channel_or_target`` is a ``grpc.aio.Channel`` (not closed by this client)
-    or an address such as ``"gateway:50051"`` (a channel the client owns). For
-    an address, ``tls`` sets the CA file, client certificate and key (mTLS)
-    and the TLS server name; ``plaintext=True`` turns TLS off, which is also
-    the default for loopback addresses (127.0.0.0/8, ::1, localhost) only:
+    or an address such as ``"gateway:50051"`` (a channel the client owns), or
+    several replicas' IP addresses (a list, or one string separated by
+    commas), over which calls are balanced round_robin (so are the addresses a
+    DNS name resolves to). For an address, ``tls`` sets the CA file, client
+    certificate and key (mTLS) and the TLS server name; ``plaintext=True``
+    turns TLS off, which is also the default for loopback addresses
+    (127.0.0.0/8, ::1, localhost) only:
     any other address uses TLS with the system's root certificates unless
     told otherwise. ``channel_credentials`` gives full control instead.
     ``token`` is the bearer token of an ``uploader``.
