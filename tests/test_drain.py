@@ -9,27 +9,48 @@ lease to lapse would be obvious.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
-from recgw.v1 import upload_pb2, upload_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from recgw.v1 import credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
 
-from recgw_server.dev.stack import MotoS3, PostgresCluster, wait_until
+from recgw_client import UploadResult
+from recgw_client import upload as client_upload
+from recgw_server.auth.tokens import hash_token
+from recgw_server.dev.stack import (
+    MotoS3,
+    OpenBao,
+    PostgresCluster,
+    VaultIdentities,
+    free_port,
+    wait_until,
+)
 from recgw_server.domain import Reason, RecgwError
 from recgw_server.pipeline.model import StartRequest
 from tests.harness import (
+    ADMIN_TOKEN,
     UPLOADER,
+    UPLOADER_TOKEN,
     GatewayThread,
     MiB,
+    ServedGateway,
     Tenant,
+    assert_no_secrets,
     error_info,
     read_object,
     resume_messages,
+    set_credentials,
     upload,
     upload_messages,
 )
@@ -160,13 +181,12 @@ def test_a_stream_that_finishes_within_the_grace_completes_and_new_streams_go_el
         # A stream that reaches the pipeline while draining is refused (the listener is closed
         # too, so new connections are refused before that).
         assert refused(StartRequest(tenant.tenant_id, "late.bin", upload_id=str(uuid.uuid4())))
-        with grpc.insecure_channel(a.address) as channel:
-            with pytest.raises(grpc.RpcError) as new_stream:
-                upload_pb2_grpc.UploadServiceStub(channel).Upload(
-                    upload_messages(tenant.tenant_id, "late.bin", b"late"),
-                    metadata=UPLOADER,
-                    timeout=10,
-                )
+        with grpc.insecure_channel(a.address) as late, pytest.raises(grpc.RpcError) as new_stream:
+            upload_pb2_grpc.UploadServiceStub(late).Upload(
+                upload_messages(tenant.tenant_id, "late.bin", b"late"),
+                metadata=UPLOADER,
+                timeout=10,
+            )
         assert new_stream.value.code() == grpc.StatusCode.UNAVAILABLE
         assert error_info(new_stream.value)[0] in ("", "SHUTTING_DOWN")
         stream.go.set()
@@ -214,3 +234,154 @@ def test_a_stream_mid_part_at_the_end_of_the_grace_resumes_on_b_at_once(
     record = stored(pair.url, stream.upload_id)
     assert (record.state, record.generation) == ("complete", 2)
     assert stopping.join() < grace + 5
+
+
+def served_replica(
+    tmp_path: Path, name: str, url: str, openbao: OpenBao, identities: VaultIdentities
+) -> ServedGateway:
+    """`recgw serve` as a process, one replica over the shared PostgreSQL database `url`."""
+    port = free_port()
+    home = tmp_path / name
+    home.mkdir()
+    config = home / "recgw.toml"
+    config.write_text(
+        f"""
+listen = "127.0.0.1:{port}"
+plaintext = true
+data_dir = "{home / "data"}"
+shutdown_grace_seconds = 20
+
+[audit]
+sink = "{home / "audit.jsonl"}"
+
+[[tokens]]
+name = "uploader"
+role = "uploader"
+sha256 = "{hash_token(UPLOADER_TOKEN)}"
+tenants = ["*"]
+
+[[tokens]]
+name = "admin"
+role = "admin"
+sha256 = "{hash_token(ADMIN_TOKEN)}"
+tenants = ["*"]
+
+[vault]
+address = "{openbao.address}"
+
+[vault.writer]
+method = "approle"
+role_id = "{identities.writer.role_id}"
+
+[vault.reader]
+method = "approle"
+role_id = "{identities.reader.role_id}"
+
+[uploads]
+part_size_mib = 5
+
+[sessions]
+url = "{url}"
+replica_id = "{name}"
+lease_seconds = {LEASE_SECONDS}
+heartbeat_seconds = 1
+"""
+    )
+    assert identities.writer.secret_id and identities.reader.secret_id
+    env = {
+        **os.environ,
+        "RECGW_VAULT__WRITER__SECRET_ID": identities.writer.secret_id.reveal(),
+        "RECGW_VAULT__READER__SECRET_ID": identities.reader.secret_id.reveal(),
+    }
+    return ServedGateway(config, env, port, home / "serve.log")
+
+
+def holder_of(url: str, upload_id: str) -> str:
+    record = stored(url, upload_id)
+    return str(record.holder) if record is not None else ""
+
+
+def refuses_connections(port: int) -> bool:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.RpcError as error:
+            return error.code() == grpc.StatusCode.UNAVAILABLE
+    return False
+
+
+def test_sigterm_on_recgw_serve_while_a_python_client_uploads_loses_nothing(
+    tmp_path: Path,
+    postgres: PostgresCluster,
+    openbao: OpenBao,
+    identities: VaultIdentities,
+    moto: MotoS3,
+    new_tenant: Callable[..., Tenant],
+) -> None:
+    """Two `recgw serve` processes; the client balances over both (round_robin). SIGTERM to the
+    one writing: its stream ends at the next part boundary, the client resumes on the other."""
+    url = postgres.create_database()
+    replicas = [served_replica(tmp_path, n, url, openbao, identities) for n in ("p-a", "p-b")]
+    try:
+        with ThreadPoolExecutor() as starting:  # both start at once
+            list(starting.map(ServedGateway.start, replicas))
+        tenant = new_tenant()
+        with grpc.insecure_channel(f"127.0.0.1:{replicas[0].port}") as admin:
+            stubs = SimpleNamespace(credentials=credentials_pb2_grpc.CredentialsServiceStub(admin))
+            set_credentials(stubs, tenant, endpoint_url=moto.endpoint_url)
+        data = os.urandom(16 * MiB)
+        upload_id = str(uuid.uuid4())
+        retries: list[tuple[int, str, int]] = []
+
+        async def scenario() -> tuple[UploadResult, ServedGateway]:
+            gate = asyncio.Event()
+
+            async def source() -> AsyncIterator[bytes]:
+                for offset in range(0, len(data), MiB):
+                    if offset == 7 * MiB:
+                        await gate.wait()
+                    yield data[offset : offset + MiB]
+
+            target = ",".join(f"127.0.0.1:{r.port}" for r in replicas)
+            channel = grpc.aio.insecure_channel(
+                f"ipv4:{target}", options=[("grpc.lb_policy_name", "round_robin")]
+            )
+            async with channel:
+                running = asyncio.ensure_future(
+                    client_upload(
+                        channel,
+                        UPLOADER_TOKEN,
+                        source(),
+                        tenant.tenant_id,
+                        "sigterm.bin",
+                        upload_id=upload_id,
+                        on_retry=lambda n, e, at: retries.append((n, e.reason, at)),
+                    )
+                )
+                await asyncio.to_thread(
+                    wait_until, lambda: holder_of(url, upload_id), 30, "the upload to start"
+                )
+                holder = await asyncio.to_thread(holder_of, url, upload_id)
+                writer = next(r for r in replicas if r.config.parent.name == holder)
+                assert writer.process is not None
+                writer.process.send_signal(signal.SIGTERM)
+                await asyncio.to_thread(
+                    wait_until, lambda: refuses_connections(writer.port), 30, "the drain"
+                )
+                gate.set()
+                return await running, writer
+
+        result, writer = asyncio.run(scenario())
+        assert result.size == len(data)
+        assert read_object(moto, tenant.bucket, result.key) == data
+        # The stream ended at the boundary of part 2 (10 MiB), and resumed from exactly there.
+        assert retries == [(2, "SHUTTING_DOWN", 10 * MiB)]
+        assert writer.process is not None and writer.process.wait(timeout=30) == 0
+        log_text = writer.log.read_text()
+        assert "stream ended at byte 10485760 for the shutdown" in log_text
+        assert_no_secrets(log_text)
+        record = stored(url, upload_id)
+        assert (record.state, record.holder, record.generation) == ("complete", "", 2)
+    finally:
+        for replica in replicas:
+            replica.stop()
