@@ -372,7 +372,14 @@ class UploadManager:
 
     async def status(self, upload_id: str) -> UploadStatus:
         upload = await self._existing(upload_id)
-        return upload.status()
+        if upload.busy:
+            return upload.status()  # written here right now: memory is ahead of the store
+        # Another replica may have written it since: then the store has the truth.
+        record = await self.sessions.get(upload_id)
+        known = upload.lease.generation if upload.lease is not None else upload.record.generation
+        if record is None or record.generation == known:
+            return upload.status()
+        return Upload(self, record, None).status()
 
     async def abort(self, upload_id: str) -> AbortReport:
         """Abort an upload that is not complete; report what is left in S3."""

@@ -112,6 +112,8 @@ class Upload:
         self._prefix = 0  # parts 1.._prefix are all durably written: the committed prefix
         self.committed = 0
         self._advance_prefix()
+        if self.result is not None:  # a finished upload (a single PutObject has no parts)
+            self.committed = self.result.size
         self.received = self.committed
         self._reset_to_prefix()
         self.tail = record.tail
@@ -246,6 +248,15 @@ class Upload:
         # Not a stream that has met its error and is ending by itself: it owes its client a status.
         if self._stream is stream and not self._ending and not stream.done():
             stream.cancel()
+
+    @property
+    def busy(self) -> bool:
+        """A stream, finish, abort or detach of this process is at work on this upload."""
+        return (
+            self.attached
+            or self._detach_task is not None
+            or any(t is not None and not t.done() for t in (self._fail_task, self._finish_task))
+        )
 
     @property
     def stream_task(self) -> asyncio.Task[object] | None:
