@@ -199,7 +199,6 @@ def _settings_values(
 async def _start_in_process(
     options: DevOptions, values: dict[str, Any], identities: VaultIdentities
 ) -> Gateway:
-    assert identities.writer.secret_id and identities.reader.secret_id
     vault = values["vault"]
     for kind, identity in (("writer", identities.writer), ("reader", identities.reader)):
         assert identity.secret_id is not None
