@@ -166,11 +166,11 @@ class GatewayThread:
     def call_soon(self, fn: Any) -> None:
         self.loop.call_soon_threadsafe(fn)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 1.0) -> None:
         if not self._thread.is_alive():
             return
         self.channel.close()
-        self.run(self.gateway.stop(grace=1.0))
+        self.run(self.gateway.stop(grace=grace), timeout=grace + 60)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
 

@@ -487,15 +487,23 @@ class Gateway:
                 log.exception("expiring idle uploads failed; trying again later")
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop taking new streams, let running ones finish within the grace period."""
+        """Drain, then stop (SIGTERM): take no new streams; within the grace period let running
+        streams reach a part boundary or finish, and detach the rest, releasing their leases so
+        other replicas resume them at once."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        for task in (self._expiry, self._spiller, self._dispatcher, self._rechecks, self._watch):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        # Streams that slip in before the listener closes are refused with SHUTTING_DOWN.
+        self.manager.draining = True
+        await self._cancel(self._expiry, self._dispatcher, self._rechecks, self._watch)
+        stopping: asyncio.Future[None] | None = None
         if self._server is not None:
-            grace = self.settings.shutdown_grace_seconds if grace is None else grace
-            await self._server.stop(grace)
+            # Closes the listener and sends GOAWAY at once: new calls go to other replicas.
+            stopping = asyncio.ensure_future(self._server.stop(grace))
+        log.info("draining: running streams get %g s to reach a part boundary or finish", grace)
+        await self.manager.drain(grace)
+        if stopping is not None:
+            await stopping
+        await self._cancel(self._spiller)  # it kept slow parts of draining streams on disk
         await self.manager.close()
         # Only now: the leases of draining streams had to stay alive until they detached.
         if self.heartbeats is not None:
@@ -510,6 +518,13 @@ class Gateway:
         if self._data_dir_lock >= 0:
             os.close(self._data_dir_lock)
             self._data_dir_lock = -1
+
+    @staticmethod
+    async def _cancel(*tasks: asyncio.Task[None] | None) -> None:
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def wait(self) -> None:
         if self._server is not None:

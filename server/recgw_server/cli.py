@@ -115,9 +115,20 @@ def dev(
             "(mode 0600), for test runners; the banner stays for people."
         ),
     ] = None,
+    replicas: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=16,
+            help="Run this many `recgw serve` replicas on consecutive ports from --port (and "
+            "--metrics-port), over a throwaway PostgreSQL cluster (needs its server binaries), "
+            "instead of one gateway over SQLite.",
+        ),
+    ] = 0,
 ) -> None:
     """Start a local stack: OpenBao, moto (S3 with IAM on), a demo tenant and the gateway."""
     from recgw_server.dev.command import DevOptions, run_dev
+    from recgw_server.dev.replicas import DevStackError
 
     configure_logging("INFO")
     options = DevOptions(
@@ -128,8 +139,13 @@ def dev(
         data_dir=data_dir,
         tls="mtls" if mtls else "tls" if tls else "",
         env_file=env_file,
+        replicas=replicas,
     )
-    asyncio.run(run_dev(options))
+    try:
+        asyncio.run(run_dev(options))
+    except DevStackError as error:
+        typer.echo(f"recgw dev: {error}", err=True)
+        raise typer.Exit(1) from None
 
 
 _POLICY_NOTE = """\

@@ -204,6 +204,7 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
         except RecgwError as error:
             if upload is not None:
                 await upload.stream_failed(error)
+                error = self._after_detach(upload, error)
             await abort_with(context, self._metrics, error)
         except asyncio.CancelledError:
             interruption = upload.interruption() if upload is not None else None
@@ -213,9 +214,9 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
                     reason = RecgwError(ErrorKind.CANCELLED, "the stream was cancelled")
                     self._manager.abandon(upload, reason)
                 raise
-            # Taken over by a newer stream, or aborted: end this stream with that reason.
+            # Taken over by a newer stream, aborted, or shutting down: end with that reason.
             await upload.stream_failed(interruption)
-            await abort_with(context, self._metrics, interruption)
+            await abort_with(context, self._metrics, self._after_detach(upload, interruption))
         except Exception as exc:
             # Includes transport failures while reading (for example a message over the size
             # limit): uncommitted bytes are dropped, the upload stays resumable.
@@ -227,6 +228,12 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
         finally:
             if slot is not None:
                 slot.release()
+
+    def _after_detach(self, upload: ActiveUpload, error: RecgwError) -> RecgwError:
+        """A shutdown's error names the committed size once the parts in flight have landed."""
+        if error.reason is Reason.SHUTTING_DOWN and upload.state is UploadState.OPEN:
+            return self._manager.shutting_down(upload)
+        return error
 
     async def _repeat_finish(
         self,
@@ -258,7 +265,7 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
                 raise out_of_order("only the first message may carry 'start'; this stream sent two")
             first = False
             crc = message.data_crc32c if message.HasField("data_crc32c") else None
-            await upload.write(message.write_offset, message.data, crc)
+            await upload.write(message.write_offset, message.data, crc, message.finish_write)
             if message.finish_write:
                 expected = _expected_checksums(message)
                 if await anext(request_iterator, None) is not None:

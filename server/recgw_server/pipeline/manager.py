@@ -41,6 +41,9 @@ from recgw_server.storage.base import AbortOutcome, ObjectStore, ObjectWriter
 
 log = logging.getLogger(__name__)
 
+# At most this much of the shutdown grace is kept for detaching the streams still mid-part.
+_DETACH_RESERVE = 2.0
+
 
 class UploadManager:
     """Opens, resumes, aborts and expires uploads; keeps recent ones in memory."""
@@ -70,6 +73,8 @@ class UploadManager:
         self._loading: dict[str, asyncio.Future[Upload | None]] = {}
         self._starting: set[str] = set()
         self._cleanups: set[asyncio.Task[None]] = set()
+        # Shutting down: no new streams; running ones end at their next part boundary.
+        self.draining = False
 
     async def _credentials(self, tenant_id: str) -> TenantCredentials:
         credentials = await self.credentials.get(tenant_id)
@@ -134,6 +139,13 @@ class UploadManager:
         `stream` is the task that drives the upload; a takeover or AbortUpload cancels it.
         """
         upload_id = validate_start(request)
+        if self.draining:
+            raise RecgwError(
+                ErrorKind.UNAVAILABLE,
+                "this gateway replica is shutting down and takes no new streams; retry on "
+                "another replica (or after the restart)",
+                reason=Reason.SHUTTING_DOWN,
+            )
         existing = await self.find(upload_id)
         if upload_id in self._starting:
             raise RecgwError(
@@ -360,7 +372,14 @@ class UploadManager:
 
     async def status(self, upload_id: str) -> UploadStatus:
         upload = await self._existing(upload_id)
-        return upload.status()
+        if upload.busy:
+            return upload.status()  # written here right now: memory is ahead of the store
+        # Another replica may have written it since: then the store has the truth.
+        record = await self.sessions.get(upload_id)
+        known = upload.lease.generation if upload.lease is not None else upload.record.generation
+        if record is None or record.generation == known:
+            return upload.status()
+        return Upload(self, record, None).status()
 
     async def abort(self, upload_id: str) -> AbortReport:
         """Abort an upload that is not complete; report what is left in S3."""
@@ -453,23 +472,62 @@ class UploadManager:
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
+    def shutting_down(self, upload: Upload) -> RecgwError:
+        """The error that ends a stream because this replica shuts down, with where to resume."""
+        return RecgwError(
+            ErrorKind.UNAVAILABLE,
+            f"the gateway replica is shutting down; resume upload {upload.upload_id} from its "
+            f"committed size {upload.committed} on another replica (or after the restart)",
+            reason=Reason.SHUTTING_DOWN,
+            details={"upload_id": upload.upload_id, "committed_size": str(upload.committed)},
+        )
+
+    def _streaming(self) -> list[Upload]:
+        return [u for u in self._uploads.values() if u.attached]
+
+    async def drain(self, grace: float) -> None:
+        """Shutdown: take no new streams and end the running ones within `grace` seconds.
+
+        A stream that reaches a part boundary ends there once that part is committed, one that
+        finishes meanwhile finishes; the rest are ended with SHUTTING_DOWN when the grace is
+        nearly over, detached (uncommitted bytes dropped), their leases released, so that
+        another replica can resume them at once.
+        """
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace
+        # The last part of the grace is for detaching: waiting for parts in flight, answering.
+        reserve = min(_DETACH_RESERVE, grace / 4)
+        await _wait_for_streams(self._streaming(), end - reserve - loop.time())
+        left = [u for u in self._streaming() if u.state is UploadState.OPEN]
+        if left:
+            log.info("shutting down: detaching %d streams still mid-part", len(left))
+        for upload in left:
+            upload.interrupt(self.shutting_down(upload), unless_active=reserve / 2)
+        await _wait_for_streams(left, end - loop.time())
+
     async def close(self) -> None:
         """Detach every stream and wait for all clean-up (on shutdown).
 
         Open uploads stay open in the session store, to be resumed after the restart. Only
         after this may the object store's threads be shut down.
         """
-        shutting_down = RecgwError(
-            ErrorKind.UNAVAILABLE, "the gateway is shutting down", reason=Reason.SHUTTING_DOWN
-        )
+        self.draining = True
         while any(u.attached for u in self._uploads.values()) or self._cleanups:
             for upload in [u for u in self._uploads.values() if u.attached]:
                 if upload.state is UploadState.OPEN:
-                    self.abandon(upload, shutting_down)
+                    self.abandon(upload, self.shutting_down(upload))
                 elif upload._finish_task is not None:
                     await asyncio.gather(upload._finish_task, return_exceptions=True)
                     upload.attached = False
             await asyncio.gather(*self._cleanups, return_exceptions=True)
+
+
+async def _wait_for_streams(uploads: list[Upload], seconds: float) -> None:
+    """Wait until the streams writing `uploads` have ended, for at most `seconds`."""
+    tasks = {u.stream_task for u in uploads if u.stream_task is not None}
+    if tasks and seconds > 0:
+        await asyncio.wait(tasks, timeout=seconds)
 
 
 def _abort_report(upload: Upload) -> AbortReport:

@@ -112,6 +112,8 @@ class Upload:
         self._prefix = 0  # parts 1.._prefix are all durably written: the committed prefix
         self.committed = 0
         self._advance_prefix()
+        if self.result is not None:  # a finished upload (a single PutObject has no parts)
+            self.committed = self.result.size
         self.received = self.committed
         self._reset_to_prefix()
         self.tail = record.tail
@@ -125,6 +127,7 @@ class Upload:
         self._detach_task: asyncio.Task[None] | None = None
         self._stream: asyncio.Task[object] | None = None
         self._interruption: RecgwError | None = None
+        self._ending = False
         self.last_activity = time.monotonic()
         self.attached = False
         self.abort_requested = asyncio.Event()
@@ -178,6 +181,7 @@ class Upload:
         self.attached = True
         self._stream = stream
         self._interruption = None
+        self._ending = False
         self._background_error = None
         self.last_activity = time.monotonic()
 
@@ -232,13 +236,32 @@ class Upload:
         """
         self._interruption = error
         stream = self._stream
-        if stream is None or stream.done():
+        if stream is None or stream.done() or self._ending:
             return
         if unless_active is not None and time.monotonic() - self.last_activity < unless_active:
             # An active stream ends at its next message; one that sends none is cancelled.
-            asyncio.get_running_loop().call_later(unless_active, _cancel_if_running, stream)
+            asyncio.get_running_loop().call_later(unless_active, self._cancel_if_writing, stream)
             return
         stream.cancel()
+
+    def _cancel_if_writing(self, stream: asyncio.Task[object]) -> None:
+        # Not a stream that has met its error and is ending by itself: it owes its client a status.
+        if self._stream is stream and not self._ending and not stream.done():
+            stream.cancel()
+
+    @property
+    def busy(self) -> bool:
+        """A stream, finish, abort or detach of this process is at work on this upload."""
+        return (
+            self.attached
+            or self._detach_task is not None
+            or any(t is not None and not t.done() for t in (self._fail_task, self._finish_task))
+        )
+
+    @property
+    def stream_task(self) -> asyncio.Task[object] | None:
+        """The task of the stream that writes this upload, while one does."""
+        return self._stream
 
     def interruption(self) -> RecgwError | None:
         """Why the attached stream was interrupted, if it was."""
@@ -246,6 +269,7 @@ class Upload:
 
     async def stream_failed(self, error: RecgwError) -> None:
         """The attached stream ended with `error`: keep the upload resumable unless it cannot be."""
+        self._ending = True  # by itself: cancelling it now would cost its client the status
         if self._finish_task is not None and not self._finish_task.done():
             # Finishing runs to its end by itself and cleans up after itself if it fails.
             await asyncio.gather(self._finish_task, return_exceptions=True)
@@ -342,8 +366,14 @@ class Upload:
 
     # -- driven by the transport -------------------------------------------------------------
 
-    async def write(self, write_offset: int, data: bytes, data_crc32c: int | None = None) -> None:
-        """Accept the next chunk of the object."""
+    async def write(
+        self, write_offset: int, data: bytes, data_crc32c: int | None = None, last: bool = False
+    ) -> None:
+        """Accept the next chunk of the object (`last`: finish follows at once).
+
+        While the gateway shuts down, a stream that reaches a part boundary ends there with
+        SHUTTING_DOWN, once the part before it is committed.
+        """
         self._check_writable()
         self.last_activity = time.monotonic()
         if write_offset != self.received:
@@ -394,6 +424,8 @@ class Upload:
                 await self._send_part()  # more bytes follow a full part: it is not the last
                 part = None
             if part is None:
+                if self._manager.draining and not last:
+                    await self._stop_at_boundary()
                 part = self._part = self._new_part()
             room = part.room
             if position == 0 and size <= room:
@@ -408,6 +440,16 @@ class Upload:
             self.received += len(piece)
         self._manager.metrics.bytes_received.inc(size)
         self.updated_at = time.time()
+
+    async def _stop_at_boundary(self) -> None:
+        """End the stream for the shutdown, at a part boundary: nothing it sent is dropped."""
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
+        if self._background_error is not None:
+            raise self._background_error
+        log.info(
+            "upload %s: stream ended at byte %d for the shutdown", self.upload_id, self.committed
+        )
+        raise self._manager.shutting_down(self)
 
     async def finish(self, expected: ObjectChecksums | None = None) -> UploadResult:
         """Complete the object. Runs to the end even if the caller is cancelled meanwhile."""
@@ -626,6 +668,8 @@ class Upload:
     def _check_writable(self) -> None:
         if self._background_error is not None:
             raise self._background_error
+        if self._interruption is not None:
+            raise self._interruption
         if self.abort_requested.is_set():
             raise self.aborted_error()
         if self._fail_task is not None:
@@ -1104,11 +1148,6 @@ _EVENT_TYPES = {
     UploadState.EXPIRED: events.UPLOAD_EXPIRED,
     UploadState.SALVAGED: events.UPLOAD_SALVAGED,
 }
-
-
-def _cancel_if_running(stream: asyncio.Task[object]) -> None:
-    if not stream.done():
-        stream.cancel()
 
 
 def _update_all(sha: ResumableSha256, body: PartBody) -> None:

@@ -142,8 +142,14 @@ const (
 	ErrorReason_ERROR_REASON_STORAGE_UNAVAILABLE ErrorReason = 80
 	// UNAVAILABLE: Vault/OpenBao could not be reached.
 	ErrorReason_ERROR_REASON_VAULT_UNAVAILABLE ErrorReason = 81
-	// UNAVAILABLE: the gateway is shutting down; resume on another replica or
-	// after the restart.
+	// UNAVAILABLE: the gateway replica is shutting down (draining); resume on
+	// another replica or after the restart. A new stream that reaches a
+	// draining replica gets it at once. A running stream gets it when it
+	// reaches a part boundary (then nothing it sent is lost) or, if it is still
+	// mid-part, when the shutdown grace is over (its uncommitted bytes are
+	// dropped); either way its upload is detached and its lease released, so
+	// any replica takes the resume at once. `upload_id` and `committed_size`
+	// (where to resume) are set for running streams.
 	ErrorReason_ERROR_REASON_SHUTTING_DOWN ErrorReason = 82
 	// RESOURCE_EXHAUSTED: a request needs more memory than the gateway's
 	// whole budget (for example a part larger than the budget).
