@@ -25,6 +25,7 @@ from recgw_server.pipeline.budget import MemoryBudget
 from recgw_server.pipeline.buffers import Spool
 from recgw_server.pipeline.model import (
     DONE_STATES,
+    ENDED_STATES,
     AbortReport,
     PipelineSettings,
     SalvageReport,
@@ -40,6 +41,8 @@ from recgw_server.sessions.base import Lease, SessionRecord, SessionStore
 from recgw_server.storage.base import AbortOutcome, ObjectStore, ObjectWriter
 
 log = logging.getLogger(__name__)
+# States no replica ever changes again.
+FINAL_STATES = ENDED_STATES | {UploadState.COMPLETE}
 
 
 class UploadManager:
@@ -359,8 +362,22 @@ class UploadManager:
         return upload
 
     async def status(self, upload_id: str) -> UploadStatus:
+        """The upload's status; the store's, unless a stream here writes it.
+
+        Another replica may have written the upload since this one cached it, so a copy that
+        no stream here writes is read again (the store is the truth, memory only a cache).
+        """
         upload = await self._existing(upload_id)
-        return upload.status()
+        if upload.attached or upload.busy() or upload.state in FINAL_STATES:
+            return upload.status()
+        record = await self.sessions.get(upload_id)
+        if record is None or upload.matches(record):
+            return upload.status()
+        fresh = Upload(self, record, None)
+        # No await since the checks below: a stream cannot have attached the old copy since.
+        if self._uploads.get(upload_id) is upload and not (upload.attached or upload.busy()):
+            self._uploads[upload_id] = fresh
+        return fresh.status()
 
     async def abort(self, upload_id: str) -> AbortReport:
         """Abort an upload that is not complete; report what is left in S3."""

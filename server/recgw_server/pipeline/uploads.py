@@ -590,6 +590,20 @@ class Upload:
                 error.message,
             )
 
+    def busy(self) -> bool:
+        """Whether finishing, failing or detaching is under way in this copy."""
+        return (
+            (self._fail_task is not None and not self._fail_task.done())
+            or (self._finish_task is not None and not self._finish_task.done())
+            or self._detach_task is not None
+        )
+
+    def matches(self, record: SessionRecord) -> bool:
+        """Whether this copy is as current as the stored `record`: no replica leased the
+        upload since this copy last held or read it."""
+        known = self.lease.generation if self.lease is not None else self.record.generation
+        return record.generation == known and record.committed_size == self.committed
+
     def status(self) -> UploadStatus:
         return UploadStatus(
             upload_id=self.upload_id,

@@ -1,0 +1,140 @@
+"""Real `recgw serve` processes sharing PostgreSQL, OpenBao and moto: killed, frozen, restarted.
+
+Every replica reaches moto through an S3FaultProxy of its own (tests/replica_processes.py), a
+recording proxy of ours: it tells which replica sent which S3 request and when, and it holds or
+answers single requests where a test needs a request "on the wire" or an answer AWS would give
+and moto does not. Lease and takeover times are scaled down by configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from recgw.v1 import upload_pb2
+
+from recgw_server.dev.stack import MotoS3, OpenBao, PostgresCluster, VaultIdentities
+from tests.harness import (
+    UPLOADER,
+    MiB,
+    Tenant,
+    details,
+    error_info,
+    object_exists,
+    read_object,
+    resume_messages,
+    set_credentials,
+    upload_messages,
+)
+from tests.replica_processes import (
+    ReplicaProcess,
+    ReplicaSet,
+    ReplicaTimes,
+    new_upload_id,
+    part_numbers,
+    poll_status,
+    sessions_row,
+    stream_with_pause,
+    wait_for,
+)
+from tests.s3_fault_proxy import Rule, SeenRequest, s3_error
+
+
+@pytest.fixture
+def replica_set(
+    tmp_path: Path,
+    postgres: PostgresCluster,
+    openbao: OpenBao,
+    identities: VaultIdentities,
+    moto: MotoS3,
+) -> Iterator[ReplicaSet]:
+    replicas = ReplicaSet(
+        tmp_path, postgres.create_database(), openbao, identities, moto, ReplicaTimes()
+    )
+    try:
+        yield replicas
+    finally:
+        replicas.close()
+
+
+def tenant_on(replicas: ReplicaSet, new_tenant: Callable[..., Tenant]) -> Tenant:
+    tenant = new_tenant()
+    set_credentials(replicas.replicas[0], tenant, endpoint_url=replicas.tenant_endpoint)
+    return tenant
+
+
+class Stream:
+    """An upload stream to one replica, in the background; it pauses before `pause_at`."""
+
+    def __init__(
+        self,
+        replica: ReplicaProcess,
+        tenant: Tenant,
+        name: str,
+        data: bytes,
+        pause_at: int,
+        upload_id: str = "",
+    ) -> None:
+        self.upload_id = upload_id or new_upload_id()
+        self.go_on = threading.Event()
+        messages = upload_messages(tenant.tenant_id, name, data, upload_id=self.upload_id)
+        self.future = replica.uploads.Upload.future(
+            stream_with_pause(messages, pause_at, self.go_on), metadata=UPLOADER, timeout=120
+        )
+
+    def error(self, timeout: float = 60) -> grpc.RpcError:
+        """The error the stream ended with (it must fail)."""
+        self.go_on.set()
+        try:
+            self.future.result(timeout)
+        except grpc.RpcError as error:
+            return error
+        raise AssertionError("the stream succeeded")
+
+
+def resume_through(
+    replica: ReplicaProcess,
+    tenant: Tenant,
+    name: str,
+    data: bytes,
+    upload_id: str,
+    deadline: float = 60,
+) -> tuple[upload_pb2.UploadResponse, int]:
+    """Resume from the committed size `replica` reports, retrying while another replica holds
+    the lease (ABORTED ANOTHER_WRITER); returns the response and the number of refusals."""
+    refusals = 0
+    end = time.monotonic() + deadline
+    while True:
+        committed = replica.status(upload_id).committed_size
+        try:
+            return replica.upload(
+                resume_messages(tenant, name, data, upload_id, committed)
+            ), refusals
+        except grpc.RpcError as error:
+            if error_info(error)[0] != "ANOTHER_WRITER" or time.monotonic() > end:
+                raise
+            refusals += 1
+            time.sleep(0.1)
+
+
+def test_kill_9_the_writer_mid_upload_and_finish_through_another(
+    replica_set: ReplicaSet, moto: MotoS3, new_tenant: Callable[..., Tenant]
+) -> None:
+    a, b = replica_set.start(2)
+    tenant = tenant_on(replica_set, new_tenant)
+    data = os.urandom(17 * MiB)
+    stream = Stream(a, tenant, "killed.bin", data, pause_at=12 * MiB)
+    poll_status(b, stream.upload_id, lambda s: s.committed_size == 10 * MiB, "2 parts via A")
+    a.kill()
+    assert stream.error().code() == grpc.StatusCode.UNAVAILABLE
+    response, _ = resume_through(b, tenant, "killed.bin", data, stream.upload_id)
+    assert read_object(moto, tenant.bucket, response.key) == data
+    row = sessions_row(replica_set.sessions_url, stream.upload_id)
+    assert (row["state"], row["holder"], row["generation"]) == ("complete", None, 2)
+    assert b.s3.count("CompleteMultipartUpload") == 1
+    assert a.s3.count("CompleteMultipartUpload") == 0
