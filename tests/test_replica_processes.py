@@ -138,3 +138,80 @@ def test_kill_9_the_writer_mid_upload_and_finish_through_another(
     assert (row["state"], row["holder"], row["generation"]) == ("complete", None, 2)
     assert b.s3.count("CompleteMultipartUpload") == 1
     assert a.s3.count("CompleteMultipartUpload") == 0
+
+
+def _fenced(error: grpc.RpcError) -> bool:
+    return error.code() == grpc.StatusCode.ABORTED and error_info(error)[0] == "WRITER_FENCED"
+
+
+def test_a_frozen_writer_is_fenced_after_another_replica_resumed(
+    replica_set: ReplicaSet, moto: MotoS3, new_tenant: Callable[..., Tenant]
+) -> None:
+    """SIGSTOP the writer mid-upload, resume through B once A's lease lapses, SIGCONT A: A's
+    stream ends with WRITER_FENCED, A records nothing and sends no further S3 request."""
+    a, b = replica_set.start(2)
+    tenant = tenant_on(replica_set, new_tenant)
+    data = os.urandom(17 * MiB)
+    stream = Stream(a, tenant, "frozen.bin", data, pause_at=12 * MiB)
+    poll_status(b, stream.upload_id, lambda s: s.committed_size == 10 * MiB, "2 parts via A")
+    a.freeze()
+    response, _ = resume_through(b, tenant, "frozen.bin", data, stream.upload_id)
+    assert read_object(moto, tenant.bucket, response.key) == data
+    url = replica_set.sessions_url
+    after_takeover = sessions_row(url, stream.upload_id), part_numbers(url, stream.upload_id)
+    assert (after_takeover[0]["state"], after_takeover[0]["generation"]) == ("complete", 2)
+
+    woke = a.thaw()
+    # A's client sends the rest (3 parts' worth past A's buffered bytes) and finish_write.
+    assert _fenced(stream.error())
+    # A re-read the upload from the store: it reports what B did.
+    poll_status(a, stream.upload_id, lambda s: s.state == upload_pb2.UPLOAD_STATE_COMPLETE, "A")
+    assert (sessions_row(url, stream.upload_id), part_numbers(url, stream.upload_id)) == (
+        after_takeover
+    )
+    assert [r.operation for r in a.s3.seen_since(woke)] == []
+    assert a.s3.count("CompleteMultipartUpload") == 0
+    assert read_object(moto, tenant.bucket, response.key) == data
+
+
+def test_a_writer_frozen_while_finishing_gives_exactly_one_outcome(
+    replica_set: ReplicaSet, moto: MotoS3, new_tenant: Callable[..., Tenant]
+) -> None:
+    """A made FINISHING durable and sent CompleteMultipartUpload; its proxy holds the request
+    and A is frozen. B resumes and completes. A's request then gets what AWS answers for a
+    completed upload (404 NoSuchUpload; moto would answer 200, so A's proxy answers itself):
+    after SIGCONT A reports WRITER_FENCED, not an ended upload, and sends nothing more."""
+    a, b = replica_set.start(2)
+    tenant = tenant_on(replica_set, new_tenant)
+    held = a.s3.add(
+        Rule(
+            "CompleteMultipartUpload",
+            "hold_then_answer",
+            status=404,
+            body=s3_error("NoSuchUpload", "The specified upload does not exist."),
+        )
+    )
+    data = os.urandom(12 * MiB)
+    stream = Stream(a, tenant, "finishing.bin", data, pause_at=len(data) + 1)
+    assert held.arrived.wait(60), "A's CompleteMultipartUpload"
+    url = replica_set.sessions_url
+    assert sessions_row(url, stream.upload_id)["state"] == "finishing"
+    a.freeze()
+    response, _ = resume_through(b, tenant, "finishing.bin", data, stream.upload_id)
+    assert response.size == len(data) and not response.unconfirmed
+    assert read_object(moto, tenant.bucket, response.key) == data
+    done = sessions_row(url, stream.upload_id)
+    assert (done["state"], done["generation"], done["result"]["etag"]) == (
+        "complete",
+        2,
+        response.etag,
+    )
+
+    woke = a.thaw()
+    held.released.set()
+    assert _fenced(stream.error())
+    poll_status(a, stream.upload_id, lambda s: s.state == upload_pb2.UPLOAD_STATE_COMPLETE, "A")
+    assert sessions_row(url, stream.upload_id) == done
+    assert [r.operation for r in a.s3.seen_since(woke)] == []
+    assert b.s3.count("CompleteMultipartUpload") == 1
+    assert read_object(moto, tenant.bucket, response.key) == data

@@ -73,6 +73,9 @@ class UploadManager:
         self._loading: dict[str, asyncio.Future[Upload | None]] = {}
         self._starting: set[str] = set()
         self._cleanups: set[asyncio.Task[None]] = set()
+        # Until then (time.monotonic()) every lease held here is surely alive: the replica's
+        # heartbeat is recent. None: no heartbeat runs (a manager without a gateway).
+        self._leases_alive_until: float | None = None
 
     async def _credentials(self, tenant_id: str) -> TenantCredentials:
         credentials = await self.credentials.get(tenant_id)
@@ -298,6 +301,26 @@ class UploadManager:
         if current.state is not UploadState.OPEN:
             await self.sessions.release(lease)
         return current
+
+    def heartbeat_sent(self, sent_at: float) -> None:
+        """The replica heartbeat sent at `sent_at` (time.monotonic()) is durable: the leases
+        held here live at least `lease_seconds` from then (half of it, to be safe)."""
+        self._leases_alive_until = sent_at + self.settings.lease_seconds / 2
+
+    def leases_surely_alive(self) -> bool:
+        """False when this replica's heartbeat may have lapsed (it was frozen, or the store
+        could not be reached): another replica may have taken its uploads over."""
+        alive_until = self._leases_alive_until
+        return alive_until is None or time.monotonic() < alive_until
+
+    async def check_leases(self) -> None:
+        """After a gap in the heartbeat: end at once every stream here whose upload another
+        replica took over (WRITER_FENCED), without waiting for its next part."""
+        for upload in [u for u in self._uploads.values() if u.attached and not u.busy()]:
+            try:
+                await upload.check_lease()
+            except RecgwError as error:
+                upload.interrupt(error)
 
     def forget(self, upload: Upload) -> None:
         """Drop a stale copy from memory; the next lookup reads the session store."""
