@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -42,7 +43,7 @@ from tests.replica_processes import (
     stream_with_pause,
     wait_for,
 )
-from tests.s3_fault_proxy import Rule, SeenRequest, s3_error
+from tests.s3_fault_proxy import Rule, s3_error
 
 
 @pytest.fixture
@@ -215,3 +216,119 @@ def test_a_writer_frozen_while_finishing_gives_exactly_one_outcome(
     assert [r.operation for r in a.s3.seen_since(woke)] == []
     assert b.s3.count("CompleteMultipartUpload") == 1
     assert read_object(moto, tenant.bucket, response.key) == data
+
+
+@pytest.mark.parametrize("same_bytes", [True, False], ids=["same-bytes", "different-bytes"])
+def test_a_stray_upload_part_of_a_fenced_writer_never_makes_a_wrong_object(
+    replica_set: ReplicaSet, moto: MotoS3, new_tenant: Callable[..., Tenant], same_bytes: bool
+) -> None:
+    """What fencing cannot stop: A's UploadPart of part 2 is on the wire (its proxy holds it)
+    when A freezes. B takes over, writes part 2 again and part 3, and sends its completion
+    (held at B's proxy). Then A's stray part 2 lands in S3, replacing B's, and only then B's
+    completion goes on. With the bytes B wrote, nothing changes: the object is byte-exact.
+    With other bytes (a client that sent different data to A), S3 refuses the completion
+    (the part's ETag is not the one B recorded) and B's client is told: never a wrong object."""
+    a, b = replica_set.start(2)
+    tenant = tenant_on(replica_set, new_tenant)
+    data = os.urandom(12 * MiB)
+    sent_to_a = data if same_bytes else data[: 6 * MiB] + os.urandom(MiB) + data[7 * MiB :]
+    stray = a.s3.add(Rule("UploadPart", "hold", when=lambda r: r.part_number == 2))
+    completion = b.s3.add(Rule("CompleteMultipartUpload", "hold"))
+    stream = Stream(a, tenant, "stray.bin", sent_to_a, pause_at=11 * MiB)
+    assert stray.arrived.wait(60), "A's UploadPart of part 2"
+    poll_status(b, stream.upload_id, lambda s: s.committed_size == 5 * MiB, "part 1 via A")
+    a.freeze()
+    with ThreadPoolExecutor(1) as pool:
+        resumed = pool.submit(resume_through, b, tenant, "stray.bin", data, stream.upload_id)
+        assert completion.arrived.wait(60), "B's CompleteMultipartUpload"
+        assert [n for n, _ in part_numbers(replica_set.sessions_url, stream.upload_id)] == [
+            1,
+            2,
+            3,
+        ]
+        stray.released.set()  # A's part 2 reaches moto now, after B's
+        assert stray.answered.wait(60), "moto's answer to the stray part"
+        completion.released.set()
+        if same_bytes:
+            response, _ = resumed.result(60)
+            assert read_object(moto, tenant.bucket, response.key) == data
+        else:
+            with pytest.raises(grpc.RpcError) as refused:
+                resumed.result(60)
+            error = refused.value
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, details(error)
+            assert error_info(error)[1].get("store_code") == "InvalidPart"
+            assert not object_exists(moto, tenant.bucket, "uploads/stray.bin")
+            row = sessions_row(replica_set.sessions_url, stream.upload_id)
+            assert row["state"] == "open" and row["result"] is None
+    woke = a.thaw()
+    assert _fenced(stream.error())
+    assert [r.operation for r in a.s3.seen_since(woke)] == []
+    assert a.s3.count("CompleteMultipartUpload") == 0
+
+
+def _blocked_inserts(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO sessions%%'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_one_upload_id_created_on_two_replicas_at_once_one_wins_the_other_is_told_to_retry(
+    replica_set: ReplicaSet, moto: MotoS3, new_tenant: Callable[..., Tenant]
+) -> None:
+    """Both replicas find no session and insert one: the test holds a table lock that lets them
+    read but not insert until both inserts wait, so the race happens every time."""
+    import psycopg
+
+    a, b = replica_set.start(2)
+    tenant = tenant_on(replica_set, new_tenant)
+    upload_id = new_upload_id()
+    data = os.urandom(1000)
+    url = replica_set.sessions_url
+    with psycopg.connect(url) as lock:
+        lock.execute("LOCK TABLE sessions IN SHARE ROW EXCLUSIVE MODE")  # SELECT still works
+        calls = [
+            r.uploads.Upload.future(
+                upload_messages(tenant.tenant_id, "twice.bin", data, upload_id=upload_id),
+                metadata=UPLOADER,
+                timeout=60,
+            )
+            for r in (a, b)
+        ]
+        wait_for(lambda: _blocked_inserts(url) == 2, "both replicas inserting the session")
+        lock.commit()
+    outcomes: list[upload_pb2.UploadResponse | grpc.RpcError] = []
+    for call in calls:
+        try:
+            outcomes.append(call.result(60))
+        except grpc.RpcError as error:
+            outcomes.append(error)
+    [response] = [o for o in outcomes if isinstance(o, upload_pb2.UploadResponse)]
+    [refused] = [o for o in outcomes if isinstance(o, grpc.RpcError)]
+    assert refused.code() == grpc.StatusCode.ABORTED, details(refused)
+    assert error_info(refused) == ("ANOTHER_WRITER", {"upload_id": upload_id})
+    assert "retry" in details(refused)
+    assert read_object(moto, tenant.bucket, response.key) == data
+    assert sessions_row(url, upload_id)["state"] == "complete"
+
+
+def test_status_on_a_replica_that_cached_an_upload_follows_the_writer_on_another(
+    replica_set: ReplicaSet, new_tenant: Callable[..., Tenant]
+) -> None:
+    a, b = replica_set.start(2)
+    tenant = tenant_on(replica_set, new_tenant)
+    data = os.urandom(12 * MiB)
+    stream = Stream(a, tenant, "watched.bin", data, pause_at=6 * MiB)
+    poll_status(a, stream.upload_id, lambda s: s.committed_size == 5 * MiB, "part 1 via A")
+    first = b.status(stream.upload_id)  # B has the upload in memory from now on
+    assert (first.state, first.committed_size) == (upload_pb2.UPLOAD_STATE_OPEN, 5 * MiB)
+    stream.go_on.set()
+    response = stream.future.result(60)
+    done = b.status(stream.upload_id)
+    assert (done.state, done.committed_size) == (upload_pb2.UPLOAD_STATE_COMPLETE, len(data))
+    assert done.result.etag == response.etag

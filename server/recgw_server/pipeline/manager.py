@@ -37,7 +37,7 @@ from recgw_server.pipeline.model import (
 )
 from recgw_server.pipeline.parts import plan_parts
 from recgw_server.pipeline.uploads import Upload
-from recgw_server.sessions.base import Lease, SessionRecord, SessionStore
+from recgw_server.sessions.base import AlreadyCreated, Lease, SessionRecord, SessionStore
 from recgw_server.storage.base import AbortOutcome, ObjectStore, ObjectWriter
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,16 @@ class UploadManager:
             compute_sha256=self._wants_sha256(request),
         )
         # Durable before the stream may write: a restart must find every upload it acknowledged.
-        lease = await self.sessions.create(record, self.settings.replica_id)
+        try:
+            lease = await self.sessions.create(record, self.settings.replica_id)
+        except AlreadyCreated:
+            raise RecgwError(
+                ErrorKind.ABORTED,
+                f"another stream, on another gateway replica, is starting upload {upload_id}; "
+                "retry (the retry resumes it)",
+                reason=Reason.ANOTHER_WRITER,
+                details={"upload_id": upload_id},
+            ) from None
         upload = Upload(self, record, writer)
         upload.lease = lease
         await upload.attach(stream)
