@@ -8,20 +8,24 @@ and moto does not. Lease and takeover times are scaled down by configuration.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from recgw.v1 import upload_pb2
 
+from recgw_client import UploadClient
 from recgw_server.dev.stack import MotoS3, OpenBao, PostgresCluster, VaultIdentities
 from tests.harness import (
     UPLOADER,
+    UPLOADER_TOKEN,
     MiB,
     Tenant,
     details,
@@ -332,3 +336,123 @@ def test_status_on_a_replica_that_cached_an_upload_follows_the_writer_on_another
     done = b.status(stream.upload_id)
     assert (done.state, done.committed_size) == (upload_pb2.UPLOAD_STATE_COMPLETE, len(data))
     assert done.result.etag == response.etag
+
+
+def test_expiry_racing_a_resume_on_another_replica_gives_exactly_one_outcome(
+    tmp_path: Path,
+    postgres: PostgresCluster,
+    openbao: OpenBao,
+    identities: VaultIdentities,
+    moto: MotoS3,
+    new_tenant: Callable[..., Tenant],
+) -> None:
+    """Uploads idle for `idle_timeout` expire on whichever replica claims them first, while
+    resumes through B start around that moment (staggered over -1 s .. +1 s). Each upload ends one way:
+    completed byte-exact (and the record says complete), or expired (the resume gets
+    FAILED_PRECONDITION UPLOAD_ENDED, no object, the record says expired)."""
+    idle = 3.0
+    times = ReplicaTimes(idle_timeout=idle, expiry_check=0.2)
+    replica_set = ReplicaSet(tmp_path, postgres.create_database(), openbao, identities, moto, times)
+    try:
+        a, b = replica_set.start(2)
+        tenant = tenant_on(replica_set, new_tenant)
+        url = replica_set.sessions_url
+        uploads: list[tuple[str, bytes]] = []
+        for index in range(6):
+            data = os.urandom(7 * MiB)
+            upload_id = new_upload_id()
+            # Part 1 is committed, then the stream ends without finish_write: open, idle.
+            with pytest.raises(grpc.RpcError) as ended:
+                a.upload(
+                    upload_messages(
+                        tenant.tenant_id, f"race-{index}.bin", data[: 6 * MiB],
+                        upload_id=upload_id, finish=False,
+                    )
+                )  # fmt: skip
+            assert error_info(ended.value)[0] == "STREAM_ENDED_WITHOUT_FINISH"
+            uploads.append((upload_id, data))
+        idle_since = [sessions_row(url, u)["updated_at"] for u, _ in uploads]
+
+        def resume(index: int) -> upload_pb2.UploadResponse | grpc.RpcError:
+            upload_id, data = uploads[index]
+            start = idle_since[index] + idle + (index - 2.5) * 0.4  # -1 s .. +1 s
+            time.sleep(max(0.0, start - time.time()))
+            try:
+                return resume_through(b, tenant, f"race-{index}.bin", data, upload_id)[0]
+            except grpc.RpcError as error:
+                return error
+
+        with ThreadPoolExecutor(len(uploads)) as pool:
+            outcomes = list(pool.map(resume, range(len(uploads))))
+        kinds = []
+        for (upload_id, data), outcome in zip(uploads, outcomes, strict=True):
+            row = sessions_row(url, upload_id)
+            key = f"uploads/race-{uploads.index((upload_id, data))}.bin"
+            if isinstance(outcome, upload_pb2.UploadResponse):
+                assert row["state"] == "complete"
+                assert read_object(moto, tenant.bucket, outcome.key) == data
+                kinds.append("complete")
+            else:
+                assert outcome.code() == grpc.StatusCode.FAILED_PRECONDITION, details(outcome)
+                assert error_info(outcome)[0] == "UPLOAD_ENDED"
+                assert "expired" in details(outcome)
+                assert row["state"] == "expired"
+                assert not object_exists(moto, tenant.bucket, key)
+                kinds.append("expired")
+            assert row["holder"] is None
+        # Whichever won, every replica reports it.
+        for (upload_id, _), kind in zip(uploads, kinds, strict=True):
+            for replica in (a, b):
+                state = upload_pb2.UploadState.Name(replica.status(upload_id).state)
+                assert state == f"UPLOAD_STATE_{kind.upper()}"
+    finally:
+        replica_set.close()
+
+
+def test_a_rolling_restart_during_ten_uploads_loses_none(
+    replica_set: ReplicaSet, moto: MotoS3, new_tenant: Callable[..., Tenant]
+) -> None:
+    """Ten live uploads with the Python client over a round_robin channel to all replicas;
+    each replica in turn gets SIGTERM, exits, and starts again on its port. Every upload
+    rides it out (resuming on another replica) and ends byte-exact."""
+    replicas = replica_set.start(2)
+    tenant = tenant_on(replica_set, new_tenant)
+    blobs = [os.urandom(6 * MiB + 1000 * i) for i in range(10)]
+    restarted = threading.Event()
+    exits: list[int] = []
+
+    def rolling_restart() -> None:
+        for replica in replicas:
+            exits.append(replica.terminate())
+            replica.start()
+        restarted.set()
+
+    async def live(data: bytes) -> Any:
+        """A live call: 64 KiB every 50 ms until the restarts are over, then the rest."""
+        for offset in range(0, len(data), 64 * 1024):
+            if not restarted.is_set():
+                await asyncio.sleep(0.05)
+            yield data[offset : offset + 64 * 1024]
+
+    async def main() -> list[Any]:
+        target = "ipv4:" + ",".join(r.address for r in replicas)
+        options = [
+            ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.keepalive_time_ms", 20_000),
+        ]
+        async with grpc.aio.insecure_channel(target, options) as channel:
+            client = UploadClient(channel, UPLOADER_TOKEN)
+            uploads = [
+                asyncio.ensure_future(
+                    client.upload(live(data), tenant.tenant_id, f"rolling-{i}.bin")
+                )
+                for i, data in enumerate(blobs)
+            ]
+            await asyncio.sleep(0.5)  # all ten are streaming
+            await asyncio.to_thread(rolling_restart)
+            return list(await asyncio.wait_for(asyncio.gather(*uploads), 120))
+
+    results = asyncio.run(main())
+    assert exits == [0, 0]
+    for data, result in zip(blobs, results, strict=True):
+        assert read_object(moto, tenant.bucket, result.key) == data
