@@ -15,6 +15,7 @@ import signal
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,8 +236,8 @@ class ReplicaSet:
         made = [
             self._make(f"replica-{chr(ord('a') + len(self.replicas) + i)}") for i in range(count)
         ]
-        for replica in made:  # one after the other: each waits for its health check
-            replica.start()
+        with ThreadPoolExecutor(len(made)) as pool:  # side by side: each waits to be serving
+            list(pool.map(ReplicaProcess.start, made))
         return made
 
     def _make(self, replica_id: str) -> ReplicaProcess:

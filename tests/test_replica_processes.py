@@ -347,9 +347,9 @@ def test_expiry_racing_a_resume_on_another_replica_gives_exactly_one_outcome(
     new_tenant: Callable[..., Tenant],
 ) -> None:
     """Uploads idle for `idle_timeout` expire on whichever replica claims them first, while
-    resumes through B start around that moment (staggered over -1 s .. +1 s). Each upload ends one way:
-    completed byte-exact (and the record says complete), or expired (the resume gets
-    FAILED_PRECONDITION UPLOAD_ENDED, no object, the record says expired)."""
+    resumes through B start around that moment (from 1 s before to 1 s after). Each upload
+    ends one way: completed byte-exact (and the record says complete), or expired (the resume
+    gets FAILED_PRECONDITION UPLOAD_ENDED, no object, the record says expired)."""
     idle = 3.0
     times = ReplicaTimes(idle_timeout=idle, expiry_check=0.2)
     replica_set = ReplicaSet(tmp_path, postgres.create_database(), openbao, identities, moto, times)
