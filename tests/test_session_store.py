@@ -247,6 +247,26 @@ def test_a_second_create_of_one_upload_id_is_refused_and_changes_nothing(
     run(scenario, backend)
 
 
+def test_an_update_without_fields_checks_the_lease_and_touches_only_updated_at(
+    backend: Backend,
+) -> None:
+    async def scenario(store: SessionStore) -> None:
+        record = session(state="finishing")
+        await store.heartbeat("a")
+        lease = await store.create(record, "a")
+        await store.update(lease, 2002.5)
+        loaded = await store.get(record.upload_id)
+        assert loaded is not None and (loaded.state, loaded.updated_at) == ("finishing", 2002.5)
+        taken = await store.attach(record.upload_id, "b", LONG, force=True)
+        assert taken is not None
+        with pytest.raises(Fenced):
+            await store.update(lease, 3003.5)
+        loaded = await store.get(record.upload_id)
+        assert loaded is not None and loaded.updated_at == 2002.5
+
+    run(scenario, backend)
+
+
 def test_release_requests_reach_the_holder(backend: Backend) -> None:
     async def scenario(store: SessionStore) -> None:
         held, other = session(), session()

@@ -472,9 +472,9 @@ class Gateway:
                 sent = time.monotonic()
                 gap = not self.manager.leases_surely_alive()  # frozen, or the store was away
                 await sessions.heartbeat(self.replica_id)
-                self.manager.heartbeat_sent(sent)
-                if gap:
+                if gap:  # until the leases are checked, every S3 request checks its own
                     await self.manager.check_leases()
+                self.manager.heartbeat_sent(sent)
                 await self.manager.answer_release_requests()
             except Exception as error:
                 log.warning(

@@ -329,7 +329,7 @@ class UploadManager:
             try:
                 await upload.check_lease()
             except RecgwError as error:
-                upload.interrupt(error)
+                upload.interrupt(error, unless_active=1.0)  # as AbortUpload does
 
     def forget(self, upload: Upload) -> None:
         """Drop a stale copy from memory; the next lookup reads the session store."""

@@ -640,6 +640,8 @@ class Upload:
     def _check_writable(self) -> None:
         if self._background_error is not None:
             raise self._background_error
+        if self._fenced:
+            raise self._fenced_error()
         if self.abort_requested.is_set():
             raise self.aborted_error()
         if self._fail_task is not None:
@@ -763,18 +765,17 @@ class Upload:
             raise self._fenced_error() from None
 
     async def check_lease(self) -> None:
-        """Make sure this replica still holds the upload's lease (a lease-checked write of the
-        state it has); WRITER_FENCED when another replica took it over."""
-        state = UploadState.FINISHING if self._completion_sent else UploadState.OPEN
-        await self._store_write(
-            lambda lease: self._manager.sessions.update(lease, time.time(), state=state.value)
-        )
+        """Make sure this replica still holds the upload's lease (a lease-checked write of
+        `updated_at` only); WRITER_FENCED when another replica took it over."""
+        await self._store_write(lambda lease: self._manager.sessions.update(lease, time.time()))
 
     async def _lease_before_s3(self) -> None:
         """Before a request to S3: if this replica's heartbeat may have lapsed (it was frozen,
         or cut off from the store), check the lease first, so that a replica that lost it sends
         nothing more. A request already on its way when the lease is lost can still land: see
         "What fencing cannot stop" in the README."""
+        if self._fenced:
+            raise self._fenced_error()
         if not self._manager.leases_surely_alive():
             await self.check_lease()
 
@@ -929,7 +930,7 @@ class Upload:
             writer = await self._writer_for_upload()
             # Still this replica's upload? A writer that was frozen while another replica took
             # over learns it here, before it sends anything more to S3.
-            await self.check_lease()  # FINISHING stays FINISHING: a completion may be in S3
+            await self.check_lease()  # the state stays: FINISHING if a completion may be in S3
             if not self._store_upload_id:
                 # Everything fits in one part: a single PutObject, no multipart upload at all.
                 part = self._part or self._new_part()

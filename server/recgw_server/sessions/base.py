@@ -204,7 +204,8 @@ class SessionStore(Outbox, Protocol):
         **fields: Any,
     ) -> None:
         """Change session fields (UPDATABLE_FIELDS: state, store_upload_id, result, ...) and add
-        the `outbox` deliveries (endpoint URL, event), in one transaction."""
+        the `outbox` deliveries (endpoint URL, event), in one transaction. Without fields only
+        `updated_at` changes: a check that the lease still holds."""
         ...
 
     async def enqueue(self, outbox: Sequence[tuple[str, Event]]) -> None:

@@ -322,11 +322,9 @@ class PostgresSessionStore:
             fields["result"] = Jsonb(fields["result"])
         if fields.get("tail") is not None:
             fields["tail"] = Jsonb(json.loads(part_json(fields["tail"])))
-        assignments = ", ".join(f"{name} = %({name})s" for name in fields)
+        assignments = "".join(f"{name} = %({name})s, " for name in fields)
         # Field names are checked against UPDATABLE_FIELDS above, never taken from input.
-        statement = (
-            f"UPDATE sessions SET {assignments}, updated_at = %(updated_at)s WHERE {_LEASED}"
-        )
+        statement = f"UPDATE sessions SET {assignments}updated_at = %(updated_at)s WHERE {_LEASED}"
         async with self.pool.connection() as conn, conn.transaction():
             cursor = await conn.execute(
                 statement.encode(), {**fields, **_lease_params(lease), "updated_at": updated_at}

@@ -263,9 +263,9 @@ class SqliteSessionStore:
             fields["result"] = json.dumps(fields["result"])
         if "tail" in fields and fields["tail"] is not None:
             fields["tail"] = part_json(fields["tail"])
-        assignments = ", ".join(f"{name} = ?" for name in fields)
+        assignments = "".join(f"{name} = ?, " for name in fields)
         # Field names are checked against UPDATABLE_FIELDS above, never taken from input.
-        statement = f"UPDATE sessions SET {assignments}, updated_at = ? WHERE {_LEASED}"
+        statement = f"UPDATE sessions SET {assignments}updated_at = ? WHERE {_LEASED}"
 
         def write(db: sqlite3.Connection) -> None:
             with _transaction(db):
