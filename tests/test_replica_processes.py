@@ -420,6 +420,7 @@ def test_a_rolling_restart_during_ten_uploads_loses_none(
     blobs = [os.urandom(6 * MiB + 1000 * i) for i in range(10)]
     restarted = threading.Event()
     exits: list[int] = []
+    retries: list[grpc.StatusCode] = []  # what ended a stream that then resumed
 
     def rolling_restart() -> None:
         for replica in replicas:
@@ -444,7 +445,12 @@ def test_a_rolling_restart_during_ten_uploads_loses_none(
             client = UploadClient(channel, UPLOADER_TOKEN)
             uploads = [
                 asyncio.ensure_future(
-                    client.upload(live(data), tenant.tenant_id, f"rolling-{i}.bin")
+                    client.upload(
+                        live(data),
+                        tenant.tenant_id,
+                        f"rolling-{i}.bin",
+                        on_retry=lambda attempt, error, committed: retries.append(error.code),
+                    )
                 )
                 for i, data in enumerate(blobs)
             ]
@@ -454,5 +460,6 @@ def test_a_rolling_restart_during_ten_uploads_loses_none(
 
     results = asyncio.run(main())
     assert exits == [0, 0]
+    assert len(retries) >= 2, retries  # the restarts did cut streams (at least one each)
     for data, result in zip(blobs, results, strict=True):
         assert read_object(moto, tenant.bucket, result.key) == data
