@@ -5,13 +5,19 @@ CompleteMultipartUpload with 200 where AWS answers 404 NoSuchUpload (the upload 
 completed), and it cannot lose a response. Tests put this proxy between the gateway and moto and
 give it rules: each request is matched against the rules in order, and the first rule that
 matches decides: forward it, forward it and then drop the answer (the connection closes as if
-the network failed), hold it until released, or answer it itself.
+the network failed), hold it until released (then forward it, or answer it itself), or answer it
+itself.
+
+It also works as an HTTP forward proxy (a gateway process with `HTTP_PROXY` pointing at it sends
+absolute-form request lines): every request goes to moto whatever its URL names, so each replica
+of a multi-process test can have a recording proxy of its own.
 """
 
 from __future__ import annotations
 
 import http.client
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +30,12 @@ class SeenRequest:
     path: str
     query: dict[str, list[str]]
     headers: dict[str, str]
+    at: float = field(default_factory=time.monotonic)  # when it arrived
+
+    @property
+    def part_number(self) -> int:
+        """The part number of an UploadPart (0 for other requests)."""
+        return int(self.query.get("partNumber", ["0"])[0])
 
     @property
     def operation(self) -> str:
@@ -47,15 +59,22 @@ class SeenRequest:
 
 @dataclass
 class Rule:
-    """What to do with the `times` next requests of `operation` (None: every one)."""
+    """What to do with the `times` next requests of `operation` (None: every one).
+
+    `hold_then_answer` holds the request until released and then answers it itself (what AWS
+    would have said by then) instead of forwarding it. `when` narrows the requests matched;
+    `answered` is set once the proxy has answered (or moto has, for forwarded requests).
+    """
 
     operation: str
-    action: str  # "forward", "drop_answer", "hold", "answer"
+    action: str  # "forward", "drop_answer", "hold", "hold_then_answer", "answer"
     times: int | None = 1
     status: int = 200
     body: bytes = b""
+    when: Callable[[SeenRequest], bool] | None = None
     released: threading.Event = field(default_factory=threading.Event)
     arrived: threading.Event = field(default_factory=threading.Event)
+    answered: threading.Event = field(default_factory=threading.Event)
 
 
 def s3_error(code: str, message: str) -> bytes:
@@ -91,6 +110,11 @@ class S3FaultProxy:
         with self._lock:
             return sum(1 for r in self.seen if r.operation == operation)
 
+    def seen_since(self, moment: float) -> list[SeenRequest]:
+        """The requests that arrived after `moment` (time.monotonic())."""
+        with self._lock:
+            return [r for r in self.seen if r.at > moment]
+
     def close(self) -> None:
         for rule in self.rules:
             rule.released.set()
@@ -101,7 +125,11 @@ class S3FaultProxy:
         with self._lock:
             self.seen.append(seen)
             for rule in self.rules:
-                if rule.operation == seen.operation and (rule.times is None or rule.times > 0):
+                if (
+                    rule.operation == seen.operation
+                    and (rule.times is None or rule.times > 0)
+                    and (rule.when is None or rule.when(seen))
+                ):
                     if rule.times is not None:
                         rule.times -= 1
                     return rule
@@ -132,12 +160,15 @@ class S3FaultProxy:
                 rule = proxy._rule_for(seen)
                 if rule is not None:
                     rule.arrived.set()
-                if rule is not None and rule.action == "answer":
-                    self._reply(rule.status, {"Content-Type": "application/xml"}, rule.body)
-                    return
-                if rule is not None and rule.action == "hold":
+                if rule is not None and rule.action in ("hold", "hold_then_answer"):
                     rule.released.wait(60)
+                if rule is not None and rule.action in ("answer", "hold_then_answer"):
+                    self._reply(rule.status, {"Content-Type": "application/xml"}, rule.body)
+                    rule.answered.set()
+                    return
                 status, headers, answer = self._forward(body)
+                if rule is not None:
+                    rule.answered.set()
                 if rule is not None and rule.action == "drop_answer":
                     self.close_connection = True
                     self.connection.close()  # the answer is lost on its way back
@@ -147,7 +178,9 @@ class S3FaultProxy:
             def _forward(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
                 connection = http.client.HTTPConnection(*proxy._upstream, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
-                connection.request(self.command, self.path, body=body, headers=headers)
+                url = urlsplit(self.path)  # origin-form, also for a forward proxy's absolute-form
+                target = url.path + (f"?{url.query}" if url.query else "")
+                connection.request(self.command, target, body=body, headers=headers)
                 response = connection.getresponse()
                 answer = response.read()
                 result = dict(response.getheaders())

@@ -25,7 +25,14 @@ from typer.testing import CliRunner
 from recgw_server import cli
 from recgw_server.config import ConfigError, load_store_settings
 from recgw_server.dev.stack import PostgresCluster
-from recgw_server.sessions.base import Fenced, Lease, PartRecord, SessionRecord, SessionStore
+from recgw_server.sessions.base import (
+    AlreadyCreated,
+    Fenced,
+    Lease,
+    PartRecord,
+    SessionRecord,
+    SessionStore,
+)
 from recgw_server.sessions.migrations import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
 from recgw_server.sessions.postgres import PostgresSessionStore, migrate_postgres
 from recgw_server.sessions.sqlite import SqliteSessionStore, connect_sqlite, migrate_sqlite
@@ -220,6 +227,42 @@ def test_attach_refused_while_the_holder_lives_taken_when_its_heartbeat_is_stale
         assert loaded is not None and (loaded.holder, loaded.generation) == ("", 4)
         assert await store.attach(record.upload_id, "b", LONG) == Lease(record.upload_id, "b", 5)
         assert await store.attach(str(uuid.uuid4()), "b", LONG) is None  # no such upload
+
+    run(scenario, backend)
+
+
+def test_a_second_create_of_one_upload_id_is_refused_and_changes_nothing(
+    backend: Backend,
+) -> None:
+    async def scenario(store: SessionStore) -> None:
+        record = session()
+        await store.heartbeat("a")
+        assert await store.create(record, "a") == Lease(record.upload_id, "a", 1)
+        with pytest.raises(AlreadyCreated):
+            await store.create(replace(record, object_name="other.webm"), "b")
+        loaded = await store.get(record.upload_id)
+        assert loaded is not None
+        assert (loaded.holder, loaded.generation, loaded.object_name) == ("a", 1, "calls/1.webm")
+
+    run(scenario, backend)
+
+
+def test_an_update_without_fields_checks_the_lease_and_touches_only_updated_at(
+    backend: Backend,
+) -> None:
+    async def scenario(store: SessionStore) -> None:
+        record = session(state="finishing")
+        await store.heartbeat("a")
+        lease = await store.create(record, "a")
+        await store.update(lease, 2002.5)
+        loaded = await store.get(record.upload_id)
+        assert loaded is not None and (loaded.state, loaded.updated_at) == ("finishing", 2002.5)
+        taken = await store.attach(record.upload_id, "b", LONG, force=True)
+        assert taken is not None
+        with pytest.raises(Fenced):
+            await store.update(lease, 3003.5)
+        loaded = await store.get(record.upload_id)
+        assert loaded is not None and loaded.updated_at == 2002.5
 
     run(scenario, backend)
 

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import ssl
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -248,7 +249,9 @@ class Gateway:
         """Start serving; returns the bound port (useful with port 0)."""
         sessions = self.adapters.sessions
         await sessions.open()
+        sent = time.monotonic()
         await sessions.heartbeat(self.replica_id)
+        self.manager.heartbeat_sent(sent)
         self.heartbeats = asyncio.ensure_future(self._keep_leases())
         self.adapters.changes.subscribe(self._credentials_changed)
         await self.adapters.changes.start()
@@ -468,7 +471,12 @@ class Gateway:
         while True:
             await asyncio.sleep(self.settings.sessions.heartbeat_seconds)
             try:
+                sent = time.monotonic()
+                gap = not self.manager.leases_surely_alive()  # frozen, or the store was away
                 await sessions.heartbeat(self.replica_id)
+                if gap:  # until the leases are checked, every S3 request checks its own
+                    await self.manager.check_leases()
+                self.manager.heartbeat_sent(sent)
                 await self.manager.answer_release_requests()
             except Exception as error:
                 log.warning(

@@ -25,6 +25,7 @@ from recgw_server.pipeline.budget import MemoryBudget
 from recgw_server.pipeline.buffers import Spool
 from recgw_server.pipeline.model import (
     DONE_STATES,
+    ENDED_STATES,
     AbortReport,
     PipelineSettings,
     SalvageReport,
@@ -36,10 +37,12 @@ from recgw_server.pipeline.model import (
 )
 from recgw_server.pipeline.parts import plan_parts
 from recgw_server.pipeline.uploads import Upload
-from recgw_server.sessions.base import Lease, SessionRecord, SessionStore
+from recgw_server.sessions.base import AlreadyCreated, Lease, SessionRecord, SessionStore
 from recgw_server.storage.base import AbortOutcome, ObjectStore, ObjectWriter
 
 log = logging.getLogger(__name__)
+# States no replica ever changes again.
+FINAL_STATES = ENDED_STATES | {UploadState.COMPLETE}
 
 # At most this much of the shutdown grace is kept for detaching the streams still mid-part.
 _DETACH_RESERVE = 2.0
@@ -75,6 +78,9 @@ class UploadManager:
         self._cleanups: set[asyncio.Task[None]] = set()
         # Shutting down: no new streams; running ones end at their next part boundary.
         self.draining = False
+        # Until then (time.monotonic()) every lease held here is surely alive: the replica's
+        # heartbeat is recent. None: no heartbeat runs (a manager without a gateway).
+        self._leases_alive_until: float | None = None
 
     async def _credentials(self, tenant_id: str) -> TenantCredentials:
         credentials = await self.credentials.get(tenant_id)
@@ -227,7 +233,16 @@ class UploadManager:
             compute_sha256=self._wants_sha256(request),
         )
         # Durable before the stream may write: a restart must find every upload it acknowledged.
-        lease = await self.sessions.create(record, self.settings.replica_id)
+        try:
+            lease = await self.sessions.create(record, self.settings.replica_id)
+        except AlreadyCreated:
+            raise RecgwError(
+                ErrorKind.ABORTED,
+                f"another stream, on another gateway replica, is starting upload {upload_id}; "
+                "retry (the retry resumes it)",
+                reason=Reason.ANOTHER_WRITER,
+                details={"upload_id": upload_id},
+            ) from None
         upload = Upload(self, record, writer)
         upload.lease = lease
         await upload.attach(stream)
@@ -308,6 +323,26 @@ class UploadManager:
             await self.sessions.release(lease)
         return current
 
+    def heartbeat_sent(self, sent_at: float) -> None:
+        """The replica heartbeat sent at `sent_at` (time.monotonic()) is durable: the leases
+        held here live at least `lease_seconds` from then (half of it, to be safe)."""
+        self._leases_alive_until = sent_at + self.settings.lease_seconds / 2
+
+    def leases_surely_alive(self) -> bool:
+        """False when this replica's heartbeat may have lapsed (it was frozen, or the store
+        could not be reached): another replica may have taken its uploads over."""
+        alive_until = self._leases_alive_until
+        return alive_until is None or time.monotonic() < alive_until
+
+    async def check_leases(self) -> None:
+        """After a gap in the heartbeat: end at once every stream here whose upload another
+        replica took over (WRITER_FENCED), without waiting for its next part."""
+        for upload in [u for u in self._uploads.values() if u.attached and not u.ending()]:
+            try:
+                await upload.check_lease()
+            except RecgwError as error:
+                upload.interrupt(error, unless_active=1.0)  # as AbortUpload does
+
     def forget(self, upload: Upload) -> None:
         """Drop a stale copy from memory; the next lookup reads the session store."""
         if self._uploads.get(upload.upload_id) is upload:
@@ -371,15 +406,22 @@ class UploadManager:
         return upload
 
     async def status(self, upload_id: str) -> UploadStatus:
+        """The upload's status; the store's, unless a stream here writes it.
+
+        Another replica may have written the upload since this one cached it, so a copy that
+        no stream here writes is read again (the store is the truth, memory only a cache).
+        """
         upload = await self._existing(upload_id)
-        if upload.busy:
-            return upload.status()  # written here right now: memory is ahead of the store
-        # Another replica may have written it since: then the store has the truth.
-        record = await self.sessions.get(upload_id)
-        known = upload.lease.generation if upload.lease is not None else upload.record.generation
-        if record is None or record.generation == known:
+        if upload.busy or upload.state in FINAL_STATES:
             return upload.status()
-        return Upload(self, record, None).status()
+        record = await self.sessions.get(upload_id)
+        if record is None or upload.matches(record):
+            return upload.status()
+        fresh = Upload(self, record, None)
+        # No await since the checks below: a stream cannot have attached the old copy since.
+        if self._uploads.get(upload_id) is upload and not upload.busy:
+            self._uploads[upload_id] = fresh
+        return fresh.status()
 
     async def abort(self, upload_id: str) -> AbortReport:
         """Abort an upload that is not complete; report what is left in S3."""

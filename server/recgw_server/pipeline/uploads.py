@@ -632,6 +632,20 @@ class Upload:
                 error.message,
             )
 
+    def ending(self) -> bool:
+        """Whether finishing, failing or detaching is under way in this copy."""
+        return (
+            (self._fail_task is not None and not self._fail_task.done())
+            or (self._finish_task is not None and not self._finish_task.done())
+            or self._detach_task is not None
+        )
+
+    def matches(self, record: SessionRecord) -> bool:
+        """Whether this copy is as current as the stored `record`: no replica leased the
+        upload since this copy last held or read it."""
+        known = self.lease.generation if self.lease is not None else self.record.generation
+        return record.generation == known and record.committed_size == self.committed
+
     def status(self) -> UploadStatus:
         return UploadStatus(
             upload_id=self.upload_id,
@@ -670,6 +684,8 @@ class Upload:
             raise self._background_error
         if self._interruption is not None:
             raise self._interruption
+        if self._fenced:
+            raise self._fenced_error()
         if self.abort_requested.is_set():
             raise self.aborted_error()
         if self._fail_task is not None:
@@ -758,6 +774,7 @@ class Upload:
         return self._writer
 
     async def _start_multipart(self, writer: ObjectWriter) -> None:
+        await self._lease_before_s3()
         self._store_upload_id = await writer.create_multipart_upload(self.spec)
         store_upload_id = self._store_upload_id
         await self._store_write(
@@ -790,6 +807,21 @@ class Upload:
                 self.upload_id,
             )
             raise self._fenced_error() from None
+
+    async def check_lease(self) -> None:
+        """Make sure this replica still holds the upload's lease (a lease-checked write of
+        `updated_at` only); WRITER_FENCED when another replica took it over."""
+        await self._store_write(lambda lease: self._manager.sessions.update(lease, time.time()))
+
+    async def _lease_before_s3(self) -> None:
+        """Before a request to S3: if this replica's heartbeat may have lapsed (it was frozen,
+        or cut off from the store), check the lease first, so that a replica that lost it sends
+        nothing more. A request already on its way when the lease is lost can still land: see
+        "What fencing cannot stop" in the README."""
+        if self._fenced:
+            raise self._fenced_error()
+        if not self._manager.leases_surely_alive():
+            await self.check_lease()
 
     async def _release_lease(self) -> None:
         if self.lease is not None and not self._fenced:
@@ -825,6 +857,7 @@ class Upload:
         digest: asyncio.Future[bytes] | None,
     ) -> PartRecord:
         """Send one part to S3; its record, with the object's checksum state at its end."""
+        await self._lease_before_s3()
         written = await writer.upload_part(
             self.spec.key, self._store_upload_id, part.number, body, part.crc32c
         )
@@ -941,11 +974,7 @@ class Upload:
             writer = await self._writer_for_upload()
             # Still this replica's upload? A writer that was frozen while another replica took
             # over learns it here, before it sends anything more to S3.
-            await self._store_write(
-                lambda lease: self._manager.sessions.update(
-                    lease, time.time(), state=UploadState.OPEN.value
-                )
-            )
+            await self.check_lease()  # the state stays: FINISHING if a completion may be in S3
             if not self._store_upload_id:
                 # Everything fits in one part: a single PutObject, no multipart upload at all.
                 part = self._part or self._new_part()
@@ -985,8 +1014,18 @@ class Upload:
                 part_count = len(parts)
         except RecgwError as error:
             self.state = UploadState.OPEN
+            if error.store_code and not self._fenced:
+                # S3 refused the completion: because another replica took over meanwhile (and
+                # completed or aborted the upload)? Then that is what this stream must report.
+                try:
+                    await self.check_lease()
+                except RecgwError as fenced:
+                    if self._fenced:
+                        error = fenced
+                except Exception:
+                    log.warning("upload %s: the lease could not be checked", self.upload_id)
             await self._end_stream(error)
-            raise
+            raise error from None
         except BaseException as exc:
             self.state = UploadState.OPEN
             await self._end_stream(
@@ -1068,6 +1107,12 @@ class Upload:
         self._drop_part()
         # Parts already on their way finish (their memory is in use until they do); then abort.
         await asyncio.gather(*self._in_flight, return_exceptions=True)
+        if self._store_upload_id and not self._fenced:
+            try:  # a fenced copy must not abort what the new writer is writing
+                await self.check_lease()
+            except RecgwError:
+                if not self._fenced:
+                    raise
         if self._store_upload_id and not self._fenced:  # a fenced copy leaves S3 to the new writer
             try:
                 writer = await self._writer_for_upload()

@@ -40,6 +40,15 @@ class Fenced(Exception):
         self.lease = lease
 
 
+class AlreadyCreated(Exception):
+    """`create` found a session with that upload id: another stream (perhaps on another
+    replica) created it first."""
+
+    def __init__(self, upload_id: str) -> None:
+        super().__init__(f"upload {upload_id} exists already")
+        self.upload_id = upload_id
+
+
 @dataclass(frozen=True)
 class PartRecord:
     """One part durably written to S3, with the object's checksum state at its end."""
@@ -144,7 +153,8 @@ class SessionStore(Outbox, Protocol):
         ...
 
     async def create(self, record: SessionRecord, holder: str) -> Lease:
-        """Store a new session, leased to `holder` at generation 1."""
+        """Store a new session, leased to `holder` at generation 1; AlreadyCreated when a
+        session with its upload id exists."""
         ...
 
     async def get(self, upload_id: str) -> SessionRecord | None: ...
@@ -194,7 +204,8 @@ class SessionStore(Outbox, Protocol):
         **fields: Any,
     ) -> None:
         """Change session fields (UPDATABLE_FIELDS: state, store_upload_id, result, ...) and add
-        the `outbox` deliveries (endpoint URL, event), in one transaction."""
+        the `outbox` deliveries (endpoint URL, event), in one transaction. Without fields only
+        `updated_at` changes: a check that the lease still holds."""
         ...
 
     async def enqueue(self, outbox: Sequence[tuple[str, Event]]) -> None:

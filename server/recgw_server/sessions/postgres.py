@@ -36,6 +36,7 @@ from psycopg_pool import AsyncConnectionPool
 from recgw_server.events.model import Delivery, Event
 from recgw_server.sessions.base import (
     UPDATABLE_FIELDS,
+    AlreadyCreated,
     Fenced,
     Lease,
     PartRecord,
@@ -178,8 +179,11 @@ class PostgresSessionStore:
 
     async def create(self, record: SessionRecord, holder: str) -> Lease:
         row = _to_row(replace(record, holder=holder, generation=1))
-        async with self.pool.connection() as conn:
-            await conn.execute(_INSERT_SESSION.encode(), row)
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(_INSERT_SESSION.encode(), row)
+        except psycopg.errors.UniqueViolation:
+            raise AlreadyCreated(record.upload_id) from None
         return Lease(record.upload_id, holder, 1)
 
     async def get(self, upload_id: str) -> SessionRecord | None:
@@ -318,11 +322,9 @@ class PostgresSessionStore:
             fields["result"] = Jsonb(fields["result"])
         if fields.get("tail") is not None:
             fields["tail"] = Jsonb(json.loads(part_json(fields["tail"])))
-        assignments = ", ".join(f"{name} = %({name})s" for name in fields)
+        assignments = "".join(f"{name} = %({name})s, " for name in fields)
         # Field names are checked against UPDATABLE_FIELDS above, never taken from input.
-        statement = (
-            f"UPDATE sessions SET {assignments}, updated_at = %(updated_at)s WHERE {_LEASED}"
-        )
+        statement = f"UPDATE sessions SET {assignments}updated_at = %(updated_at)s WHERE {_LEASED}"
         async with self.pool.connection() as conn, conn.transaction():
             cursor = await conn.execute(
                 statement.encode(), {**fields, **_lease_params(lease), "updated_at": updated_at}

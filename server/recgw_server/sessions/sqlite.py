@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from recgw_server.events.model import Delivery, Event
 from recgw_server.sessions.base import (
     UPDATABLE_FIELDS,
+    AlreadyCreated,
     Fenced,
     Lease,
     PartRecord,
@@ -122,8 +123,13 @@ class SqliteSessionStore:
         statement = f"INSERT INTO sessions ({columns}) VALUES ({marks})"
 
         def insert(db: sqlite3.Connection) -> None:
-            with _transaction(db):
-                db.execute(statement, tuple(row.values()))
+            try:
+                with _transaction(db):
+                    db.execute(statement, tuple(row.values()))
+            except sqlite3.IntegrityError as exc:
+                if exc.sqlite_errorname != "SQLITE_CONSTRAINT_PRIMARYKEY":
+                    raise
+                raise AlreadyCreated(record.upload_id) from None
 
         await self._run(insert)
         return Lease(record.upload_id, holder, 1)
@@ -257,9 +263,9 @@ class SqliteSessionStore:
             fields["result"] = json.dumps(fields["result"])
         if "tail" in fields and fields["tail"] is not None:
             fields["tail"] = part_json(fields["tail"])
-        assignments = ", ".join(f"{name} = ?" for name in fields)
+        assignments = "".join(f"{name} = ?, " for name in fields)
         # Field names are checked against UPDATABLE_FIELDS above, never taken from input.
-        statement = f"UPDATE sessions SET {assignments}, updated_at = ? WHERE {_LEASED}"
+        statement = f"UPDATE sessions SET {assignments}updated_at = ? WHERE {_LEASED}"
 
         def write(db: sqlite3.Connection) -> None:
             with _transaction(db):

@@ -91,13 +91,18 @@ const (
 	// DATA_LOSS: S3 refused a part or object as corrupted (BadDigest).
 	ErrorReason_ERROR_REASON_STORAGE_CHECKSUM_REJECTED ErrorReason = 42
 	// ABORTED: another stream is writing this upload and has not been silent
-	// long enough to be taken over. Ask GetUploadStatus and retry with backoff.
+	// long enough to be taken over, or (several replicas) another stream created
+	// an upload of the same `upload_id` at the same moment. Ask GetUploadStatus
+	// and retry with backoff; the retry resumes the upload.
 	ErrorReason_ERROR_REASON_ANOTHER_WRITER ErrorReason = 50
 	// ABORTED: a newer stream for the same upload took over from this one.
 	// This stream's uncommitted bytes were dropped; do not retry it.
 	ErrorReason_ERROR_REASON_STREAM_TAKEN_OVER ErrorReason = 51
 	// ABORTED: the gateway replica serving this stream lost the upload's
-	// writer lease to another replica; nothing more is recorded through it.
+	// writer lease to another replica (this one was frozen, partitioned or too
+	// slow); nothing more is recorded or sent to S3 through it. Resume from the
+	// committed size GetUploadStatus reports (any replica tells the truth); a
+	// resume of an upload the other replica completed returns its result.
 	ErrorReason_ERROR_REASON_WRITER_FENCED ErrorReason = 52
 	// ABORTED: the stream ended without `finish_write`. Nothing is visible;
 	// the upload stays open for resuming.
@@ -136,7 +141,10 @@ const (
 	ErrorReason_ERROR_REASON_BUCKET_NOT_FOUND ErrorReason = 72
 	// FAILED_PRECONDITION: S3 refused the request for another reason (KMS,
 	// encryption, invalid argument, a wrong region: then `bucket_region` names
-	// the right one); `store_code` says which.
+	// the right one); `store_code` says which. `InvalidPart` on completion:
+	// S3 holds a part other than the one the gateway recorded (an UploadPart a
+	// fenced replica had already sent, with bytes other than the resumed
+	// stream's); no object was made. Abort the upload and upload it anew.
 	ErrorReason_ERROR_REASON_STORAGE_REJECTED ErrorReason = 73
 	// UNAVAILABLE: S3 could not be reached or throttled after retries.
 	ErrorReason_ERROR_REASON_STORAGE_UNAVAILABLE ErrorReason = 80

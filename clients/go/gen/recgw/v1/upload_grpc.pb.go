@@ -65,7 +65,9 @@ type UploadServiceClient interface {
 	// takeover time (a live source that pauses) should send an empty message
 	// (no `data`) as a heartbeat.
 	Upload(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[UploadRequest, UploadResponse], error)
-	// GetUploadStatus reports the committed size and state of an upload.
+	// GetUploadStatus reports the committed size and state of an upload. Any
+	// replica answers truthfully: one that no stream of its own is writing the
+	// upload through reads it from the shared session store.
 	GetUploadStatus(ctx context.Context, in *GetUploadStatusRequest, opts ...grpc.CallOption) (*GetUploadStatusResponse, error)
 	// AbortUpload cancels an upload; nothing of it becomes visible.
 	AbortUpload(ctx context.Context, in *AbortUploadRequest, opts ...grpc.CallOption) (*AbortUploadResponse, error)
@@ -168,7 +170,9 @@ type UploadServiceServer interface {
 	// takeover time (a live source that pauses) should send an empty message
 	// (no `data`) as a heartbeat.
 	Upload(grpc.ClientStreamingServer[UploadRequest, UploadResponse]) error
-	// GetUploadStatus reports the committed size and state of an upload.
+	// GetUploadStatus reports the committed size and state of an upload. Any
+	// replica answers truthfully: one that no stream of its own is writing the
+	// upload through reads it from the shared session store.
 	GetUploadStatus(context.Context, *GetUploadStatusRequest) (*GetUploadStatusResponse, error)
 	// AbortUpload cancels an upload; nothing of it becomes visible.
 	AbortUpload(context.Context, *AbortUploadRequest) (*AbortUploadResponse, error)
