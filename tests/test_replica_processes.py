@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from recgw.v1 import upload_pb2
 
@@ -48,6 +49,7 @@ from tests.replica_processes import (
     wait_for,
 )
 from tests.s3_fault_proxy import Rule, s3_error
+from tests.test_replicas import _delete_access_key, _listener_pids, _new_access_key
 
 
 @pytest.fixture
@@ -463,3 +465,69 @@ def test_a_rolling_restart_during_ten_uploads_loses_none(
     assert len(retries) >= 2, retries  # the restarts did cut streams (at least one each)
     for data, result in zip(blobs, results, strict=True):
         assert read_object(moto, tenant.bucket, result.key) == data
+
+
+def test_abort_through_b_ends_the_stream_on_a(
+    replica_set: ReplicaSet, new_tenant: Callable[..., Tenant]
+) -> None:
+    """AbortUpload on B takes the lease from A, which is writing: A's stream ends, A records
+    nothing and sends no UploadPart after the abort, and both replicas report ABORTED."""
+    a, b = replica_set.start(2)
+    tenant = tenant_on(replica_set, new_tenant)
+    data = os.urandom(17 * MiB)
+    stream = Stream(a, tenant, "aborted.bin", data, pause_at=7 * MiB)
+    poll_status(b, stream.upload_id, lambda s: s.committed_size == 5 * MiB, "part 1 via A")
+    aborted_at = time.monotonic()
+    report = b.uploads.AbortUpload(
+        upload_pb2.AbortUploadRequest(upload_id=stream.upload_id), metadata=UPLOADER, timeout=30
+    )
+    assert report.state == upload_pb2.UPLOAD_STATE_ABORTED
+    ended = stream.error()  # A's client sends the rest: A refuses it
+    assert ended.code() == grpc.StatusCode.ABORTED
+    assert error_info(ended)[0] in ("WRITER_FENCED", "UPLOAD_ABORTED")
+    assert [r.operation for r in a.s3.seen_since(aborted_at)] == []
+    url = replica_set.sessions_url
+    assert sessions_row(url, stream.upload_id)["state"] == "aborted"
+    assert [number for number, _ in part_numbers(url, stream.upload_id)] == [1]
+    for replica in (a, b):
+        poll_status(
+            replica,
+            stream.upload_id,
+            lambda s: s.state == upload_pb2.UPLOAD_STATE_ABORTED,
+            replica.replica_id,
+        )
+
+
+def test_credentials_set_through_a_are_used_by_b_at_once_also_after_b_lost_its_listener(
+    replica_set: ReplicaSet, moto: MotoS3, new_tenant: Callable[..., Tenant]
+) -> None:
+    """SetCredentials through A: B, which cached the old key and an S3 client for it, uses the
+    new key at once (the old one is deleted in IAM, so a stale cache fails). After B's
+    notification connection is killed, B drops its cache, listens again and still hears."""
+    a, b = replica_set.start(2)
+    tenant = tenant_on(replica_set, new_tenant)
+    endpoint = replica_set.tenant_endpoint
+
+    def small(name: str) -> None:
+        b.upload(upload_messages(tenant.tenant_id, name, os.urandom(1000)))
+
+    def rotate() -> None:
+        old = tenant.keys
+        tenant.keys = _new_access_key(moto, tenant)
+        set_credentials(a, tenant, endpoint_url=endpoint)
+        _delete_access_key(moto, tenant, old)
+
+    small("first.bin")  # B caches the credentials (TTL 30 s) and a client
+    rotate()
+    small("after-set.bin")
+    [old_pid] = _listener_pids(replica_set.sessions_url, b.replica_id)
+    with psycopg.connect(replica_set.sessions_url, autocommit=True) as conn:
+        assert conn.execute("SELECT pg_terminate_backend(%s)", (old_pid,)).fetchone() == (True,)
+
+    def listening_again() -> bool:
+        pids = _listener_pids(replica_set.sessions_url, b.replica_id)
+        return len(pids) == 1 and pids != [old_pid]
+
+    wait_for(listening_again, "B's new notification connection")
+    rotate()
+    small("after-reconnect.bin")

@@ -225,6 +225,7 @@ class Gateway:
                 completion_backoff=uploads.completion_backoff_seconds,
                 replica_id=self.replica_id,
                 lease_seconds=settings.sessions.lease_seconds,
+                shared_sessions=settings.sessions.postgres_url is not None,
             ),
             self.spool,
             self.events,

@@ -65,6 +65,9 @@ class PipelineSettings:
     # This replica's name on the writer leases of the session store, and how long they last.
     replica_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     lease_seconds: float = 15.0
+    # Other replicas share the session store and may take a lease at any time (AbortUpload on
+    # another replica takes it from a live writer): check it before every request to S3.
+    shared_sessions: bool = False
 
 
 @dataclass(frozen=True)

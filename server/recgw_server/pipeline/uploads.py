@@ -814,13 +814,14 @@ class Upload:
         await self._store_write(lambda lease: self._manager.sessions.update(lease, time.time()))
 
     async def _lease_before_s3(self) -> None:
-        """Before a request to S3: if this replica's heartbeat may have lapsed (it was frozen,
-        or cut off from the store), check the lease first, so that a replica that lost it sends
-        nothing more. A request already on its way when the lease is lost can still land: see
-        "What fencing cannot stop" in the README."""
+        """Before a request to S3: with a shared session store (another replica may have taken
+        the lease: AbortUpload does that to a live writer), or when this replica's heartbeat may
+        have lapsed (it was frozen, or cut off from the store), check the lease first, so that a
+        replica that lost it sends nothing more. A request already on its way when the lease is
+        lost can still land: see "What fencing cannot stop" in the README."""
         if self._fenced:
             raise self._fenced_error()
-        if not self._manager.leases_surely_alive():
+        if self._manager.settings.shared_sessions or not self._manager.leases_surely_alive():
             await self.check_lease()
 
     async def _release_lease(self) -> None:
