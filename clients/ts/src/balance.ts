@@ -96,10 +96,13 @@ export class BalancedTransport implements Transport {
     replica.probeDelayMs = PROBE_INITIAL_MS;
   }
 
-  private failed(replica: State, error: unknown): void {
-    if (this.closed || replica.down) return;
-    // The gateway's own refusals (bad offset, another writer...) say nothing about the connection.
-    if (ConnectError.from(error).code !== Code.Unavailable && replica.session.state() !== "error") return;
+  private failed(replica: State, error: unknown, signal: AbortSignal | undefined): void {
+    if (this.closed || replica.down || signal?.aborted) return;
+    // A lost connection shows as UNAVAILABLE, INTERNAL, ABORTED or CANCELLED without details
+    // (see errors.ts); the gateway's own answers carry ErrorInfo and, unless UNAVAILABLE, say
+    // nothing about the replica. One marked down wrongly is back as soon as the probe connects.
+    const failure = ConnectError.from(error);
+    if (failure.code !== Code.Unavailable && failure.details.length > 0) return;
     replica.down = true;
     replica.probeDelayMs = PROBE_INITIAL_MS;
     this.probe(replica);
@@ -137,7 +140,7 @@ export class BalancedTransport implements Transport {
         this.succeeded(replica);
         return response;
       } catch (error) {
-        this.failed(replica, error);
+        this.failed(replica, error, signal);
         if (tried >= this.replicas.length || !neverConnected(error) || signal?.aborted) throw error;
       }
     }
@@ -156,19 +159,19 @@ export class BalancedTransport implements Transport {
     try {
       response = await replica.transport.stream(method, signal, timeoutMs, header, input, contextValues);
     } catch (error) {
-      this.failed(replica, error);
+      this.failed(replica, error, signal);
       throw error;
     }
-    return { ...response, message: this.watch(replica, response.message) };
+    return { ...response, message: this.watch(replica, response.message, signal) };
   }
 
   /** The messages of a stream; its end or failure tells about the replica. */
-  private async *watch<T>(replica: State, messages: AsyncIterable<T>): AsyncIterable<T> {
+  private async *watch<T>(replica: State, messages: AsyncIterable<T>, signal: AbortSignal | undefined): AsyncIterable<T> {
     try {
       yield* messages;
       this.succeeded(replica);
     } catch (error) {
-      this.failed(replica, error);
+      this.failed(replica, error, signal);
       throw error;
     }
   }

@@ -30,7 +30,7 @@ afterEach(async () => {
   await Promise.all(servers.splice(0).map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
 });
 
-async function replica(service: (self: Replica) => Partial<ServiceImpl<typeof UploadService>>): Promise<Replica> {
+async function replica(service: (self: Replica) => Partial<ServiceImpl<typeof UploadService>>, port = 0): Promise<Replica> {
   const sessions = new Set<ServerHttp2Session>();
   const self: Replica = { address: "", calls: 0, kill: async () => undefined };
   const server = createServer(connectNodeAdapter({ routes: (router) => router.service(UploadService, service(self)) }));
@@ -38,7 +38,7 @@ async function replica(service: (self: Replica) => Partial<ServiceImpl<typeof Up
     sessions.add(session);
     session.on("close", () => sessions.delete(session));
   });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  await new Promise<void>((resolve) => server.listen(port, "127.0.0.1", resolve));
   servers.push(server);
   self.address = `127.0.0.1:${(server.address() as AddressInfo).port}`;
   self.kill = () => {
@@ -68,7 +68,7 @@ async function within<T>(what: string, attempt: () => Promise<T | undefined>, ms
 }
 
 describe("several replicas", () => {
-  test("calls spread round robin, and all go to the replica left when one dies", async () => {
+  test("calls spread round robin, all go to the replica left when one dies, and to both once it is back", async () => {
     const a = await replica(counting);
     const b = await replica(counting);
     const client = createClient({ address: `${a.address}, ${b.address}`, token: TOKEN, plaintext: true });
@@ -90,6 +90,12 @@ describe("several replicas", () => {
       const before = b.calls;
       for (let i = 0; i < 6; i++) await client.status("u1");
       assert.equal(b.calls - before, 6);
+      // A replica back on its address is found by the background probe.
+      const again = await replica(counting, Number(a.address.split(":")[1]));
+      await within("calls reach A again", async () => {
+        await client.status("u1");
+        return again.calls > 0 ? true : undefined;
+      });
     } finally {
       client.close();
     }
@@ -113,17 +119,20 @@ describe("several replicas", () => {
       if (stream === 1 && fake.streams[0]!.length === 4) await servedBy[0]!.kill();
     };
     const data = Buffer.alloc(64, 7);
+    const retries: string[] = [];
     const client = createClient({ addresses: [a.address, b.address], token: TOKEN, plaintext: true });
     try {
       const result = await client.upload(data, { tenantId: "acme", objectName: "call.webm" }, {
         chunkSize: 8,
         backoff: { initialMs: 20, maxMs: 200 },
         outageToleranceMs: 20_000,
+        onRetry: (event) => retries.push(event.error.code),
       });
       assert.equal(result.size, 64);
-      assert.ok(servedBy.length >= 2, `one stream only: ${servedBy.length}`);
-      const killed = servedBy[0]!;
-      assert.ok(servedBy.slice(1).every((r) => r !== killed), "a resumed stream went to the dead replica");
+      // The broken stream marked its replica down: the one resumed stream went to the other.
+      assert.equal(retries.length, 1, `retries: ${retries.join(", ")}`);
+      assert.equal(servedBy.length, 2);
+      assert.notEqual(servedBy[1], servedBy[0]);
       assert.deepEqual(fake.uploads.get(fake.streams[0]![0]!.start!.uploadId)!.bytes, data);
     } finally {
       client.close();
