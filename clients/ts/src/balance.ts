@@ -31,8 +31,9 @@ interface State extends Replica {
 }
 
 /**
- * The addresses of `address` separated by commas (or `addresses`), each
- * `host:port`; throws TypeError for an empty entry or one without a port.
+ * The addresses of `address` separated by commas (or `addresses`), trimmed;
+ * throws TypeError for an empty entry, a scheme, or, when there are several,
+ * an entry that is not `host:port`.
  */
 export function replicaAddresses(address: string | undefined, addresses: readonly string[] | undefined): string[] {
   if ((address === undefined) === (addresses === undefined)) {
