@@ -1,13 +1,15 @@
 /**
- * createClient: one HTTP/2 connection to a gateway, with the bearer token on
- * every call, keepalive pings, and TLS (optionally mTLS) unless plaintext is
- * asked for explicitly.
+ * createClient: one HTTP/2 connection to a gateway (or one to each of several
+ * replicas, balanced round robin), with the bearer token on every call,
+ * keepalive pings, and TLS (optionally mTLS) unless plaintext is asked for
+ * explicitly.
  */
 import { readFileSync } from "node:fs";
 import { type Client, createClient as createConnectClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import type { SecureClientSessionOptions } from "node:http2";
 import { CredentialsAdmin } from "./admin.js";
+import { BalancedTransport, replicaAddresses, type Replica } from "./balance.js";
 import { toRecgwError } from "./errors.js";
 import { CredentialsService } from "./gen/recgw/v1/credentials_pb.js";
 import { UploadService } from "./gen/recgw/v1/upload_pb.js";
@@ -41,8 +43,20 @@ export interface TlsOptions {
 }
 
 export interface ClientOptions {
-  /** `host:port` of the gateway. */
-  address: string;
+  /**
+   * `host:port` of the gateway, or several replicas' `host:port` separated by
+   * commas (the same as `addresses`).
+   */
+  address?: string;
+  /**
+   * Several gateway replicas sharing one PostgreSQL session store, each
+   * `host:port`: the client keeps a connection to each, and every call (each
+   * upload stream, each status query) goes to the next one that is up, so
+   * uploads spread and a resume after a lost replica lands on a live one. Over
+   * TLS each certificate is checked against the host of its address, unless
+   * `tls.serverName` names one for all. Give either `address` or `addresses`.
+   */
+  addresses?: string[];
   /** Bearer token: role `uploader` for uploads, `admin` for credentialsAdmin. */
   token: string;
   /** TLS settings; TLS is used unless `plaintext` is true. */
@@ -74,7 +88,7 @@ export interface RecgwClient {
     readonly upload: Client<typeof UploadService>;
     readonly credentials: Client<typeof CredentialsService>;
   };
-  /** Closes the connection; calls in flight fail. */
+  /** Closes the connection(s); calls in flight fail. */
   close(): void;
 }
 
@@ -90,29 +104,29 @@ function tlsOptions(tls: TlsOptions | undefined): SecureClientSessionOptions {
   return options;
 }
 
-/** A client of one gateway. */
+/** A client of one gateway, or of several replicas (see `addresses`). */
 export function createClient(options: ClientOptions): RecgwClient {
-  if (!options.address || /^[a-z]+:\/\//i.test(options.address)) {
-    throw new TypeError("address must be host:port (no scheme)");
-  }
+  if (options.address === "") throw new TypeError("address must be host:port (no scheme)");
+  const addresses = replicaAddresses(options.address, options.addresses);
   const token = options.token.trim();
   if (!token) throw new TypeError("token is required");
   if (options.plaintext && options.tls !== undefined) throw new TypeError("plaintext and tls exclude each other");
-  const baseUrl = `${options.plaintext ? "http" : "https"}://${options.address}`;
-  const session = new Http2SessionManager(
-    baseUrl,
-    { pingIntervalMs: KEEPALIVE_INTERVAL_MS, pingTimeoutMs: KEEPALIVE_TIMEOUT_MS },
-    options.plaintext ? {} : tlsOptions(options.tls),
-  );
+  const sessionOptions = options.plaintext ? {} : tlsOptions(options.tls);
   const authorization: Interceptor = (next) => (request) => {
     request.header.set("authorization", `Bearer ${token}`);
     return next(request);
   };
-  const transport = createGrpcTransport({
-    baseUrl,
-    sessionManager: session,
-    interceptors: [authorization],
+  const replicas: Replica[] = addresses.map((address) => {
+    const baseUrl = `${options.plaintext ? "http" : "https"}://${address}`;
+    const session = new Http2SessionManager(
+      baseUrl,
+      { pingIntervalMs: KEEPALIVE_INTERVAL_MS, pingTimeoutMs: KEEPALIVE_TIMEOUT_MS },
+      sessionOptions,
+    );
+    return { address, session, transport: createGrpcTransport({ baseUrl, sessionManager: session, interceptors: [authorization] }) };
   });
+  const balanced = replicas.length > 1 ? new BalancedTransport(replicas) : undefined;
+  const transport = balanced ?? replicas[0]!.transport;
   const uploads = createConnectClient(UploadService, transport);
   const credentials = createConnectClient(CredentialsService, transport);
   const secrets = [token];
@@ -137,7 +151,7 @@ export function createClient(options: ClientOptions): RecgwClient {
       unary(uploadId, async () => salvageResult(await uploads.salvageUpload({ uploadId }, { timeoutMs }))),
     credentialsAdmin: new CredentialsAdmin(credentials, secrets, timeoutMs),
     services: { upload: uploads, credentials },
-    close: () => session.abort(),
-    toString: () => `RecgwClient(${options.address})`,
+    close: () => (balanced !== undefined ? balanced.close() : replicas[0]!.session.abort()),
+    toString: () => `RecgwClient(${addresses.join(",")})`,
   } as RecgwClient;
 }

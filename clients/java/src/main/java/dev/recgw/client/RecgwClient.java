@@ -100,8 +100,13 @@ public final class RecgwClient implements AutoCloseable {
       }
       credentials = tls.build();
     }
+    String target = b.addresses.size() == 1 ? b.addresses.get(0) : Replicas.target(b.addresses);
+    // round_robin: every call (each upload stream, each status query) goes to the next of the
+    // target's addresses that is up, so uploads spread over the replicas a DNS name or a list of
+    // addresses names, and a resume after a lost replica goes to a live one.
     ManagedChannelBuilder<?> builder =
-        Grpc.newChannelBuilder(b.address, credentials)
+        Grpc.newChannelBuilder(target, credentials)
+            .defaultLoadBalancingPolicy("round_robin")
             .keepAliveTime(b.keepAlive.toNanos(), TimeUnit.NANOSECONDS)
             .keepAliveTimeout(20, TimeUnit.SECONDS);
     if (b.serverName != null) {
@@ -398,6 +403,7 @@ public final class RecgwClient implements AutoCloseable {
   /** Builds a {@link RecgwClient}: an address, a token, and TLS or, explicitly, plaintext. */
   public static final class Builder {
     private String address;
+    private List<String> addresses;
     private String token;
     private boolean plaintext;
     private boolean tls;
@@ -421,9 +427,32 @@ public final class RecgwClient implements AutoCloseable {
       return this;
     }
 
-    /** The gateway, {@code host:port} (or any gRPC target such as {@code dns:///host:port}). */
+    /**
+     * The gateway, {@code host:port} (or any gRPC target such as {@code dns:///host:port}, whose
+     * addresses the client balances over), or several replicas' addresses separated by commas
+     * (see {@link #addresses}).
+     */
     public Builder address(String address) {
-      this.address = Objects.requireNonNull(address);
+      return addresses(Replicas.split(Objects.requireNonNull(address)));
+    }
+
+    /**
+     * Several gateway replicas sharing one PostgreSQL session store, each {@code IP:port} ({@code
+     * 10.0.0.11:50051}, {@code [fd00::11]:50051}): every call goes to the next replica that is up
+     * (round_robin), and a resumed upload to a live one. Over TLS their certificates must carry
+     * the {@code serverName} given to {@link #tls}. For names, give one DNS name that resolves to
+     * every replica ({@code address("dns:///recgw.internal:50051")}). One address is the same as
+     * {@link #address}.
+     *
+     * @throws IllegalArgumentException an empty entry, or one of several that is not IP:port
+     */
+    public Builder addresses(List<String> addresses) {
+      List<String> trimmed = Replicas.checkNotEmpty(new ArrayList<>(addresses)).stream().map(String::strip).toList();
+      if (trimmed.size() > 1) {
+        trimmed.forEach(Replicas::parse);
+      }
+      this.addresses = trimmed;
+      this.address = String.join(",", trimmed);
       return this;
     }
 
@@ -484,7 +513,7 @@ public final class RecgwClient implements AutoCloseable {
         }
         return new RecgwClient(this);
       }
-      if (address == null || address.isEmpty()) {
+      if (addresses == null) {
         throw new IllegalStateException("address is required");
       }
       if (plaintext == tls) {
@@ -492,6 +521,11 @@ public final class RecgwClient implements AutoCloseable {
           throw new IllegalStateException("choose tls(...) or plaintext(), not both");
         }
         tls = true; // TLS with the system's trust roots
+      }
+      if (addresses.size() > 1 && !plaintext && serverName == null) {
+        // The replicas' IP addresses name no host to check their certificates against.
+        throw new IllegalStateException("TLS to several gateway addresses needs the name their certificates "
+            + "carry: tls(caFile, certFile, keyFile, serverName)");
       }
       return new RecgwClient(this);
     }

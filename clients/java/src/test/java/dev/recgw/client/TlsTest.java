@@ -2,6 +2,7 @@ package dev.recgw.client;
 
 import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import dev.recgw.v1.GetUploadStatusRequest;
 import dev.recgw.v1.GetUploadStatusResponse;
@@ -37,6 +38,7 @@ class TlsTest {
 
   @TempDir static Path dir;
   private static Server server;
+  private static io.grpc.ServerCredentials serverCredentials;
   private static Path serverCa;
   private static Path clientCert;
   private static Path clientKey;
@@ -68,7 +70,8 @@ class TlsTest {
         .keyManager(keys.getKeyManagers())
         .trustManager(trust.getTrustManagers())
         .clientAuth(TlsServerCredentials.ClientAuth.REQUIRE);
-    server = Grpc.newServerBuilderForPort(0, tls.build())
+    serverCredentials = tls.build();
+    server = Grpc.newServerBuilderForPort(0, serverCredentials)
         .addService(new UploadServiceGrpc.UploadServiceImplBase() {
           @Override
           public void getUploadStatus(GetUploadStatusRequest request, StreamObserver<GetUploadStatusResponse> out) {
@@ -154,6 +157,32 @@ class TlsTest {
     try (RecgwClient client = client(strangerCert, strangerKey, "gateway.test")) {
       RecgwException e = assertThrows(RecgwException.class, () -> client.status("u-1"));
       assertEquals(Status.Code.UNAVAILABLE, e.code());
+    }
+  }
+
+  @Test
+  void severalReplicasAreCheckedAgainstTheServerName() throws Exception {
+    java.util.concurrent.atomic.AtomicInteger a = new java.util.concurrent.atomic.AtomicInteger();
+    java.util.concurrent.atomic.AtomicInteger b = new java.util.concurrent.atomic.AtomicInteger();
+    Server serverA = BalanceTest.counting(a, serverCredentials);
+    Server serverB = BalanceTest.counting(b, serverCredentials);
+    java.util.List<String> both = java.util.List.of("127.0.0.1:" + serverA.getPort(), "127.0.0.1:" + serverB.getPort());
+    try {
+      try (RecgwClient client = RecgwClient.builder().addresses(both).token("tls-test-token")
+          .tls(serverCa, clientCert, clientKey, "gateway.test").build()) {
+        long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(20);
+        while (a.get() == 0 || b.get() == 0) {
+          assertEquals(UploadState.UPLOAD_STATE_OPEN, client.status("u-1").state());
+          assertTrue(System.nanoTime() < deadline, "never reached both replicas over TLS");
+        }
+      }
+      try (RecgwClient client = RecgwClient.builder().addresses(both).token("tls-test-token")
+          .tls(serverCa, clientCert, clientKey, "other.test").build()) {
+        assertEquals(Status.Code.UNAVAILABLE, assertThrows(RecgwException.class, () -> client.status("u-1")).code());
+      }
+    } finally {
+      serverA.shutdownNow().awaitTermination(5, TimeUnit.SECONDS);
+      serverB.shutdownNow().awaitTermination(5, TimeUnit.SECONDS);
     }
   }
 
