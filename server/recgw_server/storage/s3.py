@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import botocore.config
+import botocore.credentials
 import botocore.exceptions
 import botocore.handlers
 import botocore.session
@@ -24,10 +25,13 @@ from recgw_server.credentials.roles import RoleAssumer
 from recgw_server.domain import EncryptionMode, ErrorKind, Reason, RecgwError, TenantCredentials
 from recgw_server.storage.base import AbortOutcome, Body, ObjectSpec, WrittenObject, WrittenPart
 from recgw_server.storage.endpoints import (
+    FALLBACK_REGION,
     REGION_HEADER,
+    BucketProbe,
     access_point_region,
     discover_region,
     expect_bucket_owner,
+    probe_bucket,
 )
 
 log = logging.getLogger(__name__)
@@ -219,6 +223,7 @@ class S3Writer:
     ):
         self._client = clients.retrying
         self._once = clients.once
+        self._credentials = clients.credentials
         self._target = credentials.target
         self._executor = executor
         self._full_object_checksum = full_object_checksum
@@ -228,19 +233,31 @@ class S3Writer:
         return self._target.bucket
 
     @property
-    def client(self) -> Any:
-        """The boto3 client (for the setup doctor's HeadBucket)."""
-        return self._client
+    def clients(self) -> tuple[Any, Any]:
+        """Both boto3 clients: the retrying one and the single-attempt one (shared with other
+        tenants of the same endpoint and region: call them only through `signed_as`)."""
+        return self._client, self._once
 
     @property
-    def clients(self) -> tuple[Any, Any]:
-        """Both boto3 clients: the retrying one and the single-attempt one."""
-        return self._client, self._once
+    def signing_region(self) -> str:
+        """The region requests are signed for."""
+        return str(self._client.meta.region_name)
+
+    async def probe_bucket(self) -> BucketProbe:
+        """HeadBucket, read for its region header (the setup doctor's region check)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor,
+            functools.partial(
+                signed_as, self._credentials, lambda: probe_bucket(self._client, self.bucket)
+            ),
+        )
 
     async def _run(self, operation: str, key: str, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, fn)
+            return await loop.run_in_executor(
+                self._executor, functools.partial(signed_as, self._credentials, fn)
+            )
         except RecgwError:
             raise
         except Exception as exc:
@@ -374,34 +391,51 @@ class S3Writer:
         return AbortOutcome.ABORTED
 
 
-class _ClientMaker:
-    """Makes S3 clients with one tenant's credentials: static keys through the gateway's shared
-    botocore session (its S3 model is loaded once), a role through the role's refreshing boto3
-    session (see credentials/roles.py)."""
+# The credentials the current worker thread signs with: set around each call of a writer, so
+# that clients can be shared by every tenant with the same endpoint and region.
+_signing = threading.local()
 
-    def __init__(
-        self, session: Any, lock: threading.Lock | None, keys: TenantCredentials | None
-    ) -> None:
-        self._session = session
-        self._lock = lock
-        self._keys = keys
 
-    def client(self, service: str, **options: Any) -> Any:
-        if self._keys is None:
-            return self._session.client(service, **options)
-        assert self._lock is not None
-        with self._lock:  # botocore sessions are not thread-safe
-            return self._session.create_client(
-                service,
-                aws_access_key_id=self._keys.access_key_id,
-                aws_secret_access_key=self._keys.secret_access_key.reveal(),
-                **options,
-            )
+class _Unsigned(Exception):
+    """A request was about to go out without, or with other than, the caller's credentials."""
+
+
+def _sign_as_caller(request: Any, **_: Any) -> None:
+    """before-sign: sign with the credentials of the call running in this thread."""
+    credentials = getattr(_signing, "credentials", None)
+    if credentials is None:
+        raise _Unsigned("an S3 request was made outside of a tenant's call")
+    request.context.setdefault("signing", {})["request_credentials"] = credentials
+
+
+def _check_signed_as_caller(request: Any, **_: Any) -> None:
+    """before-send: the request carries the caller's access key id, never the placeholder one
+    the shared client was built with (fails closed should botocore stop honouring the
+    per-request credentials)."""
+    credentials = getattr(_signing, "credentials", None)
+    authorization = request.headers.get("Authorization", b"")
+    if isinstance(authorization, bytes):
+        authorization = authorization.decode("ascii", "replace")
+    if credentials is None or (
+        f"Credential={credentials.get_frozen_credentials().access_key}/" not in authorization
+    ):
+        raise _Unsigned("an S3 request was not signed with the tenant's credentials")
+
+
+def signed_as(credentials: Any, fn: Callable[[], T]) -> T:
+    """Run `fn` (blocking boto3 calls on shared clients) signing as `credentials`."""
+    previous = getattr(_signing, "credentials", None)
+    _signing.credentials = credentials
+    try:
+        return fn()
+    finally:
+        _signing.credentials = previous
 
 
 @dataclass(frozen=True)
 class TenantClients:
-    """The two boto3 clients of one tenant's credentials version, built once and shared.
+    """What one tenant's credentials version writes with: the shared clients of its endpoint
+    and region, and the tenant's own botocore credentials that every request is signed with.
 
     `once` makes a single attempt: it sends the requests that must not be repeated blindly
     (CompleteMultipartUpload, conditional PutObject).
@@ -409,10 +443,23 @@ class TenantClients:
 
     retrying: Any
     once: Any
+    credentials: Any  # botocore Credentials (static keys) or RefreshableCredentials (a role)
+
+
+# What a shared client depends on besides credentials: region, endpoint, path style, expected
+# bucket owner, attempts.
+_Shape = tuple[str, str, bool, str, int]
 
 
 class S3ObjectStore:
-    """ObjectStore over boto3; builds each tenant's clients once per credentials version."""
+    """ObjectStore over boto3.
+
+    Building a botocore client costs about 10 ms of CPU, so a burst of new tenants would queue
+    behind client builds: clients are shared by all tenants with the same endpoint, region and
+    bucket owner (built once each), and every request is signed with the calling tenant's own
+    credentials (see `signed_as`). Each tenant's credentials are made once per credentials
+    version (for a role: its first AssumeRole).
+    """
 
     def __init__(
         self, settings: S3Settings | None = None, roles: RoleAssumer | None = None
@@ -425,18 +472,18 @@ class S3ObjectStore:
         self._clients: OrderedDict[tuple[str, int, str], asyncio.Future[TenantClients]] = (
             OrderedDict()
         )
+        self._shared: OrderedDict[_Shape, Any] = OrderedDict()
         self._session = botocore.session.get_session()
-        # botocore sessions are not thread-safe: clients are made one at a time (milliseconds
-        # each, once the model is loaded).
+        # botocore sessions are not thread-safe: shared clients are made one at a time.
         self._session_lock = threading.Lock()
+        self.clients_built = 0  # shared clients made so far (tests count them)
         # Loading the S3 service model takes a few hundred milliseconds: do it once, now, in a
         # thread, so no tenant's first upload pays for it.
         self._warm = self._executor.submit(self._session.get_service_model, "s3")
 
     async def writer_for(self, credentials: TenantCredentials) -> S3Writer:
         # The identity (access key id or role ARN) is part of the cache key so that a store which
-        # does not bump versions (or a cache race) can never reuse a client built from other
-        # credentials.
+        # does not bump versions (or a cache race) can never reuse credentials of another version.
         cache_key = (credentials.tenant_id, credentials.version, credentials.identity)
         building = self._clients.get(cache_key)
         if building is None:
@@ -475,64 +522,93 @@ class S3ObjectStore:
         host = urllib.parse.urlsplit(endpoint_url).hostname or ""
         return not (host in ("localhost", "::1") or host.startswith("127."))
 
-    def _maker(self, credentials: TenantCredentials) -> _ClientMaker:
+    def _botocore_credentials(self, credentials: TenantCredentials) -> Any:
         if not credentials.role_arn:
-            return _ClientMaker(self._session, self._session_lock, credentials)
+            return botocore.credentials.Credentials(
+                credentials.access_key_id, credentials.secret_access_key.reveal()
+            )
         if self._roles is None:
             raise RecgwError(
                 ErrorKind.INTERNAL,
                 "the tenant's credentials are a role, but this gateway assumes no roles",
             )
-        return _ClientMaker(self._roles.session_for(credentials), None, None)
+        return self._roles.credentials_for(credentials)
 
-    def _make_clients(self, credentials: TenantCredentials) -> TenantClients:
-        self._warm.result()
-        target = credentials.target
-        maker = self._maker(credentials)
-
-        def config(max_attempts: int) -> botocore.config.Config:
-            addressing: Any = {  # the stubs lack use_arn_region
-                "addressing_style": "path" if target.force_path_style else "auto",
-                # The payload is not hashed for SigV4: the CRC32C that S3 verifies (its header
-                # is signed) protects it, over HTTPS and plain HTTP alike.
-                "payload_signing_enabled": False,
-                # An access point ARN in another region than the client's is reached there.
-                "use_arn_region": True,
-            }
-            return botocore.config.Config(
-                retries={"mode": "standard", "total_max_attempts": max_attempts},
-                connect_timeout=self._settings.connect_timeout,
-                read_timeout=self._settings.read_timeout,
-                max_pool_connections=self._settings.io_threads,
-                s3=addressing,
-                # We send our own CRC32C with every write; no second checksum is needed.
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            )
-
-        region = (
-            target.region
-            or access_point_region(target.bucket)
-            or discover_region(maker, target, config(self._settings.max_attempts))
+    def _config(self, force_path_style: bool, max_attempts: int) -> botocore.config.Config:
+        addressing: Any = {  # the stubs lack use_arn_region
+            "addressing_style": "path" if force_path_style else "auto",
+            # The payload is not hashed for SigV4: the CRC32C that S3 verifies (its header is
+            # signed) protects it, over HTTPS and plain HTTP alike.
+            "payload_signing_enabled": False,
+            # An access point ARN in another region than the client's is reached there.
+            "use_arn_region": True,
+        }
+        return botocore.config.Config(
+            retries={"mode": "standard", "total_max_attempts": max_attempts},
+            connect_timeout=self._settings.connect_timeout,
+            read_timeout=self._settings.read_timeout,
+            max_pool_connections=self._settings.io_threads,
+            s3=addressing,
+            # We send our own CRC32C with every write; no second checksum is needed.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
         )
 
-        def client(max_attempts: int) -> Any:
-            made = maker.client(
+    def _shared_client(self, shape: _Shape) -> Any:
+        """The client of one shape, built at its first use; it signs as the caller."""
+        with self._session_lock:  # also: botocore sessions are not thread-safe
+            made = self._shared.get(shape)
+            if made is not None:
+                self._shared.move_to_end(shape)
+                return made
+            region, endpoint_url, force_path_style, owner, max_attempts = shape
+            made = self._session.create_client(
                 "s3",
                 region_name=region,
-                endpoint_url=target.endpoint_url or None,
-                config=config(max_attempts),
+                endpoint_url=endpoint_url or None,
+                config=self._config(force_path_style, max_attempts),
+                # Placeholders, never used to sign: botocore must not look for credentials of
+                # its own (the gateway's environment), and every request gets the tenant's.
+                aws_access_key_id="RECGW-SIGNS-PER-REQUEST",
+                aws_secret_access_key="unused",
             )
-            if target.expected_bucket_owner:
-                expect_bucket_owner(made, target.expected_bucket_owner)
-            if not self._expect_continue(target.endpoint_url):
+            made.meta.events.register("before-sign.s3", _sign_as_caller)
+            made.meta.events.register("before-send.s3", _check_signed_as_caller)
+            if owner:
+                expect_bucket_owner(made, owner)
+            if not self._expect_continue(endpoint_url):
                 for operation in ("PutObject", "UploadPart"):
                     made.meta.events.unregister(
                         f"before-call.s3.{operation}", botocore.handlers.add_expect_header
                     )
+            self._shared[shape] = made
+            self.clients_built += 1
+            while len(self._shared) > self._settings.client_cache_size:
+                self._shared.popitem(last=False)  # writers still holding it keep it alive
             return made
 
-        return TenantClients(client(self._settings.max_attempts), client(1))
+    def _make_clients(self, credentials: TenantCredentials) -> TenantClients:
+        self._warm.result()
+        target = credentials.target
+        signing = self._botocore_credentials(credentials)
+
+        def client(region: str, max_attempts: int) -> Any:
+            shape = (
+                region,
+                target.endpoint_url,
+                target.force_path_style,
+                target.expected_bucket_owner,
+                max_attempts,
+            )
+            return self._shared_client(shape)
+
+        region = target.region or access_point_region(target.bucket)
+        if not region:
+            probe_client = client(FALLBACK_REGION, self._settings.max_attempts)
+            region = signed_as(signing, lambda: discover_region(probe_client, target))
+        return TenantClients(
+            client(region, self._settings.max_attempts), client(region, 1), signing
+        )
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
