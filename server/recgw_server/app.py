@@ -18,7 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
 
 from recgw_server.api.limits import TenantUploadLimits
-from recgw_server.api.services import CredentialsService, UploadService
+from recgw_server.api.services import UPLOAD_METHOD, CredentialsService, UploadService
+from recgw_server.api.wire import parse_upload_request
 from recgw_server.audit import AuditLog
 from recgw_server.auth.guard import Authenticator, AuthInterceptor
 from recgw_server.config import ConfigError, RolesSetting, Settings, VaultAuthSetting, load_settings
@@ -257,7 +258,14 @@ class Gateway:
                 CertificateFiles, tls.cert_file, tls.key_file, tls.client_ca_file
             )
         server = grpc.aio.server(
-            interceptors=[AuthInterceptor(self.authenticator, self.metrics, self.audit)],
+            interceptors=[
+                AuthInterceptor(
+                    self.authenticator,
+                    self.metrics,
+                    self.audit,
+                    parsers={UPLOAD_METHOD: parse_upload_request},
+                )
+            ],
             options=[
                 ("grpc.max_receive_message_length", max_message),
                 # Notice dead client connections within seconds. (A resuming stream does not

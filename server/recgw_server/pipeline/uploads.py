@@ -342,7 +342,9 @@ class Upload:
 
     # -- driven by the transport -------------------------------------------------------------
 
-    async def write(self, write_offset: int, data: bytes, data_crc32c: int | None = None) -> None:
+    async def write(
+        self, write_offset: int, data: bytes | memoryview, data_crc32c: int | None = None
+    ) -> None:
         """Accept the next chunk of the object."""
         self._check_writable()
         self.last_activity = time.monotonic()
