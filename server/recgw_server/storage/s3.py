@@ -83,9 +83,72 @@ def crc32c_header(value: int) -> str:
     return base64.b64encode(value.to_bytes(4, "big")).decode()
 
 
-def translate_error(exc: Exception, operation: str, bucket: str, key: str) -> RecgwError:
-    """Turn a botocore error into a caller-facing error; S3's own message text is not copied."""
-    error = _translate(exc, operation, bucket, key)
+_NOT_IMPLEMENTED = {"NotImplemented", "501"}
+# KMS errors S3 passes on (AWS: KMS.<KMS exception name>; other stores vary the case): these
+# clear by themselves, every other one needs the key or its policy fixed.
+_KMS_TRANSIENT = ("throttl", "internal", "dependencytimeout", "keyunavailable", "limitexceeded")
+_KMS_POLICY_HINT = (
+    "the KMS key's policy and the tenant's IAM policy must allow kms:GenerateDataKey and "
+    "kms:Decrypt on the tenant's key"
+)
+
+
+def _kms_error(
+    exc: botocore.exceptions.ClientError, code: str, operation: str, where: str, key_id: str
+) -> RecgwError:
+    """A KMS error S3 answered a write with (KMS.NotFoundException, KMS.DisabledException,
+    KMS.KMSInvalidStateException, KMS.AccessDeniedException, KMS.ThrottlingException...)."""
+    lowered = code.lower()
+    key = f"KMS key {key_id}" if key_id else "the bucket's default KMS key"
+    if any(word in lowered for word in _KMS_TRANSIENT):
+        return RecgwError(
+            ErrorKind.UNAVAILABLE,
+            f"KMS is unavailable or throttling ({code}) for {operation} on {where} after "
+            "retries; retry later",
+            reason=Reason.STORAGE_UNAVAILABLE,
+        )
+    if "accessdenied" in lowered:
+        missing = missing_permission(exc)
+        return RecgwError(
+            ErrorKind.PERMISSION_DENIED,
+            f"KMS denied the use of {key} for {operation} on {where} ({code}); "
+            + (f"missing permission: {missing}" if missing else _KMS_POLICY_HINT),
+            reason=Reason.ACCESS_DENIED,
+            details={"missing_permission": missing} if missing else None,
+        )
+    if "notfound" in lowered:
+        problem = "does not exist (check kms_key_id and its region: it must be the bucket's)"
+    elif "disabled" in lowered:
+        problem = "is disabled: enable it"
+    elif "invalidstate" in lowered:
+        problem = "is not usable in its state (pending deletion or import): cancel its deletion"
+    elif "invalidkeyusage" in lowered:
+        problem = "is not a symmetric encryption key"
+    else:
+        problem = "could not be used"
+    return RecgwError(
+        ErrorKind.FAILED_PRECONDITION,
+        f"S3 refused {operation} on {where}: {key} {problem} ({code}); fix the key, or set "
+        "another kms_key_id or encryption mode with SetCredentials (DescribeCredentials shows "
+        "the current one)",
+        reason=Reason.STORAGE_REJECTED,
+    )
+
+
+def translate_error(
+    exc: Exception,
+    operation: str,
+    bucket: str,
+    key: str,
+    encryption: EncryptionMode = EncryptionMode.NONE,
+    kms_key_id: str = "",
+) -> RecgwError:
+    """Turn a botocore error into a caller-facing error; S3's own message text is not copied.
+
+    `encryption` and `kms_key_id` are what the request asked for (they explain a store's
+    NotImplemented and KMS errors).
+    """
+    error = _translate(exc, operation, bucket, key, encryption, kms_key_id)
     if isinstance(exc, botocore.exceptions.ClientError):
         error.store_code = str(exc.response.get("Error", {}).get("Code", ""))
     else:
@@ -94,7 +157,14 @@ def translate_error(exc: Exception, operation: str, bucket: str, key: str) -> Re
     return error
 
 
-def _translate(exc: Exception, operation: str, bucket: str, key: str) -> RecgwError:
+def _translate(
+    exc: Exception,
+    operation: str,
+    bucket: str,
+    key: str,
+    encryption: EncryptionMode,
+    kms_key_id: str,
+) -> RecgwError:
     where = f"bucket '{bucket}', key '{key}'"
     if isinstance(exc, botocore.exceptions.ClientError):
         error = exc.response.get("Error", {})
@@ -102,14 +172,20 @@ def _translate(exc: Exception, operation: str, bucket: str, key: str) -> RecgwEr
             exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
         )
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code.lower().startswith("kms"):
+            return _kms_error(exc, code, operation, where, kms_key_id)
         if code in ("AccessDenied", "AllAccessDisabled", "AccountProblem"):
             missing = missing_permission(exc)
+            text = str(exc.response.get("Error", {}).get("Message", "")).lower()
+            about_kms = "kms" in text or "master key" in text
             return RecgwError(
                 ErrorKind.PERMISSION_DENIED,
                 f"S3 denied {operation} on {where} ({code}); "
                 + (
                     f"missing permission: {missing}"
                     if missing
+                    else _KMS_POLICY_HINT
+                    if about_kms
                     else "the tenant's IAM policy must allow s3:PutObject on this key: check "
                     "the prefix and the bucket policy"
                 )
@@ -158,7 +234,24 @@ def _translate(exc: Exception, operation: str, bucket: str, key: str) -> RecgwEr
                 f"the multipart upload for {where} no longer exists in S3 (NoSuchUpload)",
                 reason=Reason.UPLOAD_ENDED,
             )
-        if code.startswith("KMS") or code in ("InvalidArgument", "InvalidEncryptionAlgorithmError"):
+        if code in _NOT_IMPLEMENTED or status == 501:
+            if encryption is not EncryptionMode.NONE:
+                return RecgwError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"the object store does not support server-side encryption "
+                    f"{encryption.value} ({code} to {operation} on {where}); set an encryption "
+                    "mode it supports with SetCredentials, or configure the store's KMS",
+                    reason=Reason.ENCRYPTION_NOT_SUPPORTED,
+                )
+            return RecgwError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"the object store does not implement {operation} as the gateway sends it "
+                f"({code}) for {where}; check that it is S3-compatible enough (multipart "
+                "uploads, CRC32C checksums; turn s3.full_object_checksum off if it lacks "
+                "full-object checksums)",
+                reason=Reason.STORAGE_REJECTED,
+            )
+        if code in ("InvalidArgument", "InvalidEncryptionAlgorithmError"):
             return RecgwError(
                 ErrorKind.FAILED_PRECONDITION,
                 f"S3 refused {operation} on {where} ({code}); check the tenant's encryption "
@@ -261,7 +354,16 @@ class S3Writer:
         except RecgwError:
             raise
         except Exception as exc:
-            raise translate_error(exc, operation, self.bucket, key) from None
+            # Only these requests carry the encryption settings (parts inherit them).
+            sends_encryption = operation in ("PutObject", "CreateMultipartUpload")
+            raise translate_error(
+                exc,
+                operation,
+                self.bucket,
+                key,
+                self._target.encryption if sends_encryption else EncryptionMode.NONE,
+                self._target.kms_key_id,
+            ) from None
 
     def _write_args(self, spec: ObjectSpec) -> dict[str, Any]:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": spec.key}
