@@ -18,7 +18,14 @@ from recgw_server.app import build_adapters
 from recgw_server.credentials.base import CredentialsSource
 from recgw_server.credentials.vault import CachedCredentialsSource
 from recgw_server.dev.stack import MotoS3, OpenBao, VaultIdentities
-from recgw_server.domain import Secret, StorageTarget, TenantCredentials
+from recgw_server.domain import (
+    ErrorKind,
+    Reason,
+    RecgwError,
+    Secret,
+    StorageTarget,
+    TenantCredentials,
+)
 from recgw_server.storage.s3 import S3ObjectStore, S3Settings, signed_as
 from tests.harness import (
     CapturedLogs,
@@ -128,5 +135,27 @@ def test_shared_clients_sign_only_within_a_tenants_call() -> None:
         tenant_keys = botocore.credentials.Credentials("AKIASHAREDCLIENT0001", "x")
         with pytest.raises(Exception, match="not signed with the tenant's credentials"):
             signed_as(tenant_keys, lambda: once.head_bucket(Bucket="b"))
+    finally:
+        store.close()
+
+
+def test_a_directory_bucket_is_refused_before_any_request() -> None:
+    """S3 Express signs with session credentials cached per bucket in the client: not with
+    clients shared by tenants, so such a bucket gets a precise FAILED_PRECONDITION."""
+    credentials = TenantCredentials(
+        tenant_id="t-express",
+        access_key_id="AKIASHAREDCLIENT0002",
+        secret_access_key=Secret("not-a-real-secret"),
+        target=StorageTarget(region="us-east-1", bucket="calls--use1-az4--x-s3").validated(),
+        version=1,
+    )
+    store = S3ObjectStore()
+    try:
+        with pytest.raises(RecgwError) as caught:
+            asyncio.run(store.writer_for(credentials))
+        assert caught.value.kind is ErrorKind.FAILED_PRECONDITION
+        assert caught.value.reason is Reason.STORAGE_REJECTED
+        assert "directory bucket" in caught.value.message
+        assert store.clients_built == 0
     finally:
         store.close()

@@ -548,6 +548,8 @@ class TenantClients:
     credentials: Any  # botocore Credentials (static keys) or RefreshableCredentials (a role)
 
 
+DIRECTORY_BUCKET_SUFFIX = "--x-s3"
+
 # What a shared client depends on besides credentials: region, endpoint, path style, expected
 # bucket owner, attempts.
 _Shape = tuple[str, str, bool, str, int]
@@ -692,6 +694,16 @@ class S3ObjectStore:
     def _make_clients(self, credentials: TenantCredentials) -> TenantClients:
         self._warm.result()
         target = credentials.target
+        if target.bucket.endswith(DIRECTORY_BUCKET_SUFFIX):
+            # botocore signs these with session credentials cached per bucket in the client,
+            # which a client shared by tenants must not do (and the signing check refuses).
+            raise RecgwError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"bucket '{target.bucket}' is a directory bucket (S3 Express One Zone), which "
+                "the gateway does not write to; set a general purpose bucket with "
+                "SetCredentials",
+                reason=Reason.STORAGE_REJECTED,
+            )
         signing = self._botocore_credentials(credentials)
 
         def client(region: str, max_attempts: int) -> Any:
