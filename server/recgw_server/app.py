@@ -19,7 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
 
 from recgw_server.api.limits import TenantUploadLimits
-from recgw_server.api.services import CredentialsService, UploadService
+from recgw_server.api.services import UPLOAD_METHOD, CredentialsService, UploadService
+from recgw_server.api.wire import parse_upload_request
 from recgw_server.audit import AuditLog
 from recgw_server.auth.guard import Authenticator, AuthInterceptor
 from recgw_server.config import ConfigError, RolesSetting, Settings, VaultAuthSetting, load_settings
@@ -55,6 +56,8 @@ from recgw_server.tls import CertificateFiles, is_loopback
 
 log = logging.getLogger(__name__)
 
+# Threads (and kept Vault connections) for the upload path's credential reads.
+VAULT_READERS = 16
 # Room for the other fields of an UploadRequest beside its data.
 _MESSAGE_OVERHEAD = 64 * 1024
 
@@ -79,6 +82,7 @@ class Adapters:
     sessions: SessionStore
     changes: CredentialsChanges = field(default_factory=LocalCredentialsChanges)
     roles: RoleAssumer | None = None
+    closers: list[Callable[[], None]] = field(default_factory=list)  # run at stop
 
 
 def role_settings(roles: RolesSetting, settings: Settings) -> RoleSettings:
@@ -102,7 +106,10 @@ def replica_id(settings: Settings) -> str:
 def build_adapters(settings: Settings, replica: str = "") -> Adapters:
     vault = settings.vault
     writer = VaultConnection(vault.address, _vault_auth(vault.writer), vault.timeout_seconds)
-    reader = VaultConnection(vault.address, _vault_auth(vault.reader), vault.timeout_seconds)
+    # The upload path's reads: a pool of their own, so that a burst of new tenants reads at once.
+    reader = VaultConnection(
+        vault.address, _vault_auth(vault.reader), vault.timeout_seconds, threads=VAULT_READERS
+    )
     source = CachedCredentialsSource(
         VaultCredentialsSource(reader, vault.kv_mount, vault.base_path), vault.cache_ttl_seconds
     )
@@ -122,7 +129,9 @@ def build_adapters(settings: Settings, replica: str = "") -> Adapters:
     url = settings.sessions.postgres_url
     if not url:
         sessions = SqliteSessionStore(settings.data_dir / "sessions.sqlite3")
-        return Adapters(admin, source, store, sessions, LocalCredentialsChanges(), roles)
+        return Adapters(
+            admin, source, store, sessions, LocalCredentialsChanges(), roles, [reader.close]
+        )
     # Imported here: a gateway on SQLite does not pay for loading psycopg at start-up.
     from recgw_server.credentials.postgres_changes import PostgresCredentialsChanges
     from recgw_server.sessions.postgres import PostgresSessionStore
@@ -137,7 +146,7 @@ def build_adapters(settings: Settings, replica: str = "") -> Adapters:
     changes = PostgresCredentialsChanges(
         url, shared.pool, application_name=f"recgw-credentials {replica}"[:63]
     )
-    return Adapters(admin, source, store, shared, changes, roles)
+    return Adapters(admin, source, store, shared, changes, roles, [reader.close])
 
 
 def _webhook_settings(settings: Settings) -> WebhookSettings:
@@ -263,7 +272,14 @@ class Gateway:
                 CertificateFiles, tls.cert_file, tls.key_file, tls.client_ca_file
             )
         server = grpc.aio.server(
-            interceptors=[AuthInterceptor(self.authenticator, self.metrics, self.audit)],
+            interceptors=[
+                AuthInterceptor(
+                    self.authenticator,
+                    self.metrics,
+                    self.audit,
+                    parsers={UPLOAD_METHOD: parse_upload_request},
+                )
+            ],
             options=[
                 ("grpc.max_receive_message_length", max_message),
                 # Notice dead client connections within seconds. (A resuming stream does not
@@ -522,6 +538,8 @@ class Gateway:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         self.adapters.store.close()
+        for close in self.adapters.closers:
+            close()
         await self.adapters.sessions.close()
         self.audit.close()
         if self._data_dir_lock >= 0:

@@ -14,6 +14,7 @@ from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_p
 
 from recgw_server.api.errors import STATUS_CODES, Context, abort_with
 from recgw_server.api.limits import TenantSlot, TenantUploadLimits
+from recgw_server.api.wire import UploadMessage
 from recgw_server.audit import AuditLog
 from recgw_server.auth.guard import current_caller
 from recgw_server.credentials.base import CredentialsAdmin, CredentialsSource
@@ -47,6 +48,7 @@ from recgw_server.storage.doctor import CheckResult, DoctorReport, SetupDoctor
 log = logging.getLogger(__name__)
 
 UPLOAD_ID_HEADER = "x-recgw-upload-id"
+UPLOAD_METHOD = "/recgw.v1.UploadService/Upload"
 
 _STATES = {
     UploadState.OPEN: upload_pb2.UPLOAD_STATE_OPEN,
@@ -176,15 +178,22 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
         return upload
 
     async def Upload(
-        self, request_iterator: AsyncIterator[upload_pb2.UploadRequest], context: Context
+        self,
+        request_iterator: AsyncIterator[upload_pb2.UploadRequest | UploadMessage],
+        context: Context,
     ) -> upload_pb2.UploadResponse:
+        """Messages come as UploadMessages (see api/wire.py) through the gateway's interceptor,
+        as UploadRequests otherwise."""
         upload: ActiveUpload | None = None
         slot: TenantSlot | None = None
         log.debug("upload stream opened by %s", context.peer())
+        messages = request_iterator
         try:
-            first = await anext(request_iterator, None)
-            if first is None:
+            opening = await anext(messages, None)
+            if opening is None:
                 raise out_of_order("the stream ended without a start message; send 'start' first")
+            received = UploadMessage.of(opening)
+            first = received.request
             if not first.HasField("start"):
                 raise out_of_order(
                     "the first message must carry 'start' (tenant_id, object_name, ...); "
@@ -197,9 +206,9 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
             upload = await self._manager.start(_start_request(first.start), stream)
             await context.send_initial_metadata(((UPLOAD_ID_HEADER, upload.upload_id),))
             if upload.state in DONE_STATES:
-                result = await self._repeat_finish(upload, first, request_iterator)
+                result = await self._repeat_finish(upload, received, messages)
             else:
-                result = await self._receive(upload, first, request_iterator)
+                result = await self._receive(upload, received, messages)
             return _result_to_proto(result)
         except RecgwError as error:
             if upload is not None:
@@ -238,11 +247,12 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
     async def _repeat_finish(
         self,
         upload: ActiveUpload,
-        first: upload_pb2.UploadRequest,
-        request_iterator: AsyncIterator[upload_pb2.UploadRequest],
+        received: UploadMessage,
+        request_iterator: AsyncIterator[upload_pb2.UploadRequest | UploadMessage],
     ) -> UploadResult:
         """Finishing is idempotent: a repeated finish of a complete upload gets the same answer."""
-        if not first.finish_write or first.data:
+        first = received.request
+        if not first.finish_write or len(received.data):
             raise RecgwError(
                 ErrorKind.FAILED_PRECONDITION,
                 f"upload {upload.upload_id} is already complete; only a repeated finish_write "
@@ -256,16 +266,17 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
     async def _receive(
         self,
         upload: ActiveUpload,
-        message: upload_pb2.UploadRequest,
-        request_iterator: AsyncIterator[upload_pb2.UploadRequest],
+        received: UploadMessage,
+        request_iterator: AsyncIterator[upload_pb2.UploadRequest | UploadMessage],
     ) -> UploadResult:
         first = True
         while True:
+            message = received.request
             if not first and message.HasField("start"):
                 raise out_of_order("only the first message may carry 'start'; this stream sent two")
             first = False
             crc = message.data_crc32c if message.HasField("data_crc32c") else None
-            await upload.write(message.write_offset, message.data, crc, message.finish_write)
+            await upload.write(message.write_offset, received.data, crc, message.finish_write)
             if message.finish_write:
                 expected = _expected_checksums(message)
                 if await anext(request_iterator, None) is not None:
@@ -286,7 +297,7 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
                         "committed_size": str(upload.committed),
                     },
                 )
-            message = following
+            received = UploadMessage.of(following)
 
     async def GetUploadStatus(
         self, request: upload_pb2.GetUploadStatusRequest, context: Context

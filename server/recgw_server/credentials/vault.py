@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import hvac
 import hvac.exceptions
 import requests
+import requests.adapters
 
 from recgw_server.credentials.base import CredentialsSource
 from recgw_server.domain import (
@@ -104,8 +105,12 @@ class VaultConnection:
         renew_margin: float = 0.5,
         *,
         executor: concurrent.futures.Executor | None = None,
+        threads: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`threads`: run calls in a pool of this many threads of its own, each with a kept
+        connection (a burst of new tenants' reads then neither queues in asyncio's small
+        default pool nor behind other work there); 0 uses `executor`, or asyncio's pool."""
         if auth.method == "token" and not auth.token:
             raise ValueError("token auth needs a token")
         if auth.method == "approle" and not (auth.role_id and auth.secret_id):
@@ -113,9 +118,18 @@ class VaultConnection:
         self.address = address
         self._auth = auth
         self._renew_margin = renew_margin
+        self._own_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        session = requests.Session()
+        if threads > 0 and executor is None:
+            executor = self._own_executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=threads, thread_name_prefix="recgw-vault"
+            )
+            adapter = requests.adapters.HTTPAdapter(pool_maxsize=threads)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
         self._executor = executor
         self._clock = clock
-        self._client = hvac.Client(url=address, timeout=timeout)
+        self._client = hvac.Client(url=address, timeout=timeout, session=session)
         # Logins go through a token-less client: no stale token is presented to the login
         # endpoint, and calls in flight on other threads keep a token until the new one is set.
         self._login_client = hvac.Client(url=address, timeout=timeout)
@@ -146,6 +160,8 @@ class VaultConnection:
     def close(self) -> None:
         self._client.adapter.close()
         self._login_client.adapter.close()
+        if self._own_executor is not None:
+            self._own_executor.shutdown(wait=False, cancel_futures=True)
 
     def _call_sync(self, fn: Callable[[hvac.Client], T]) -> T:
         try:

@@ -367,7 +367,11 @@ class Upload:
     # -- driven by the transport -------------------------------------------------------------
 
     async def write(
-        self, write_offset: int, data: bytes, data_crc32c: int | None = None, last: bool = False
+        self,
+        write_offset: int,
+        data: bytes | memoryview,
+        data_crc32c: int | None = None,
+        last: bool = False,
     ) -> None:
         """Accept the next chunk of the object (`last`: finish follows at once).
 

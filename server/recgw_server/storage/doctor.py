@@ -45,7 +45,7 @@ from recgw_server.storage.base import (
     ObjectStore,
     ObjectWriter,
 )
-from recgw_server.storage.endpoints import probe_bucket
+from recgw_server.storage.endpoints import BucketProbe
 
 log = logging.getLogger(__name__)
 
@@ -353,12 +353,12 @@ class SetupDoctor:
                 f"access point ARN: requests go to its region {access_point.region}",
             )
             return access_point.region
-        client = getattr(writer, "client", None)
-        if client is None:
+        probe_bucket = getattr(writer, "probe_bucket", None)
+        if probe_bucket is None:
             run.skipped("bucket_region", "HeadBucket", "not an S3 client")
             return ""
-        probe = await asyncio.to_thread(probe_bucket, client, target.bucket)
-        signing = str(client.meta.region_name)
+        probe: BucketProbe = await probe_bucket()
+        signing = str(getattr(writer, "signing_region", ""))
         if probe.error_code in ("NoSuchBucket", "404"):
             run.checks.append(
                 Check(

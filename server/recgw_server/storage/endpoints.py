@@ -59,14 +59,9 @@ def access_point_region(bucket: str) -> str:
     return arn["region"] if arn else ""
 
 
-def discover_region(session: Any, target: StorageTarget, config: Any) -> str:
-    """The bucket's region, from a HeadBucket signed for us-east-1 (AWS answers it anywhere)."""
-    client = session.client(
-        "s3",
-        region_name=FALLBACK_REGION,
-        endpoint_url=target.endpoint_url or None,
-        config=config,
-    )
+def discover_region(client: Any, target: StorageTarget) -> str:
+    """The bucket's region, from a HeadBucket signed for us-east-1 (AWS answers it anywhere)
+    by `client`, a client for that region."""
     probe = probe_bucket(client, target.bucket)
     if probe.region:
         log.info("bucket %s is in region %s (x-amz-bucket-region)", target.bucket, probe.region)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import botocore.config
+import botocore.credentials
 import botocore.exceptions
 import botocore.handlers
 import botocore.session
@@ -24,10 +25,13 @@ from recgw_server.credentials.roles import RoleAssumer
 from recgw_server.domain import EncryptionMode, ErrorKind, Reason, RecgwError, TenantCredentials
 from recgw_server.storage.base import AbortOutcome, Body, ObjectSpec, WrittenObject, WrittenPart
 from recgw_server.storage.endpoints import (
+    FALLBACK_REGION,
     REGION_HEADER,
+    BucketProbe,
     access_point_region,
     discover_region,
     expect_bucket_owner,
+    probe_bucket,
 )
 
 log = logging.getLogger(__name__)
@@ -79,9 +83,72 @@ def crc32c_header(value: int) -> str:
     return base64.b64encode(value.to_bytes(4, "big")).decode()
 
 
-def translate_error(exc: Exception, operation: str, bucket: str, key: str) -> RecgwError:
-    """Turn a botocore error into a caller-facing error; S3's own message text is not copied."""
-    error = _translate(exc, operation, bucket, key)
+_NOT_IMPLEMENTED = {"NotImplemented", "501"}
+# KMS errors S3 passes on (AWS: KMS.<KMS exception name>; other stores vary the case): these
+# clear by themselves, every other one needs the key or its policy fixed.
+_KMS_TRANSIENT = ("throttl", "internal", "dependencytimeout", "keyunavailable", "limitexceeded")
+_KMS_POLICY_HINT = (
+    "the KMS key's policy and the tenant's IAM policy must allow kms:GenerateDataKey and "
+    "kms:Decrypt on the tenant's key"
+)
+
+
+def _kms_error(
+    exc: botocore.exceptions.ClientError, code: str, operation: str, where: str, key_id: str
+) -> RecgwError:
+    """A KMS error S3 answered a write with (KMS.NotFoundException, KMS.DisabledException,
+    KMS.KMSInvalidStateException, KMS.AccessDeniedException, KMS.ThrottlingException...)."""
+    lowered = code.lower()
+    key = f"KMS key {key_id}" if key_id else "the bucket's default KMS key"
+    if any(word in lowered for word in _KMS_TRANSIENT):
+        return RecgwError(
+            ErrorKind.UNAVAILABLE,
+            f"KMS is unavailable or throttling ({code}) for {operation} on {where} after "
+            "retries; retry later",
+            reason=Reason.STORAGE_UNAVAILABLE,
+        )
+    if "accessdenied" in lowered:
+        missing = missing_permission(exc)
+        return RecgwError(
+            ErrorKind.PERMISSION_DENIED,
+            f"KMS denied the use of {key} for {operation} on {where} ({code}); "
+            + (f"missing permission: {missing}" if missing else _KMS_POLICY_HINT),
+            reason=Reason.ACCESS_DENIED,
+            details={"missing_permission": missing} if missing else None,
+        )
+    if "notfound" in lowered:
+        problem = "does not exist (check kms_key_id and its region: it must be the bucket's)"
+    elif "disabled" in lowered:
+        problem = "is disabled: enable it"
+    elif "invalidstate" in lowered:
+        problem = "is not usable in its state (pending deletion or import): cancel its deletion"
+    elif "invalidkeyusage" in lowered:
+        problem = "is not a symmetric encryption key"
+    else:
+        problem = "could not be used"
+    return RecgwError(
+        ErrorKind.FAILED_PRECONDITION,
+        f"S3 refused {operation} on {where}: {key} {problem} ({code}); fix the key, or set "
+        "another kms_key_id or encryption mode with SetCredentials (DescribeCredentials shows "
+        "the current one)",
+        reason=Reason.STORAGE_REJECTED,
+    )
+
+
+def translate_error(
+    exc: Exception,
+    operation: str,
+    bucket: str,
+    key: str,
+    encryption: EncryptionMode = EncryptionMode.NONE,
+    kms_key_id: str = "",
+) -> RecgwError:
+    """Turn a botocore error into a caller-facing error; S3's own message text is not copied.
+
+    `encryption` and `kms_key_id` are what the request asked for (they explain a store's
+    NotImplemented and KMS errors).
+    """
+    error = _translate(exc, operation, bucket, key, encryption, kms_key_id)
     if isinstance(exc, botocore.exceptions.ClientError):
         error.store_code = str(exc.response.get("Error", {}).get("Code", ""))
     else:
@@ -90,7 +157,14 @@ def translate_error(exc: Exception, operation: str, bucket: str, key: str) -> Re
     return error
 
 
-def _translate(exc: Exception, operation: str, bucket: str, key: str) -> RecgwError:
+def _translate(
+    exc: Exception,
+    operation: str,
+    bucket: str,
+    key: str,
+    encryption: EncryptionMode,
+    kms_key_id: str,
+) -> RecgwError:
     where = f"bucket '{bucket}', key '{key}'"
     if isinstance(exc, botocore.exceptions.ClientError):
         error = exc.response.get("Error", {})
@@ -98,14 +172,20 @@ def _translate(exc: Exception, operation: str, bucket: str, key: str) -> RecgwEr
             exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
         )
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code.lower().startswith("kms"):
+            return _kms_error(exc, code, operation, where, kms_key_id)
         if code in ("AccessDenied", "AllAccessDisabled", "AccountProblem"):
             missing = missing_permission(exc)
+            text = str(exc.response.get("Error", {}).get("Message", "")).lower()
+            about_kms = "kms" in text or "master key" in text
             return RecgwError(
                 ErrorKind.PERMISSION_DENIED,
                 f"S3 denied {operation} on {where} ({code}); "
                 + (
                     f"missing permission: {missing}"
                     if missing
+                    else _KMS_POLICY_HINT
+                    if about_kms
                     else "the tenant's IAM policy must allow s3:PutObject on this key: check "
                     "the prefix and the bucket policy"
                 )
@@ -154,7 +234,24 @@ def _translate(exc: Exception, operation: str, bucket: str, key: str) -> RecgwEr
                 f"the multipart upload for {where} no longer exists in S3 (NoSuchUpload)",
                 reason=Reason.UPLOAD_ENDED,
             )
-        if code.startswith("KMS") or code in ("InvalidArgument", "InvalidEncryptionAlgorithmError"):
+        if code in _NOT_IMPLEMENTED or status == 501:
+            if encryption is not EncryptionMode.NONE:
+                return RecgwError(
+                    ErrorKind.FAILED_PRECONDITION,
+                    f"the object store does not support server-side encryption "
+                    f"{encryption.value} ({code} to {operation} on {where}); set an encryption "
+                    "mode it supports with SetCredentials, or configure the store's KMS",
+                    reason=Reason.ENCRYPTION_NOT_SUPPORTED,
+                )
+            return RecgwError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"the object store does not implement {operation} as the gateway sends it "
+                f"({code}) for {where}; check that it is S3-compatible enough (multipart "
+                "uploads, CRC32C checksums; turn s3.full_object_checksum off if it lacks "
+                "full-object checksums)",
+                reason=Reason.STORAGE_REJECTED,
+            )
+        if code in ("InvalidArgument", "InvalidEncryptionAlgorithmError"):
             return RecgwError(
                 ErrorKind.FAILED_PRECONDITION,
                 f"S3 refused {operation} on {where} ({code}); check the tenant's encryption "
@@ -219,6 +316,7 @@ class S3Writer:
     ):
         self._client = clients.retrying
         self._once = clients.once
+        self._credentials = clients.credentials
         self._target = credentials.target
         self._executor = executor
         self._full_object_checksum = full_object_checksum
@@ -228,23 +326,44 @@ class S3Writer:
         return self._target.bucket
 
     @property
-    def client(self) -> Any:
-        """The boto3 client (for the setup doctor's HeadBucket)."""
-        return self._client
+    def clients(self) -> tuple[Any, Any]:
+        """Both boto3 clients: the retrying one and the single-attempt one (shared with other
+        tenants of the same endpoint and region: call them only through `signed_as`)."""
+        return self._client, self._once
 
     @property
-    def clients(self) -> tuple[Any, Any]:
-        """Both boto3 clients: the retrying one and the single-attempt one."""
-        return self._client, self._once
+    def signing_region(self) -> str:
+        """The region requests are signed for."""
+        return str(self._client.meta.region_name)
+
+    async def probe_bucket(self) -> BucketProbe:
+        """HeadBucket, read for its region header (the setup doctor's region check)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor,
+            functools.partial(
+                signed_as, self._credentials, lambda: probe_bucket(self._client, self.bucket)
+            ),
+        )
 
     async def _run(self, operation: str, key: str, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, fn)
+            return await loop.run_in_executor(
+                self._executor, functools.partial(signed_as, self._credentials, fn)
+            )
         except RecgwError:
             raise
         except Exception as exc:
-            raise translate_error(exc, operation, self.bucket, key) from None
+            # Only these requests carry the encryption settings (parts inherit them).
+            sends_encryption = operation in ("PutObject", "CreateMultipartUpload")
+            raise translate_error(
+                exc,
+                operation,
+                self.bucket,
+                key,
+                self._target.encryption if sends_encryption else EncryptionMode.NONE,
+                self._target.kms_key_id,
+            ) from None
 
     def _write_args(self, spec: ObjectSpec) -> dict[str, Any]:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": spec.key}
@@ -374,34 +493,51 @@ class S3Writer:
         return AbortOutcome.ABORTED
 
 
-class _ClientMaker:
-    """Makes S3 clients with one tenant's credentials: static keys through the gateway's shared
-    botocore session (its S3 model is loaded once), a role through the role's refreshing boto3
-    session (see credentials/roles.py)."""
+# The credentials the current worker thread signs with: set around each call of a writer, so
+# that clients can be shared by every tenant with the same endpoint and region.
+_signing = threading.local()
 
-    def __init__(
-        self, session: Any, lock: threading.Lock | None, keys: TenantCredentials | None
-    ) -> None:
-        self._session = session
-        self._lock = lock
-        self._keys = keys
 
-    def client(self, service: str, **options: Any) -> Any:
-        if self._keys is None:
-            return self._session.client(service, **options)
-        assert self._lock is not None
-        with self._lock:  # botocore sessions are not thread-safe
-            return self._session.create_client(
-                service,
-                aws_access_key_id=self._keys.access_key_id,
-                aws_secret_access_key=self._keys.secret_access_key.reveal(),
-                **options,
-            )
+class _Unsigned(Exception):
+    """A request was about to go out without, or with other than, the caller's credentials."""
+
+
+def _sign_as_caller(request: Any, **_: Any) -> None:
+    """before-sign: sign with the credentials of the call running in this thread."""
+    credentials = getattr(_signing, "credentials", None)
+    if credentials is None:
+        raise _Unsigned("an S3 request was made outside of a tenant's call")
+    request.context.setdefault("signing", {})["request_credentials"] = credentials
+
+
+def _check_signed_as_caller(request: Any, **_: Any) -> None:
+    """before-send: the request carries the caller's access key id, never the placeholder one
+    the shared client was built with (fails closed should botocore stop honouring the
+    per-request credentials)."""
+    credentials = getattr(_signing, "credentials", None)
+    authorization = request.headers.get("Authorization", b"")
+    if isinstance(authorization, bytes):
+        authorization = authorization.decode("ascii", "replace")
+    if credentials is None or (
+        f"Credential={credentials.get_frozen_credentials().access_key}/" not in authorization
+    ):
+        raise _Unsigned("an S3 request was not signed with the tenant's credentials")
+
+
+def signed_as(credentials: Any, fn: Callable[[], T]) -> T:
+    """Run `fn` (blocking boto3 calls on shared clients) signing as `credentials`."""
+    previous = getattr(_signing, "credentials", None)
+    _signing.credentials = credentials
+    try:
+        return fn()
+    finally:
+        _signing.credentials = previous
 
 
 @dataclass(frozen=True)
 class TenantClients:
-    """The two boto3 clients of one tenant's credentials version, built once and shared.
+    """What one tenant's credentials version writes with: the shared clients of its endpoint
+    and region, and the tenant's own botocore credentials that every request is signed with.
 
     `once` makes a single attempt: it sends the requests that must not be repeated blindly
     (CompleteMultipartUpload, conditional PutObject).
@@ -409,10 +545,25 @@ class TenantClients:
 
     retrying: Any
     once: Any
+    credentials: Any  # botocore Credentials (static keys) or RefreshableCredentials (a role)
+
+
+DIRECTORY_BUCKET_SUFFIX = "--x-s3"
+
+# What a shared client depends on besides credentials: region, endpoint, path style, expected
+# bucket owner, attempts.
+_Shape = tuple[str, str, bool, str, int]
 
 
 class S3ObjectStore:
-    """ObjectStore over boto3; builds each tenant's clients once per credentials version."""
+    """ObjectStore over boto3.
+
+    Building a botocore client costs about 10 ms of CPU, so a burst of new tenants would queue
+    behind client builds: clients are shared by all tenants with the same endpoint, region and
+    bucket owner (built once each), and every request is signed with the calling tenant's own
+    credentials (see `signed_as`). Each tenant's credentials are made once per credentials
+    version (for a role: its first AssumeRole).
+    """
 
     def __init__(
         self, settings: S3Settings | None = None, roles: RoleAssumer | None = None
@@ -425,18 +576,18 @@ class S3ObjectStore:
         self._clients: OrderedDict[tuple[str, int, str], asyncio.Future[TenantClients]] = (
             OrderedDict()
         )
+        self._shared: OrderedDict[_Shape, Any] = OrderedDict()
         self._session = botocore.session.get_session()
-        # botocore sessions are not thread-safe: clients are made one at a time (milliseconds
-        # each, once the model is loaded).
+        # botocore sessions are not thread-safe: shared clients are made one at a time.
         self._session_lock = threading.Lock()
+        self.clients_built = 0  # shared clients made so far (tests count them)
         # Loading the S3 service model takes a few hundred milliseconds: do it once, now, in a
         # thread, so no tenant's first upload pays for it.
         self._warm = self._executor.submit(self._session.get_service_model, "s3")
 
     async def writer_for(self, credentials: TenantCredentials) -> S3Writer:
         # The identity (access key id or role ARN) is part of the cache key so that a store which
-        # does not bump versions (or a cache race) can never reuse a client built from other
-        # credentials.
+        # does not bump versions (or a cache race) can never reuse credentials of another version.
         cache_key = (credentials.tenant_id, credentials.version, credentials.identity)
         building = self._clients.get(cache_key)
         if building is None:
@@ -475,64 +626,103 @@ class S3ObjectStore:
         host = urllib.parse.urlsplit(endpoint_url).hostname or ""
         return not (host in ("localhost", "::1") or host.startswith("127."))
 
-    def _maker(self, credentials: TenantCredentials) -> _ClientMaker:
+    def _botocore_credentials(self, credentials: TenantCredentials) -> Any:
         if not credentials.role_arn:
-            return _ClientMaker(self._session, self._session_lock, credentials)
+            return botocore.credentials.Credentials(
+                credentials.access_key_id, credentials.secret_access_key.reveal()
+            )
         if self._roles is None:
             raise RecgwError(
                 ErrorKind.INTERNAL,
                 "the tenant's credentials are a role, but this gateway assumes no roles",
             )
-        return _ClientMaker(self._roles.session_for(credentials), None, None)
+        return self._roles.credentials_for(credentials)
 
-    def _make_clients(self, credentials: TenantCredentials) -> TenantClients:
-        self._warm.result()
-        target = credentials.target
-        maker = self._maker(credentials)
-
-        def config(max_attempts: int) -> botocore.config.Config:
-            addressing: Any = {  # the stubs lack use_arn_region
-                "addressing_style": "path" if target.force_path_style else "auto",
-                # The payload is not hashed for SigV4: the CRC32C that S3 verifies (its header
-                # is signed) protects it, over HTTPS and plain HTTP alike.
-                "payload_signing_enabled": False,
-                # An access point ARN in another region than the client's is reached there.
-                "use_arn_region": True,
-            }
-            return botocore.config.Config(
-                retries={"mode": "standard", "total_max_attempts": max_attempts},
-                connect_timeout=self._settings.connect_timeout,
-                read_timeout=self._settings.read_timeout,
-                max_pool_connections=self._settings.io_threads,
-                s3=addressing,
-                # We send our own CRC32C with every write; no second checksum is needed.
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            )
-
-        region = (
-            target.region
-            or access_point_region(target.bucket)
-            or discover_region(maker, target, config(self._settings.max_attempts))
+    def _config(self, force_path_style: bool, max_attempts: int) -> botocore.config.Config:
+        addressing: Any = {  # the stubs lack use_arn_region
+            "addressing_style": "path" if force_path_style else "auto",
+            # The payload is not hashed for SigV4: the CRC32C that S3 verifies (its header is
+            # signed) protects it, over HTTPS and plain HTTP alike.
+            "payload_signing_enabled": False,
+            # An access point ARN in another region than the client's is reached there.
+            "use_arn_region": True,
+        }
+        return botocore.config.Config(
+            retries={"mode": "standard", "total_max_attempts": max_attempts},
+            connect_timeout=self._settings.connect_timeout,
+            read_timeout=self._settings.read_timeout,
+            max_pool_connections=self._settings.io_threads,
+            s3=addressing,
+            # We send our own CRC32C with every write; no second checksum is needed.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
         )
 
-        def client(max_attempts: int) -> Any:
-            made = maker.client(
+    def _shared_client(self, shape: _Shape) -> Any:
+        """The client of one shape, built at its first use; it signs as the caller."""
+        with self._session_lock:  # also: botocore sessions are not thread-safe
+            made = self._shared.get(shape)
+            if made is not None:
+                self._shared.move_to_end(shape)
+                return made
+            region, endpoint_url, force_path_style, owner, max_attempts = shape
+            made = self._session.create_client(
                 "s3",
                 region_name=region,
-                endpoint_url=target.endpoint_url or None,
-                config=config(max_attempts),
+                endpoint_url=endpoint_url or None,
+                config=self._config(force_path_style, max_attempts),
+                # Placeholders, never used to sign: botocore must not look for credentials of
+                # its own (the gateway's environment), and every request gets the tenant's.
+                aws_access_key_id="RECGW-SIGNS-PER-REQUEST",
+                aws_secret_access_key="unused",
             )
-            if target.expected_bucket_owner:
-                expect_bucket_owner(made, target.expected_bucket_owner)
-            if not self._expect_continue(target.endpoint_url):
+            made.meta.events.register("before-sign.s3", _sign_as_caller)
+            made.meta.events.register("before-send.s3", _check_signed_as_caller)
+            if owner:
+                expect_bucket_owner(made, owner)
+            if not self._expect_continue(endpoint_url):
                 for operation in ("PutObject", "UploadPart"):
                     made.meta.events.unregister(
                         f"before-call.s3.{operation}", botocore.handlers.add_expect_header
                     )
+            self._shared[shape] = made
+            self.clients_built += 1
+            while len(self._shared) > self._settings.client_cache_size:
+                self._shared.popitem(last=False)  # writers still holding it keep it alive
             return made
 
-        return TenantClients(client(self._settings.max_attempts), client(1))
+    def _make_clients(self, credentials: TenantCredentials) -> TenantClients:
+        self._warm.result()
+        target = credentials.target
+        if target.bucket.endswith(DIRECTORY_BUCKET_SUFFIX):
+            # botocore signs these with session credentials cached per bucket in the client,
+            # which a client shared by tenants must not do (and the signing check refuses).
+            raise RecgwError(
+                ErrorKind.FAILED_PRECONDITION,
+                f"bucket '{target.bucket}' is a directory bucket (S3 Express One Zone), which "
+                "the gateway does not write to; set a general purpose bucket with "
+                "SetCredentials",
+                reason=Reason.STORAGE_REJECTED,
+            )
+        signing = self._botocore_credentials(credentials)
+
+        def client(region: str, max_attempts: int) -> Any:
+            shape = (
+                region,
+                target.endpoint_url,
+                target.force_path_style,
+                target.expected_bucket_owner,
+                max_attempts,
+            )
+            return self._shared_client(shape)
+
+        region = target.region or access_point_region(target.bucket)
+        if not region:
+            probe_client = client(FALLBACK_REGION, self._settings.max_attempts)
+            region = signed_as(signing, lambda: discover_region(probe_client, target))
+        return TenantClients(
+            client(region, self._settings.max_attempts), client(region, 1), signing
+        )
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

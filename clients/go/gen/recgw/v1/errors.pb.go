@@ -139,13 +139,20 @@ const (
 	ErrorReason_ERROR_REASON_ACCESS_DENIED ErrorReason = 71
 	// FAILED_PRECONDITION: the bucket does not exist.
 	ErrorReason_ERROR_REASON_BUCKET_NOT_FOUND ErrorReason = 72
-	// FAILED_PRECONDITION: S3 refused the request for another reason (KMS,
-	// encryption, invalid argument, a wrong region: then `bucket_region` names
-	// the right one); `store_code` says which. `InvalidPart` on completion:
-	// S3 holds a part other than the one the gateway recorded (an UploadPart a
-	// fenced replica had already sent, with bytes other than the resumed
-	// stream's); no object was made. Abort the upload and upload it anew.
+	// FAILED_PRECONDITION: S3 refused the request for another reason (a KMS
+	// key that does not exist, is disabled or pending deletion, encryption,
+	// invalid argument, a wrong region: then `bucket_region` names the right
+	// one); `store_code` says which. `InvalidPart` on completion: S3 holds a
+	// part other than the one the gateway recorded (an UploadPart a fenced
+	// replica had already sent, with bytes other than the resumed stream's); no
+	// object was made. Abort the upload and upload it anew.
 	ErrorReason_ERROR_REASON_STORAGE_REJECTED ErrorReason = 73
+	// FAILED_PRECONDITION: the object store does not support the tenant's
+	// server-side encryption setting: it answered NotImplemented (HTTP 501) to
+	// a write with SSE-S3 or SSE-KMS, as MinIO does without a configured KMS.
+	// Not retryable: set an encryption mode the store supports with
+	// SetCredentials (`encryption`), or configure the store's KMS.
+	ErrorReason_ERROR_REASON_ENCRYPTION_NOT_SUPPORTED ErrorReason = 74
 	// UNAVAILABLE: S3 could not be reached or throttled after retries.
 	ErrorReason_ERROR_REASON_STORAGE_UNAVAILABLE ErrorReason = 80
 	// UNAVAILABLE: Vault/OpenBao could not be reached.
@@ -210,6 +217,7 @@ var (
 		71:  "ERROR_REASON_ACCESS_DENIED",
 		72:  "ERROR_REASON_BUCKET_NOT_FOUND",
 		73:  "ERROR_REASON_STORAGE_REJECTED",
+		74:  "ERROR_REASON_ENCRYPTION_NOT_SUPPORTED",
 		80:  "ERROR_REASON_STORAGE_UNAVAILABLE",
 		81:  "ERROR_REASON_VAULT_UNAVAILABLE",
 		82:  "ERROR_REASON_SHUTTING_DOWN",
@@ -251,6 +259,7 @@ var (
 		"ERROR_REASON_ACCESS_DENIED":               71,
 		"ERROR_REASON_BUCKET_NOT_FOUND":            72,
 		"ERROR_REASON_STORAGE_REJECTED":            73,
+		"ERROR_REASON_ENCRYPTION_NOT_SUPPORTED":    74,
 		"ERROR_REASON_STORAGE_UNAVAILABLE":         80,
 		"ERROR_REASON_VAULT_UNAVAILABLE":           81,
 		"ERROR_REASON_SHUTTING_DOWN":               82,
@@ -294,8 +303,7 @@ var File_recgw_v1_errors_proto protoreflect.FileDescriptor
 
 const file_recgw_v1_errors_proto_rawDesc = "" +
 	"\n" +
-	"\x15recgw/v1/errors.proto\x12\brecgw.v1*\xfb\n" +
-	"\n" +
+	"\x15recgw/v1/errors.proto\x12\brecgw.v1*\xa6\v\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aERROR_REASON_INVALID_FIELD\x10\x01\x12$\n" +
@@ -327,7 +335,8 @@ const file_recgw_v1_errors_proto_rawDesc = "" +
 	"!ERROR_REASON_CREDENTIALS_REJECTED\x10F\x12\x1e\n" +
 	"\x1aERROR_REASON_ACCESS_DENIED\x10G\x12!\n" +
 	"\x1dERROR_REASON_BUCKET_NOT_FOUND\x10H\x12!\n" +
-	"\x1dERROR_REASON_STORAGE_REJECTED\x10I\x12$\n" +
+	"\x1dERROR_REASON_STORAGE_REJECTED\x10I\x12)\n" +
+	"%ERROR_REASON_ENCRYPTION_NOT_SUPPORTED\x10J\x12$\n" +
 	" ERROR_REASON_STORAGE_UNAVAILABLE\x10P\x12\"\n" +
 	"\x1eERROR_REASON_VAULT_UNAVAILABLE\x10Q\x12\x1e\n" +
 	"\x1aERROR_REASON_SHUTTING_DOWN\x10R\x12!\n" +
