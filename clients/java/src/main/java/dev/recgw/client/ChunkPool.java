@@ -1,6 +1,6 @@
 package dev.recgw.client;
 
-import java.util.concurrent.ArrayBlockingQueue;
+import java.util.ArrayDeque;
 
 /**
  * Chunk buffers to fill again: the retained buffer gives back each chunk's array once the
@@ -14,33 +14,40 @@ import java.util.concurrent.ArrayBlockingQueue;
  */
 final class ChunkPool {
   private final int chunkSize;
-  private final ArrayBlockingQueue<byte[]> free;
+  private final int capacity;
+  private final ArrayDeque<byte[]> free = new ArrayDeque<>();
 
   ChunkPool(int chunkSize, int capacity) {
     this.chunkSize = chunkSize;
-    this.free = new ArrayBlockingQueue<>(Math.max(1, capacity));
+    this.capacity = Math.max(1, capacity);
   }
 
-  /** Free buffers kept for an upload: an eighth of the retained limit, as trimming frees about that much at once. */
+  /**
+   * Room for as many free buffers as the retained limit holds chunks: a trim releases a part or
+   * more at once (8 MiB by default), and a smaller pool would drop most of them.
+   */
   static ChunkPool forUpload(int chunkSize, long retainedLimit) {
-    return new ChunkPool(chunkSize, (int) Math.max(2, Math.min(64, retainedLimit / 8 / chunkSize)));
+    return new ChunkPool(chunkSize, (int) Math.max(2, Math.min(1 << 16, retainedLimit / chunkSize)));
   }
 
   /** A buffer of {@code chunkSize} bytes whose contents are to be overwritten. */
   byte[] take() {
-    byte[] b = free.poll();
+    byte[] b;
+    synchronized (this) {
+      b = free.pollLast(); // the most recently used: likeliest in cache
+    }
     return b != null ? b : new byte[chunkSize];
   }
 
   /** Gives back a buffer nothing refers to any more (dropped if the pool is full or it is not a whole chunk's). */
-  void give(byte[] b) {
-    if (b.length == chunkSize) {
-      free.offer(b);
+  synchronized void give(byte[] b) {
+    if (b.length == chunkSize && free.size() < capacity) {
+      free.addLast(b);
     }
   }
 
   /** Free buffers held (for tests). */
-  int size() {
+  synchronized int size() {
     return free.size();
   }
 }
