@@ -59,18 +59,20 @@ export function startRequest(start: UploadStart, writeOffset: number): UploadReq
 }
 
 /**
- * A data message at `writeOffset`; with `perMessageCrc` it carries `data_crc32c`.
- * `finish` makes it the last message, with the whole-object checksums if given.
+ * A data message at `writeOffset`; with `perMessageCrc` it carries `data_crc32c`
+ * (`dataCrc` when the caller computed it already). `finish` makes it the last
+ * message, with the whole-object checksums if given.
  */
 export function dataRequest(
   writeOffset: number,
   data: Uint8Array,
   perMessageCrc: boolean,
   finish?: { checksums?: ObjectChecksums | undefined },
+  dataCrc?: number,
 ): UploadRequest {
   const request = create(UploadRequestSchema, { writeOffset: BigInt(writeOffset), data });
   // No data, no CRC (the finish or heartbeat message alone).
-  if (perMessageCrc && data.length > 0) request.dataCrc32c = crc32c(data);
+  if (perMessageCrc && data.length > 0) request.dataCrc32c = dataCrc ?? crc32c(data);
   if (finish !== undefined) {
     request.finishWrite = true;
     if (finish.checksums !== undefined) {

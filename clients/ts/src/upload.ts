@@ -17,7 +17,7 @@
  */
 import { randomUUID } from "node:crypto";
 import type { Client } from "@connectrpc/connect";
-import { Checksummer, type ObjectChecksums } from "./checksums.js";
+import { Checksummer, crc32c, type ObjectChecksums } from "./checksums.js";
 import { RecgwError, toRecgwError } from "./errors.js";
 import {
   dataRequest,
@@ -431,10 +431,12 @@ class UploadRun {
       if (next === "stopped") return;
       const data = next === "idle" ? reader.flush() : next.data;
       const last = next !== "idle" && next.last;
-      this.checksummer?.update(data);
+      // One CRC32C pass per chunk: the message's, combined into the object's.
+      const dataCrc = crc && data.length > 0 ? crc32c(data) : undefined;
+      this.checksummer?.update(data, dataCrc);
       this.retained.append(data);
       if (last) this.finishSent = true;
-      yield dataRequest(offset, data, crc, last ? this.finishChecksums() : undefined);
+      yield dataRequest(offset, data, crc, last ? this.finishChecksums() : undefined, dataCrc);
       offset += data.length;
       this.position = offset;
       this.noteSent(offset);

@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { describe, test } from "node:test";
 import { toBinary } from "@bufbuild/protobuf";
-import { Checksummer, crc32c, crc32cImplementation, crc32cPure } from "../../dist/checksums.js";
+import { Checksummer, crc32c, crc32cCombine, crc32cImplementation, crc32cPure } from "../../dist/checksums.js";
 import { dataRequest, FrameReader, startMessage, startRequest } from "../../dist/framing.js";
 import { UploadRequestSchema } from "../../dist/gen/recgw/v1/upload_pb.js";
 import { loadJson, materialize, type Pattern } from "../testdata.js";
@@ -44,6 +44,35 @@ for (const [name, fn] of Object.entries(implementations)) {
     }
   });
 }
+
+describe("crc32cCombine", () => {
+  for (const vector of vectors.crc32c_continued) {
+    test(`shared vector ${JSON.stringify(vector.first).slice(0, 40)}`, () => {
+      const second = materialize(vector.second);
+      assert.equal(crc32cCombine(vector.crc32c_first, crc32c(second), second.length), vector.crc32c_both);
+    });
+  }
+  test("equals one pass over A then B, for lengths from 0 to past 4 MiB", () => {
+    const data = new Uint8Array(4 * 1024 * 1024 + 3);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 31 + 7) % 253;
+    for (const [a, b] of [[0, 0], [0, 5], [5, 0], [1, 1], [7, 1000], [1000, 65537], [3, 4 * 1024 * 1024]] as const) {
+      const first = data.subarray(0, a);
+      const second = data.subarray(a, a + b);
+      assert.equal(crc32cCombine(crc32c(first), crc32c(second), b), crc32c(data.subarray(0, a + b)), `${a} + ${b}`);
+    }
+  });
+  test("a Checksummer fed messages' CRCs reports the object's CRC32C", () => {
+    const parts = [new Uint8Array([1, 2, 3]), new Uint8Array(70_000).fill(9), new Uint8Array([4])];
+    const combined = new Checksummer();
+    const plain = new Checksummer();
+    for (const part of parts) {
+      combined.update(part, crc32c(part));
+      plain.update(part);
+    }
+    assert.equal(combined.result().crc32c, crc32c(Buffer.concat(parts)));
+    assert.equal(combined.result().crc32c, plain.result().crc32c);
+  });
+});
 
 /** Source chunks of `piece` bytes: the reader must cut them the same way as one big buffer. */
 async function* pieces(data: Uint8Array, piece: number): AsyncGenerator<Uint8Array> {

@@ -23,6 +23,7 @@ final class Chunker {
   private final boolean checksums;
   private final ObjectHasher hasher;
   private final Consumer<Chunk> out;
+  private final ChunkPool pool;
   private long offset;
   private byte[] filling;
   private int filled;
@@ -32,14 +33,16 @@ final class Chunker {
   /**
    * @param startOffset object offset of the first byte fed
    * @param hasher receives every byte, or null when no object checksums are computed
+   * @param pool where the buffers to fill come from
    */
-  Chunker(int chunkSize, long startOffset, boolean checksums, ObjectHasher hasher, Consumer<Chunk> out) {
+  Chunker(int chunkSize, long startOffset, boolean checksums, ObjectHasher hasher, ChunkPool pool, Consumer<Chunk> out) {
     this.chunkSize = chunkSize;
+    this.pool = pool;
     this.checksums = checksums;
     this.hasher = hasher;
     this.out = out;
     this.offset = startOffset;
-    this.filling = new byte[chunkSize];
+    this.filling = pool.take();
   }
 
   /** Feeds bytes. */
@@ -105,7 +108,7 @@ final class Chunker {
     int crc = checksums ? ObjectHasher.crc32c(data, 0, length) : 0;
     Chunk chunk = new Chunk(offset, data, length, crc, last);
     offset += length;
-    filling = last ? null : new byte[chunkSize];
+    filling = last ? null : pool.take();
     filled = 0;
     return chunk;
   }

@@ -14,6 +14,7 @@ final class Feeds {
         offset,
         checksums,
         hasher,
+        run.pool(),
         chunk -> {
           try {
             run.gate().acquire(chunk.length());
@@ -67,6 +68,7 @@ final class Feeds {
               offset,
               checksums,
               hasher,
+              run.pool(),
               chunk -> {
                 run.gate().force(chunk.length());
                 run.offer(chunk);

@@ -13,7 +13,6 @@ import io.grpc.Channel;
 import io.grpc.ChannelCredentials;
 import io.grpc.ClientInterceptor;
 import io.grpc.ClientInterceptors;
-import io.grpc.Grpc;
 import io.grpc.InsecureChannelCredentials;
 import io.grpc.ManagedChannel;
 import io.grpc.ManagedChannelBuilder;
@@ -21,6 +20,9 @@ import io.grpc.Metadata;
 import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
 import io.grpc.TlsChannelCredentials;
+import io.grpc.netty.shaded.io.grpc.netty.NettyChannelBuilder;
+import io.grpc.netty.shaded.io.netty.channel.ChannelOption;
+import io.grpc.netty.shaded.io.netty.channel.WriteBufferWaterMark;
 import io.grpc.stub.MetadataUtils;
 import java.io.IOException;
 import java.io.InputStream;
@@ -82,6 +84,12 @@ public final class RecgwClient implements AutoCloseable {
     this.channel = ClientInterceptors.intercept(managed, interceptors);
   }
 
+  // Netty's defaults (32/64 KiB) flip the channel's writability every few HTTP/2 frames of a bulk
+  // upload, each flip running the whole pipeline's writability handlers (and making the JIT
+  // compile them); the flow-control window still bounds what a stream has queued.
+  private static final int WRITE_BUFFER_LOW = 512 << 10;
+  private static final int WRITE_BUFFER_HIGH = 1 << 20;
+
   private static ManagedChannel openChannel(Builder b) {
     ChannelCredentials credentials;
     if (b.plaintext) {
@@ -105,8 +113,9 @@ public final class RecgwClient implements AutoCloseable {
     // target's addresses that is up, so uploads spread over the replicas a DNS name or a list of
     // addresses names, and a resume after a lost replica goes to a live one.
     ManagedChannelBuilder<?> builder =
-        Grpc.newChannelBuilder(target, credentials)
+        NettyChannelBuilder.forTarget(target, credentials)
             .defaultLoadBalancingPolicy("round_robin")
+            .withOption(ChannelOption.WRITE_BUFFER_WATER_MARK, new WriteBufferWaterMark(WRITE_BUFFER_LOW, WRITE_BUFFER_HIGH))
             .keepAliveTime(b.keepAlive.toNanos(), TimeUnit.NANOSECONDS)
             .keepAliveTimeout(20, TimeUnit.SECONDS);
     if (b.serverName != null) {

@@ -13,15 +13,17 @@ final class RetainedBuffer {
 
   private final ArrayDeque<Chunk> chunks = new ArrayDeque<>();
   private final MemoryGate gate;
+  private final ChunkPool pool;
   private long start;
   private long end;
   private boolean eof;
   private long held;
 
-  RetainedBuffer(long startOffset, MemoryGate gate) {
+  RetainedBuffer(long startOffset, MemoryGate gate, ChunkPool pool) {
     this.start = startOffset;
     this.end = startOffset;
     this.gate = gate;
+    this.pool = pool;
   }
 
   /** First byte still held (everything before it is committed). */
@@ -56,7 +58,10 @@ final class RetainedBuffer {
     }
   }
 
-  /** Forgets every byte before {@code committed} (the gateway has it durably). */
+  /**
+   * Forgets every byte before {@code committed} (the gateway has it durably), giving the
+   * chunks' arrays back to the pool: only bytes every stream has serialized can be committed.
+   */
   void release(long committed) {
     long upTo = Math.min(committed, end);
     if (upTo <= start) {
@@ -65,7 +70,9 @@ final class RetainedBuffer {
     start = upTo;
     long freed = 0;
     while (!chunks.isEmpty() && chunks.peekFirst().end() <= upTo) {
-      freed += chunks.removeFirst().length();
+      Chunk chunk = chunks.removeFirst();
+      freed += chunk.length();
+      pool.give(chunk.data());
     }
     held -= freed;
     if (freed > 0) {
@@ -88,7 +95,7 @@ final class RetainedBuffer {
     return null;
   }
 
-  /** Drops everything (the upload ended); gives the memory back. */
+  /** Drops everything (the upload ended; a cancelled stream may still read them: not pooled); gives the memory back. */
   void clear() {
     chunks.clear();
     if (held > 0) {

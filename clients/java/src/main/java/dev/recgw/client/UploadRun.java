@@ -73,6 +73,7 @@ final class UploadRun {
   private final ScheduledThreadPoolExecutor loop;
   private final MemoryGate gate;
   private final RetainedBuffer retained;
+  private final ChunkPool pool;
   private final ObjectHasher hasher;
   private final long heartbeatNanos;
   private final long healthyNanos;
@@ -112,7 +113,8 @@ final class UploadRun {
     this.opts = opts;
     this.hasher = hasher;
     this.gate = new MemoryGate(opts.retainedLimit);
-    this.retained = new RetainedBuffer(startOffset, gate);
+    this.pool = ChunkPool.forUpload(opts.chunkSize, opts.retainedLimit);
+    this.retained = new RetainedBuffer(startOffset, gate, pool);
     this.committed = startOffset;
     this.sentHigh = startOffset;
     this.heartbeatNanos = opts.heartbeat.toNanos();
@@ -140,6 +142,10 @@ final class UploadRun {
 
   MemoryGate gate() {
     return gate;
+  }
+
+  ChunkPool pool() {
+    return pool;
   }
 
   /** Opens the first stream. */
