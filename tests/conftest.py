@@ -149,6 +149,25 @@ def make_gateway(
 
 
 @pytest.fixture
+def make_replicas(
+    make_gateway: Callable[..., GatewayThread], postgres: PostgresCluster
+) -> Callable[..., tuple[str, list[GatewayThread]]]:
+    """A factory for gateway replicas in this process, one per name (its replica id), over one
+    fresh PostgreSQL database; returns the database URL and the replicas."""
+
+    def make(
+        *names: str, lease_seconds: float, heartbeat_seconds: float
+    ) -> tuple[str, list[GatewayThread]]:
+        url = postgres.create_database()
+        sessions = {"url": url, "lease_seconds": lease_seconds}
+        sessions["heartbeat_seconds"] = heartbeat_seconds
+        replicas = [make_gateway(sessions={**sessions, "replica_id": name}) for name in names]
+        return url, replicas
+
+    return make
+
+
+@pytest.fixture
 def new_tenant(moto: MotoS3) -> Callable[..., Tenant]:
     """A tenant with its own IAM user holding exactly the given policy (default: the seed's).
 

@@ -66,19 +66,11 @@ class Pair:
 
 
 @pytest.fixture
-def pair(make_gateway: Callable[..., GatewayThread], postgres: PostgresCluster) -> Pair:
-    url = postgres.create_database()
-
-    def replica(name: str) -> GatewayThread:
-        sessions = {
-            "url": url,
-            "replica_id": name,
-            "lease_seconds": LEASE_SECONDS,
-            "heartbeat_seconds": 1.0,
-        }
-        return make_gateway(sessions=sessions)
-
-    return Pair(url, replica("drain-a"), replica("drain-b"))
+def pair(make_replicas: Callable[..., tuple[str, list[GatewayThread]]]) -> Pair:
+    url, (a, b) = make_replicas(
+        "drain-a", "drain-b", lease_seconds=LEASE_SECONDS, heartbeat_seconds=1.0
+    )
+    return Pair(url, a, b)
 
 
 class GatedStream:

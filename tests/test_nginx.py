@@ -29,7 +29,7 @@ from recgw.v1 import upload_pb2, upload_pb2_grpc
 from recgw_client import RecgwError, UploadResult
 from recgw_client import sync as client
 from recgw_client.retry import RetryPolicy
-from recgw_server.dev.stack import MotoS3, PostgresCluster, wait_until
+from recgw_server.dev.stack import MotoS3, wait_until
 from tests.harness import (
     UPLOADER,
     UPLOADER_TOKEN,
@@ -160,19 +160,11 @@ class Replicas:
 
 
 @pytest.fixture
-def replicas(make_gateway: Callable[..., GatewayThread], postgres: PostgresCluster) -> Replicas:
-    url = postgres.create_database()
-
-    def replica(name: str) -> GatewayThread:
-        sessions = {
-            "url": url,
-            "replica_id": name,
-            "lease_seconds": LEASE_SECONDS,
-            "heartbeat_seconds": 0.25,
-        }
-        return make_gateway(sessions=sessions)
-
-    return Replicas(replica("replica-a"), replica("replica-b"))
+def replicas(make_replicas: Callable[..., tuple[str, list[GatewayThread]]]) -> Replicas:
+    _, (a, b) = make_replicas(
+        "replica-a", "replica-b", lease_seconds=LEASE_SECONDS, heartbeat_seconds=0.25
+    )
+    return Replicas(a, b)
 
 
 @pytest.fixture

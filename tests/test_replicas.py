@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from recgw.v1 import upload_pb2, upload_pb2_grpc
 
-from recgw_server.dev.stack import AwsKeys, MotoS3, PostgresCluster, wait_until
+from recgw_server.dev.stack import AwsKeys, MotoS3, wait_until
 from recgw_server.domain import Secret, StorageTarget
 from recgw_server.sessions.postgres import PostgresSessionStore
 from tests.harness import (
@@ -51,19 +51,11 @@ class Replicas:
 
 
 @pytest.fixture
-def replicas(make_gateway: Callable[..., GatewayThread], postgres: PostgresCluster) -> Replicas:
-    url = postgres.create_database()
-
-    def replica(name: str) -> GatewayThread:
-        sessions = {
-            "url": url,
-            "replica_id": name,
-            "lease_seconds": LEASE_SECONDS,
-            "heartbeat_seconds": 0.25,
-        }
-        return make_gateway(sessions=sessions)
-
-    return Replicas(url, replica("replica-a"), replica("replica-b"))
+def replicas(make_replicas: Callable[..., tuple[str, list[GatewayThread]]]) -> Replicas:
+    url, (a, b) = make_replicas(
+        "replica-a", "replica-b", lease_seconds=LEASE_SECONDS, heartbeat_seconds=0.25
+    )
+    return Replicas(url, a, b)
 
 
 def stored(url: str, upload_id: str) -> Any:
