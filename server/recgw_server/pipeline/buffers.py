@@ -20,9 +20,11 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
+
+from awscrt.checksums import combine_crc32c
 
 from recgw_server.domain import ErrorKind, Reason, RecgwError
 from recgw_server.pipeline.budget import MemoryBudget
@@ -31,6 +33,10 @@ from recgw_server.pipeline.budget import MemoryBudget
 SPILL_FLUSH_BYTES = 256 * 1024
 # Bytes handed to the HTTP layer per read when a part is sent from its spool file.
 FILE_READ_BYTES = 1024 * 1024
+# Per pwritev call: at most this many buffers (Linux's IOV_MAX is 1024) and, past the first,
+# bytes (which bounds the copy an encrypted batch makes).
+_BATCH_BUFFERS = 1024
+_BATCH_BYTES = 1024 * 1024
 
 
 class SpoolCipher:
@@ -163,10 +169,28 @@ class SpoolFile:
 
     def append(self, data: bytes | memoryview) -> None:
         """Runs in a worker thread."""
-        if self._spool.cipher is not None:
-            data = self._spool.cipher.transform(self._nonce, self.size, data)
-        os.pwrite(self._handle.fileno(), data, self.size)
-        self.size += len(data)
+        self.append_all([data])
+
+    def append_all(self, chunks: Sequence[bytes | memoryview]) -> None:
+        """Write `chunks` at the end of the file, a batch of them per system call (and per
+        cipher set-up, which costs more than encrypting a small message). Runs in a worker
+        thread."""
+        for batch in _batches(chunks):
+            if self._spool.cipher is not None:
+                batch = [self._spool.cipher.transform(self._nonce, self.size, b"".join(batch))]
+            self._write_at_end(batch)
+
+    def _write_at_end(self, batch: list[bytes | memoryview]) -> None:
+        fd = self._handle.fileno()
+        expected = sum(len(chunk) for chunk in batch)
+        written = os.pwritev(fd, batch, self.size)
+        if written < expected:  # a short write (rare for regular files): write the rest
+            rest = memoryview(b"".join(batch))[written:]
+            while rest:
+                count = os.pwrite(fd, rest, self.size + written)
+                written += count
+                rest = rest[count:]
+        self.size += written
 
     def read_at(self, offset: int, size: int) -> bytes:
         """Runs in a worker thread (the HTTP layer's or the hasher's)."""
@@ -223,32 +247,46 @@ class PartBuffer:
 
     async def append(self, data: bytes | memoryview, crc32c: int) -> None:
         """Add `data` (with its CRC32C); the caller keeps `len(data) <= room`."""
-        from awscrt.checksums import combine_crc32c
-
         size = len(data)
         if self._file is None and (
             self.slow() or not self._budget.within_share(self._tenant_id, size)
         ):
             await self.spill()
         await self._budget.acquire(size, self._tenant_id)
-        async with self._lock:
-            if self._released:  # the upload ended (AbortUpload) while this waited for memory
-                self._budget.release(size, self._tenant_id)
-                raise RecgwError(
-                    ErrorKind.ABORTED, "the upload has ended", reason=Reason.UPLOAD_ABORTED
-                )
-            self._chunks.append(data)
-            self._memory += size
-            self.size += size
-            self.crc32c = combine_crc32c(self.crc32c, crc32c, size)
-            if self._file is not None and self._memory >= SPILL_FLUSH_BYTES:
-                await self._flush()
+        if self._lock.locked():  # a spill, flush or seal is under way: add after it
+            async with self._lock:
+                self._add(data, crc32c, size)
+                if self._file is not None and self._memory >= SPILL_FLUSH_BYTES:
+                    await self._flush()
+            return
+        # Most messages: nothing awaits between the check above and the change, so nothing
+        # else can be half-way through the part meanwhile; the lock is taken only to flush.
+        self._add(data, crc32c, size)
+        if self._file is not None and self._memory >= SPILL_FLUSH_BYTES:
+            async with self._lock:
+                if self._file is not None and self._memory >= SPILL_FLUSH_BYTES:
+                    await self._flush()
+
+    def _add(self, data: bytes | memoryview, crc32c: int, size: int) -> None:
+        if self._released:  # the upload ended (AbortUpload) while this waited for memory
+            self._budget.release(size, self._tenant_id)
+            raise RecgwError(
+                ErrorKind.ABORTED, "the upload has ended", reason=Reason.UPLOAD_ABORTED
+            )
+        self._chunks.append(data)
+        self._memory += size
+        self.size += size
+        self.crc32c = combine_crc32c(self.crc32c, crc32c, size)
 
     async def spill(self) -> None:
         """Move the bytes held in memory to a spool file; later bytes go there too."""
         async with self._lock:
             if self._file is None and not self._released:
-                self._file = SpoolFile(self._spool)
+                file = await asyncio.to_thread(SpoolFile, self._spool)  # open() may block
+                if self._released:  # the upload ended meanwhile
+                    file.delete()
+                    return
+                self._file = file
                 self._spool.spilled_parts += 1
                 await self._flush()
 
@@ -261,7 +299,7 @@ class PartBuffer:
         self._disk += held
         self._chunks = []
         try:
-            await asyncio.to_thread(_write_all, self._file, chunks)
+            await asyncio.to_thread(self._file.append_all, chunks)
         finally:
             self._memory -= held
             self._budget.release(held, self._tenant_id)
@@ -289,6 +327,16 @@ class PartBuffer:
             self._disk = 0
 
 
-def _write_all(file: SpoolFile, chunks: list[bytes | memoryview]) -> None:
+def _batches(chunks: Sequence[bytes | memoryview]) -> Iterator[list[bytes | memoryview]]:
+    """`chunks` in order, in lists of at most _BATCH_BUFFERS buffers and (unless one chunk is
+    larger) _BATCH_BYTES bytes."""
+    batch: list[bytes | memoryview] = []
+    size = 0
     for chunk in chunks:
-        file.append(chunk)
+        if batch and (len(batch) == _BATCH_BUFFERS or size + len(chunk) > _BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(chunk)
+        size += len(chunk)
+    if batch:
+        yield batch
