@@ -193,3 +193,16 @@ def test_config_errors_name_fields_not_values(
     assert "uploads.part_size_mib" in message
     assert "vault.writer" in message
     assert "CANARY" not in message
+
+
+def test_the_heap_is_trimmed_only_when_rss_is_well_above_what_the_budget_holds() -> None:
+    from recgw_server.pipeline.heap import HeapTrimmer, rss_bytes
+
+    trimmer = HeapTrimmer(slack=48 * MiB)
+    assert not trimmer.due(in_use=0, capacity=512 * MiB)  # just started: RSS is the baseline
+    trimmer.baseline = rss_bytes() - 200 * MiB  # as if 200 MiB more were held than at start
+    assert trimmer.due(in_use=0, capacity=512 * MiB)
+    assert not trimmer.due(in_use=160 * MiB, capacity=512 * MiB)  # the budget explains it
+    before = trimmer.trims
+    trimmer.trim()
+    assert trimmer.trims == before + 1  # glibc here: malloc_trim ran

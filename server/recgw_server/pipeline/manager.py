@@ -23,6 +23,7 @@ from recgw_server.events.webhooks import EventRouter, WebhookSettings
 from recgw_server.metrics import GatewayMetrics
 from recgw_server.pipeline.budget import MemoryBudget
 from recgw_server.pipeline.buffers import Spool
+from recgw_server.pipeline.heap import HeapTrimmer
 from recgw_server.pipeline.model import (
     DONE_STATES,
     ENDED_STATES,
@@ -41,6 +42,8 @@ from recgw_server.sessions.base import AlreadyCreated, Lease, SessionRecord, Ses
 from recgw_server.storage.base import AbortOutcome, ObjectStore, ObjectWriter
 
 log = logging.getLogger(__name__)
+# RSS above start-up plus the memory budget in use that makes the spiller trim the heap.
+HEAP_SLACK = 48 * 1024 * 1024
 # States no replica ever changes again.
 FINAL_STATES = ENDED_STATES | {UploadState.COMPLETE}
 
@@ -499,12 +502,15 @@ class UploadManager:
             await upload.spill_if_slow(now)
 
     async def run_spiller(self) -> None:
-        """Spill slow parts periodically, until cancelled."""
+        """Spill slow parts periodically, and give freed heap back to the OS, until cancelled."""
         interval = max(0.05, self.settings.spill_after / 4)
+        heap = HeapTrimmer(HEAP_SLACK)
         while True:
             await asyncio.sleep(interval)
             try:
                 await self.spill_slow_parts()
+                if heap.due(self.budget.in_use, self.budget.capacity):
+                    await asyncio.to_thread(heap.trim)
             except Exception:
                 log.exception("spilling slow parts failed; trying again")
 
