@@ -233,9 +233,8 @@ class ReplicaSet:
         return f"http://localhost:{port}"
 
     def start(self, count: int) -> list[ReplicaProcess]:
-        made = [
-            self._make(f"replica-{chr(ord('a') + len(self.replicas) + i)}") for i in range(count)
-        ]
+        first = len(self.replicas)
+        made = [self._make(f"replica-{chr(ord('a') + first + i)}") for i in range(count)]
         with ThreadPoolExecutor(len(made)) as pool:  # side by side: each waits to be serving
             list(pool.map(ReplicaProcess.start, made))
         return made
@@ -243,7 +242,10 @@ class ReplicaSet:
     def _make(self, replica_id: str) -> ReplicaProcess:
         root = self.root / replica_id
         root.mkdir(parents=True)
+        taken = {replica.port for replica in self.replicas}
         port = free_port()
+        while port in taken:  # not bound until the process starts: the kernel may hand it out again
+            port = free_port()
         proxy = S3FaultProxy(self.moto.endpoint_url)
         config = root / "recgw.toml"
         config.write_text(

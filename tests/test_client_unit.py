@@ -1547,7 +1547,7 @@ def test_cli_ctrl_c_cancels_the_upload_and_exits_130(fake: FakeServer) -> None:
         process.stdin.flush()
         assert fake.gateway.data_received.wait(WAIT)
         process.send_signal(signal.SIGINT)
-        assert process.wait(WAIT) == 130
+        assert process.wait(3 * WAIT) == 130  # a fresh interpreter on a loaded CI machine
         assert "interrupted" in process.stderr.read().decode()
     finally:
         process.stdin.close()
