@@ -340,7 +340,7 @@ class UploadManager:
     async def check_leases(self) -> None:
         """After a gap in the heartbeat: end at once every stream here whose upload another
         replica took over (WRITER_FENCED), without waiting for its next part."""
-        for upload in [u for u in self._uploads.values() if u.attached and not u.ending()]:
+        for upload in [u for u in self._streaming() if not u.ending()]:
             try:
                 await upload.check_lease()
             except RecgwError as error:
@@ -498,7 +498,7 @@ class UploadManager:
     async def spill_slow_parts(self) -> None:
         """Move parts that have been filling for too long to disk (run every second or so)."""
         now = time.monotonic()
-        for upload in [u for u in self._uploads.values() if u.attached]:
+        for upload in self._streaming():
             await upload.spill_if_slow(now)
 
     async def run_spiller(self) -> None:
@@ -562,7 +562,7 @@ class UploadManager:
         """
         self.draining = True
         while any(u.attached for u in self._uploads.values()) or self._cleanups:
-            for upload in [u for u in self._uploads.values() if u.attached]:
+            for upload in self._streaming():
                 if upload.state is UploadState.OPEN:
                     self.abandon(upload, self.shutting_down(upload))
                 elif upload._finish_task is not None:

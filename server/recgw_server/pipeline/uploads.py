@@ -252,11 +252,7 @@ class Upload:
     @property
     def busy(self) -> bool:
         """A stream, finish, abort or detach of this process is at work on this upload."""
-        return (
-            self.attached
-            or self._detach_task is not None
-            or any(t is not None and not t.done() for t in (self._fail_task, self._finish_task))
-        )
+        return self.attached or self.ending()
 
     @property
     def stream_task(self) -> asyncio.Task[object] | None:
