@@ -285,15 +285,19 @@ def direct_boto3(
     concurrency: int,
     meter: Meter,
 ) -> Sample:
-    """Multipart upload with boto3: `concurrency` parts in flight, CRC32C on each part.
+    """Multipart upload with boto3: `concurrency` parts in flight, CRC32C on each part and
+    on the whole object (FULL_OBJECT, combined from the parts' CRC32Cs), as the gateway does.
 
     Parts are cut and checksummed while earlier ones are on their way, like the gateway does;
     timed from CreateMultipartUpload to the CompleteMultipartUpload response.
     """
     key = f"{PREFIX}direct-{run}.bin"
+    part_crcs: dict[int, tuple[int, int]] = {}
 
     def send(number: int, body: bytes) -> dict[str, Any]:
-        part_crc = crc32c_header(checksums.crc32c(body))
+        crc = checksums.crc32c(body)
+        part_crcs[number] = (crc, len(body))
+        part_crc = crc32c_header(crc)
         response = client.upload_part(
             Bucket=BUCKET,
             Key=key,
@@ -306,7 +310,11 @@ def direct_boto3(
 
     meter.start()
     upload_id = client.create_multipart_upload(
-        Bucket=BUCKET, Key=key, ContentType="application/octet-stream", ChecksumAlgorithm="CRC32C"
+        Bucket=BUCKET,
+        Key=key,
+        ContentType="application/octet-stream",
+        ChecksumAlgorithm="CRC32C",
+        ChecksumType="FULL_OBJECT",
     )["UploadId"]
     slots = threading.BoundedSemaphore(concurrency)
     futures: list[Future[dict[str, Any]]] = []
@@ -322,8 +330,17 @@ def direct_boto3(
             for future in futures:
                 future.cancel()
             raise
+    whole = 0
+    for number in sorted(part_crcs):
+        crc, length = part_crcs[number]
+        whole = checksums.combine_crc32c(whole, crc, length)
     client.complete_multipart_upload(
-        Bucket=BUCKET, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+        Bucket=BUCKET,
+        Key=key,
+        UploadId=upload_id,
+        MultipartUpload={"Parts": parts},
+        ChecksumCRC32C=crc32c_header(whole),
+        ChecksumType="FULL_OBJECT",
     )
     sample = meter.stop()
     head = store.admin_client().head_object(Bucket=BUCKET, Key=key)

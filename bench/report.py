@@ -23,7 +23,9 @@ class PathInfo:
 PATHS: dict[str, PathInfo] = {
     "raw_grpc": PathInfo("raw gRPC stream -> discarding grpc.aio server", (CLIENT, "sink"), "sink"),
     "direct_boto3": PathInfo(
-        "direct boto3 multipart (8 MiB, 4 in flight, CRC32C, unsigned)", (CLIENT, "store"), CLIENT
+        "direct boto3 multipart (8 MiB, 4 in flight, CRC32C per part and FULL_OBJECT, unsigned)",
+        (CLIENT, "store"),
+        CLIENT,
     ),
     "aws_crt": PathInfo("aws-crt S3 client from a Python stream", (CLIENT, "store"), CLIENT),
     "tusd_tuned": PathInfo(
@@ -357,7 +359,14 @@ def print_report(data: dict[str, Any]) -> None:
             f"  first upload of {first['clients']} new tenants at once ({first['size_kib']:g} KiB):"
             f" median {first['first_ms']['median']:.0f} ms, max {first['first_ms']['max']:.0f} ms;"
             f" warm median {first['warm_ms']['median']:.0f} ms; adds {first['added_ms']:.0f} ms"
+            f" (median of {first['clients'] * first.get('repeats', 1)} tenants' first minus warm;"
+            f" by repeat: {', '.join(f'{v:.0f}' for v in first.get('added_ms_by_repeat', []))})"
         )
+        if "process_warm_up_ms" in first:
+            print(
+                f"    before them, the fresh gateway's first {first['clients']} uploads at once"
+                f" (a known tenant, not counted): median {first['process_warm_up_ms']:.0f} ms"
+            )
     print("  goals of issue 11:")
     for item in data["goals"]:
         state = {True: "met", False: "NOT met", None: "not measured"}[item["met"]]

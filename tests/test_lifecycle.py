@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import uuid
@@ -222,35 +223,82 @@ def test_generated_upload_id(gateway: GatewayThread, tenant: Tenant) -> None:
     assert status(gateway, response.upload_id).state == upload_pb2.UPLOAD_STATE_COMPLETE
 
 
-def test_memory_budget_makes_streams_wait_not_fail(
+def test_a_lease_check_racing_the_end_of_an_upload_is_no_takeover(
+    gateway: GatewayThread, tenant: Tenant
+) -> None:
+    """After a heartbeat gap every attached upload's lease is checked; one that finishes (and so
+    gives its lease up) while the checks run must not be reported as taken over, while an
+    upload whose lease really went elsewhere is fenced."""
+    from recgw_server.domain import Reason, RecgwError
+
+    manager = gateway.gateway.manager
+    logs = CapturedLogs()
+    logging.getLogger("recgw_server").addHandler(logs)
+    try:
+        done = upload(gateway, upload_messages(tenant.tenant_id, "lease-race.bin", b"abc"))
+        finished = gateway.run(manager.find(done.upload_id))
+        assert finished is not None and finished.lease is not None
+        gateway.run(finished.check_lease())  # its own released lease: nothing to report
+
+        held = HeldStream(gateway, tenant, "lease-taken.bin", os.urandom(MiB))
+        wait_for_status(gateway, held.upload_id, lambda s: s.received_size == MiB, "the data")
+        taken = gateway.run(
+            manager.sessions.attach(held.upload_id, "another-replica", 30.0, force=True)
+        )
+        assert taken is not None
+        open_upload = gateway.run(manager.find(held.upload_id))
+        assert open_upload is not None
+        with pytest.raises(RecgwError) as fenced:
+            gateway.run(open_upload.check_lease())
+        assert fenced.value.reason is Reason.WRITER_FENCED
+        held.future.cancel()
+        held.release.set()
+    finally:
+        logging.getLogger("recgw_server").removeHandler(logs)
+    taken_over = [line for line in logs.lines if "taken over" in line]
+    assert taken_over == [
+        f"WARNING recgw_server.pipeline.uploads upload {held.upload_id} was "
+        "taken over by another replica; its stream here stops"
+    ]
+
+
+def test_a_stream_short_of_memory_moves_its_part_to_disk_and_goes_on(
     make_gateway: Callable[..., GatewayThread],
     moto: MotoS3,
     new_tenant: Callable[..., Tenant],
 ) -> None:
-    """Memory is reserved per message; a stream that finds the budget full waits (and stops
-    reading, so HTTP/2 flow control pushes back), and goes on once a part in flight is in S3."""
+    """Memory for each message is reserved before it is read. A stream whose next read does not
+    fit the budget moves the part it fills to disk and waits without reading (HTTP/2 flow
+    control pushes back); no stream fails for memory, and memory in use never exceeds the
+    budget, although one stream alone could fill it several times over."""
     small = make_gateway(
         uploads={
             "memory_budget_mib": 5,
             "max_inflight_parts": 1,
             "tenant_memory_share": 1.0,
-            "spill_after_seconds": 60,  # no spilling in this test
+            "spill_after_seconds": 60,  # spills here come from waiting, not from slowness
         }
     )
     tenant = new_tenant(gateway=small)
-    budget = small.gateway.budget
-    first = HeldStream(small, tenant, "budget-1.bin", b"1" * (5 * MiB))
-    wait_until(lambda: budget.in_use == 5 * MiB, 30, "the first stream to fill the budget")
-    second = HeldStream(small, tenant, "budget-2.bin", b"2" * MiB)
-    wait_until(lambda: budget.waiting == 1, 30, "the second stream to wait for memory")
-    assert status(small, second.upload_id).received_size == 0  # it has stopped reading
-    second.release.set()
-    first.rest = b"!"  # the first part is full: it goes to S3, and its memory comes back
-    assert first.finish().size == 5 * MiB + 1
-    assert second.finish().size == MiB
+    gateway = small.gateway
+    budget, spool = gateway.budget, gateway.spool
+    first = HeldStream(small, tenant, "budget-1.bin", b"1" * (4 * MiB))
+    wait_for_status(small, first.upload_id, lambda s: s.received_size == 4 * MiB, "4 MiB")
+    # After its fourth message, the read of the next found no room beside its own 4 MiB part:
+    # the part went to disk instead of holding memory while the stream waits.
+    wait_until(lambda: spool.spilled_parts == 1, 30, "the first stream's part to spill")
+    assert budget.in_use <= 2 * MiB  # what it reserved for its next message
+    second = HeldStream(small, tenant, "budget-2.bin", b"2" * (3 * MiB))
+    wait_for_status(small, second.upload_id, lambda s: s.received_size == 3 * MiB, "3 MiB")
+    first.rest = b"!" * MiB
+    second.rest = b"?"
+    assert first.finish().size == 5 * MiB
+    assert second.finish().size == 3 * MiB + 1
     assert budget.high_water <= budget.capacity
-    assert budget.in_use == 0
-    assert read_object(moto, tenant.bucket, "uploads/budget-2.bin") == b"2" * MiB
+    wait_until(lambda: budget.in_use == 0, 10, "all memory to come back")
+    assert spool.budget.in_use == 0
+    assert read_object(moto, tenant.bucket, "uploads/budget-1.bin") == b"1" * (4 * MiB) + b"!" * MiB
+    assert read_object(moto, tenant.bucket, "uploads/budget-2.bin") == b"2" * (3 * MiB) + b"?"
 
 
 def test_part_larger_than_budget_goes_through_the_spool(

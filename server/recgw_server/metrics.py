@@ -68,6 +68,12 @@ class GatewayMetrics:
         self.memory_budget_bytes = Gauge(
             "recgw_memory_budget_bytes", "Size of the upload memory budget", registry=r
         )
+        self.memory_limit_bytes = Gauge(
+            "recgw_memory_limit_bytes",
+            "What upload buffers may hold now: the budget less what RSS holds beyond them "
+            "(gRPC's connection buffers, freed heap the allocator keeps)",
+            registry=r,
+        )
         self.memory_in_use_bytes = Gauge(
             "recgw_memory_in_use_bytes", "Upload buffer memory reserved now", registry=r
         )

@@ -348,11 +348,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         serializer = handler.response_serializer
         metrics = self._metrics
 
-        async def decoded(raw_messages: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+        async def decoded(context: Context) -> AsyncIterator[Any]:
+            # Reads with context.read(), not gRPC's request iterator: that iterator keeps the
+            # last message it yielded, so a stream waiting for memory would still hold a
+            # message's bytes the pipeline has already spilled or sent (outside the budget).
             index = 0
-            async for raw in raw_messages:
-                yield decode(raw, index)
+            while True:
+                raw = await context.read()
+                if raw is grpc.aio.EOF:
+                    return
+                parsed = [decode(raw, index)]
+                del raw
                 index += 1
+                yield parsed.pop()
 
         async def unary_request(raw: bytes, context: Context) -> Any:
             caller = await self._admit(method, service, metadata, context)
@@ -392,7 +400,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 _CALLER.set(caller)
                 with self._auth.running(caller) as revoked:
                     return await self._until_revoked(
-                        stream_unary(decoded(raw_messages), context), revoked, caller, context
+                        stream_unary(decoded(context), context), revoked, caller, context
                     )
 
             return grpc.stream_unary_rpc_method_handler(guarded_stream_unary, None, serializer)
@@ -405,7 +413,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             # Response streams (reflection only, which is public) are not ended on revocation.
             caller = await self._admit(method, service, metadata, context)
             _CALLER.set(caller)
-            async for response in stream_stream(decoded(raw_messages), context):
+            async for response in stream_stream(decoded(context), context):
                 yield response
 
         return grpc.stream_stream_rpc_method_handler(guarded_stream_stream, None, serializer)

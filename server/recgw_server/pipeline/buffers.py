@@ -27,7 +27,7 @@ from typing import BinaryIO
 from awscrt.checksums import combine_crc32c
 
 from recgw_server.domain import ErrorKind, Reason, RecgwError
-from recgw_server.pipeline.budget import MemoryBudget
+from recgw_server.pipeline.budget import MemoryBudget, Reservation
 
 # A spilled part gathers writes up to this size in memory before each file write.
 SPILL_FLUSH_BYTES = 256 * 1024
@@ -245,14 +245,18 @@ class PartBuffer:
         """Filling for longer than `spill_after`: its bytes belong on disk."""
         return ((now or time.monotonic()) - self.started) > self.spill_after
 
-    async def append(self, data: bytes | memoryview, crc32c: int) -> None:
-        """Add `data` (with its CRC32C); the caller keeps `len(data) <= room`."""
+    async def append(
+        self, data: bytes | memoryview, crc32c: int, prepaid: Reservation | None = None
+    ) -> None:
+        """Add `data` (with its CRC32C); the caller keeps `len(data) <= room`. Its memory comes
+        from `prepaid` if that holds enough, else from the budget."""
         size = len(data)
         if self._file is None and (
             self.slow() or not self._budget.within_share(self._tenant_id, size)
         ):
             await self.spill()
-        await self._budget.acquire(size, self._tenant_id)
+        if prepaid is None or not prepaid.take(size):
+            await self._budget.acquire(size, self._tenant_id)
         if self._lock.locked():  # a spill, flush or seal is under way: add after it
             async with self._lock:
                 self._add(data, crc32c, size)

@@ -23,7 +23,7 @@ from recgw_server.events.webhooks import EventRouter, WebhookSettings
 from recgw_server.metrics import GatewayMetrics
 from recgw_server.pipeline.budget import MemoryBudget
 from recgw_server.pipeline.buffers import Spool
-from recgw_server.pipeline.heap import HeapTrimmer
+from recgw_server.pipeline.heap import BudgetGovernor, HeapTrimmer
 from recgw_server.pipeline.model import (
     DONE_STATES,
     ENDED_STATES,
@@ -498,18 +498,22 @@ class UploadManager:
     async def spill_slow_parts(self) -> None:
         """Move parts that have been filling for too long to disk (run every second or so)."""
         now = time.monotonic()
+        self.budget.reclaim_idle(now, self.settings.spill_after)
         for upload in self._streaming():
             await upload.spill_if_slow(now)
 
     async def run_spiller(self) -> None:
-        """Spill slow parts periodically, and give freed heap back to the OS, until cancelled."""
-        interval = max(0.05, self.settings.spill_after / 4)
+        """Until cancelled, every 0.1 s at most: lower the budget's limit by what RSS holds
+        beyond the buffers, spill slow parts, and give freed heap back to the OS."""
+        interval = min(0.1, max(0.05, self.settings.spill_after / 4))
         heap = HeapTrimmer(HEAP_SLACK)
+        governor = BudgetGovernor(self.budget, HEAP_SLACK)
         while True:
             await asyncio.sleep(interval)
             try:
+                self.metrics.memory_limit_bytes.set(governor.update())
                 await self.spill_slow_parts()
-                if heap.due(self.budget.in_use, self.budget.capacity):
+                if heap.due(self.budget.capacity):
                     await asyncio.to_thread(heap.trim)
             except Exception:
                 log.exception("spilling slow parts failed; trying again")

@@ -32,6 +32,7 @@ from recgw_server.domain import (
 )
 from recgw_server.events import model as events
 from recgw_server.events.model import Event
+from recgw_server.pipeline.budget import Reservation
 from recgw_server.pipeline.buffers import PartBody, PartBuffer
 from recgw_server.pipeline.digest import (
     ResumableSha256,
@@ -136,6 +137,7 @@ class Upload:
             self.terminal.set()
         self.lease: Lease | None = None  # the writer lease every session store write names
         self._fenced = False  # another replica took the lease over
+        self._released: Lease | None = None  # the lease this copy gave up itself, if any
 
     # -- attaching streams -------------------------------------------------------------------
 
@@ -368,8 +370,10 @@ class Upload:
         data: bytes | memoryview,
         data_crc32c: int | None = None,
         last: bool = False,
+        prepaid: Reservation | None = None,
     ) -> None:
-        """Accept the next chunk of the object (`last`: finish follows at once).
+        """Accept the next chunk of the object (`last`: finish follows at once), in memory
+        reserved by `prepaid` before it was read, if that holds enough.
 
         While the gateway shuts down, a stream that reaches a part boundary ends there with
         SHUTTING_DOWN, once the part before it is committed.
@@ -435,7 +439,7 @@ class Upload:
                 # Only a message that straddles parts is split (views, not copies).
                 piece = memoryview(data)[position : position + room]
                 piece_crc = crc32c(piece)
-            await part.append(piece, piece_crc)
+            await part.append(piece, piece_crc, prepaid)
             position += len(piece)
             self.received += len(piece)
         self._manager.metrics.bytes_received.inc(size)
@@ -670,6 +674,18 @@ class Upload:
                 log.warning("cannot spill upload %s: %s", self.upload_id, error.message)
                 self.interrupt(error)
 
+    async def spill_before_waiting(self) -> None:
+        """Move the part being filled to disk before the stream waits for memory: a waiting
+        stream then holds none of the budget (its part fills on from disk). With the spool
+        full it waits with the part in memory; parts in flight free memory as they land."""
+        part = self._part
+        if part is not None and not part.spilled and part.size:
+            try:
+                await part.spill()
+            except RecgwError as error:
+                if error.reason is not Reason.SPOOL_EXHAUSTED:
+                    raise
+
     # -- internals ---------------------------------------------------------------------------
 
     def aborted_error(self) -> RecgwError:
@@ -811,7 +827,16 @@ class Upload:
     async def check_lease(self) -> None:
         """Make sure this replica still holds the upload's lease (a lease-checked write of
         `updated_at` only); WRITER_FENCED when another replica took it over."""
-        await self._store_write(lambda lease: self._manager.sessions.update(lease, time.time()))
+
+        async def touch(lease: Lease) -> None:
+            try:
+                await self._manager.sessions.update(lease, time.time())
+            except Fenced:
+                if self._released is not lease:
+                    raise
+                # It ended here meanwhile and gave the lease up: nobody took it over.
+
+        await self._store_write(touch)
 
     async def _lease_before_s3(self) -> None:
         """Before a request to S3: with a shared session store (another replica may have taken
@@ -825,8 +850,10 @@ class Upload:
             await self.check_lease()
 
     async def _release_lease(self) -> None:
-        if self.lease is not None and not self._fenced:
-            await self._manager.sessions.release(self.lease)
+        lease = self.lease
+        if lease is not None and not self._fenced:
+            await self._manager.sessions.release(lease)
+            self._released = lease
 
     async def _send_part(self) -> None:
         part = self._part
