@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -213,3 +214,43 @@ def test_token_bucket() -> None:
     assert [bucket.take() for _ in range(3)] == [0, 0, 0]
     wait = bucket.take()
     assert 0 < wait <= 0.1
+
+
+@pytest.mark.parametrize("accept_wait", [1, 60])
+def test_new_calls_wait_for_a_busy_event_loop_as_configured(
+    make_gateway: Callable[..., GatewayThread],
+    new_tenant: Callable[..., Tenant],
+    accept_wait: int,
+) -> None:
+    """grpc.aio takes one new call per turn of the event loop; calls that arrive while the loop
+    is busy wait in gRPC for `server.accept_wait_seconds` and are then cancelled unseen. With
+    hundreds of streams at once, gRPC's default of 30 s was too short (the bench's 500-stream
+    scenario lost streams that way); the gateway waits 300 s by default."""
+    gateway = make_gateway(server={"accept_wait_seconds": accept_wait})
+    tenant = new_tenant(gateway=gateway)
+    blocked = threading.Event()
+
+    def block_the_loop() -> None:  # the loop stands for one busy with other streams
+        blocked.set()
+        time.sleep(3)
+
+    gateway.call_soon(block_the_loop)
+    assert blocked.wait(10)
+    with ThreadPoolExecutor(4) as pool:
+        calls = [
+            pool.submit(
+                gateway.uploads.Upload,
+                upload_messages(tenant.tenant_id, f"queued-{n}.bin", b"x"),
+                metadata=UPLOADER,
+                timeout=60,
+            )
+            for n in range(4)
+        ]
+        outcomes = [call.exception(60) for call in calls]
+    failed = [outcome for outcome in outcomes if outcome is not None]
+    if accept_wait >= 60:
+        assert failed == []
+    else:  # all but the call gRPC had already matched to the server's one waiting request
+        errors = [error for error in failed if isinstance(error, grpc.RpcError)]
+        assert len(errors) == len(failed) >= 2
+        assert {error.code() for error in errors} == {grpc.StatusCode.CANCELLED}

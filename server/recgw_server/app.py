@@ -314,6 +314,10 @@ class Gateway:
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.max_send_message_length", 4 * MiB),
                 ("grpc.so_reuseport", int(self.settings.server.reuse_port)),
+                (
+                    "grpc.server_max_unrequested_time_in_server",
+                    self.settings.server.accept_wait_seconds,
+                ),
             ],
         )
         upload_pb2_grpc.add_UploadServiceServicer_to_server(

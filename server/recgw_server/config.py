@@ -254,6 +254,11 @@ class ServerSetting(BaseModel):
     # address and the kernel spreads connections across them. Needs PostgreSQL sessions and a
     # data_dir of its own per worker (the spool is emptied at start-up).
     reuse_port: bool = False
+    # How long a new call may wait in gRPC until the event loop takes it
+    # (grpc.server_max_unrequested_time_in_server). grpc.aio takes one new call per loop turn,
+    # so a burst of hundreds of new streams beside busy ones can wait longer than gRPC's default
+    # of 30 s, and gRPC then cancels them unseen; their clients were told INTERNAL.
+    accept_wait_seconds: int = Field(300, ge=1)
 
 
 class S3Setting(BaseModel):
