@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
 from recgw.v1 import credentials_pb2, upload_pb2
 
-from recgw_server.dev.stack import AwsKeys, MotoS3, OpenBao, seed_policy
+from recgw_server.credentials.vault import CachedCredentialsSource
+from recgw_server.dev.stack import AwsKeys, MotoS3, OpenBao, seed_policy, wait_until
 from recgw_server.domain import Secret
 from tests.conftest import SHARED_BUCKET
 from tests.harness import (
@@ -229,3 +231,31 @@ def test_upload_status_needs_uploader_role(gateway: GatewayThread) -> None:
             credentials_pb2.DescribeCredentialsRequest(tenant_id="x"), metadata=UPLOADER
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_set_credentials_reads_them_ahead_for_the_first_upload(
+    make_gateway: Callable[..., GatewayThread],
+    moto: MotoS3,
+    new_tenant: Callable[..., Tenant],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After SetCredentials the gateway reads the new credentials back (with the reader
+    identity, as an upload would) and builds the tenant's S3 clients, so the tenant's first
+    upload does not wait for Vault; the upload itself then reads nothing more."""
+    gateway = make_gateway()
+    source = gateway.gateway.adapters.source
+    assert isinstance(source, CachedCredentialsSource)
+    vault_reads: list[str] = []
+    inner = source._inner
+    read = inner.get
+
+    async def counted(tenant_id: str) -> Any:
+        vault_reads.append(tenant_id)
+        return await read(tenant_id)
+
+    monkeypatch.setattr(inner, "get", counted)
+    tenant = new_tenant(gateway=gateway)
+    wait_until(lambda: vault_reads == [tenant.tenant_id], 10, "the read-ahead")
+    response = upload(gateway, upload_messages(tenant.tenant_id, "ahead.bin", b"abc"))
+    assert read_object(moto, tenant.bucket, response.key) == b"abc"
+    assert vault_reads == [tenant.tenant_id]

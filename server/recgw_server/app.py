@@ -247,6 +247,7 @@ class Gateway:
         self._dispatcher: asyncio.Task[None] | None = None
         self._expiry: asyncio.Task[None] | None = None
         self.heartbeats: asyncio.Task[None] | None = None
+        self._read_aheads: set[asyncio.Task[None]] = set()
         self._rechecks: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -333,7 +334,7 @@ class Gateway:
                 forget_clients=store.forget,
                 publish=self.adapters.changes.publish,
                 trusted_principal=self.settings.roles.gateway_principal_arn,
-                on_changed=self.manager.credentials_changed,
+                on_changed=self._credentials_set_here,
                 audit=self.audit,
             ),
             server,
@@ -491,7 +492,30 @@ class Gateway:
         else:
             self.adapters.source.invalidate(tenant_id)
             self.adapters.store.forget(tenant_id)
-            self.manager.credentials_changed(tenant_id)
+            self._credentials_set_here(tenant_id)
+
+    def _credentials_set_here(self, tenant_id: str) -> None:
+        """New credentials of `tenant_id` are in Vault (the caches were dropped): read them
+        ahead, so that the tenant's next upload finds them and its S3 clients ready instead of
+        waiting for Vault (a new tenant's first upload follows its SetCredentials)."""
+        self.manager.credentials_changed(tenant_id)
+        task = asyncio.get_running_loop().create_task(self._read_ahead(tenant_id))
+        self._read_aheads.add(task)
+        task.add_done_callback(self._read_aheads.discard)
+
+    async def _read_ahead(self, tenant_id: str) -> None:
+        # Through the cache itself, not the manager's source: a read-ahead is no upload, so it
+        # does not make the doctor re-check the tenant as active.
+        try:
+            credentials = await self.adapters.source.get(tenant_id)
+            if credentials is not None:
+                await self.adapters.store.writer_for(credentials)
+        except Exception as error:  # the upload that needs them reads again, and says why
+            log.debug(
+                "reading ahead the credentials of tenant %s failed (%s)",
+                tenant_id,
+                type(error).__name__,
+            )
 
     async def _keep_leases(self) -> None:
         """One heartbeat per replica keeps all its writer leases alive."""
