@@ -16,7 +16,6 @@ from typing import Any
 import grpc
 import pytest
 
-from recgw_server.auth.tokens import hash_token
 from recgw_server.dev.minio import MinioS3, start_minio
 from recgw_server.dev.stack import (
     MotoS3,
@@ -45,6 +44,7 @@ from tests.harness import (
     set_credentials,
 )
 from tests.proxy import CuttableProxy
+from tests.served_config import serve_env, serve_toml
 
 SHARED_BUCKET = "recgw-test-bucket"
 S3_BACKEND = os.environ.get("RECGW_TEST_S3", "moto")
@@ -210,49 +210,12 @@ def served(
 ) -> Iterator[ServedGateway]:
     port = free_port()
     config = tmp_path / "recgw.toml"
+    tokens = {"uploader": UPLOADER_TOKEN, "admin": ADMIN_TOKEN}
+    sections = "\n[uploads]\npart_size_mib = 5\n"
     config.write_text(
-        f"""
-listen = "127.0.0.1:{port}"
-plaintext = true
-data_dir = "{tmp_path / "data"}"
-shutdown_grace_seconds = 2
-
-[audit]
-sink = "{tmp_path / "audit.jsonl"}"
-
-[[tokens]]
-name = "uploader"
-role = "uploader"
-sha256 = "{hash_token(UPLOADER_TOKEN)}"
-tenants = ["*"]
-
-[[tokens]]
-name = "admin"
-role = "admin"
-sha256 = "{hash_token(ADMIN_TOKEN)}"
-tenants = ["*"]
-
-[vault]
-address = "{openbao.address}"
-
-[vault.writer]
-method = "approle"
-role_id = "{identities.writer.role_id}"
-
-[vault.reader]
-method = "approle"
-role_id = "{identities.reader.role_id}"
-
-[uploads]
-part_size_mib = 5
-"""
+        serve_toml(port, tmp_path, openbao, identities, tokens=tokens, sections=sections)
     )
-    assert identities.writer.secret_id and identities.reader.secret_id
-    env = {
-        **os.environ,
-        "RECGW_VAULT__WRITER__SECRET_ID": identities.writer.secret_id.reveal(),
-        "RECGW_VAULT__READER__SECRET_ID": identities.reader.secret_id.reveal(),
-    }
+    env = serve_env(identities)
     gateway = ServedGateway(config, env, port, tmp_path / "serve.log")
     gateway.start()
     yield gateway

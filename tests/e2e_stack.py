@@ -39,7 +39,6 @@ from urllib.parse import parse_qs, urlparse
 
 import botocore.exceptions
 
-from recgw_server.auth.tokens import hash_token
 from recgw_server.dev.stack import (
     MotoS3,
     OpenBao,
@@ -51,45 +50,25 @@ from recgw_server.dev.stack import (
     start_openbao,
 )
 from tests.proxy import CuttableProxy
+from tests.served_config import serve_env, serve_toml
 
 UPLOADER_TOKEN = "uploader-CANARY-TOKEN-" + uuid.uuid4().hex
 ADMIN_TOKEN = "admin-CANARY-TOKEN-" + uuid.uuid4().hex
 
 
-def _config(port: int, data_dir: Path, bao: OpenBao, identities: VaultIdentities) -> str:
-    return f"""
-listen = "127.0.0.1:{port}"
-plaintext = true
-data_dir = "{data_dir}"
-shutdown_grace_seconds = 2
-
-[[tokens]]
-name = "e2e-uploader"
-role = "uploader"
-sha256 = "{hash_token(UPLOADER_TOKEN)}"
-tenants = ["*"]
-
-[[tokens]]
-name = "e2e-admin"
-role = "admin"
-sha256 = "{hash_token(ADMIN_TOKEN)}"
-tenants = ["*"]
-
-[vault]
-address = "{bao.address}"
-cache_ttl_seconds = 1
-
-[vault.writer]
-method = "approle"
-role_id = "{identities.writer.role_id}"
-
-[vault.reader]
-method = "approle"
-role_id = "{identities.reader.role_id}"
-
-[uploads]
-part_size_mib = 5
-"""
+def _config(port: int, root: Path, bao: OpenBao, identities: VaultIdentities) -> str:
+    tokens = {"uploader": UPLOADER_TOKEN, "admin": ADMIN_TOKEN}
+    sections = "\n[uploads]\npart_size_mib = 5\n"
+    return serve_toml(
+        port,
+        root,
+        bao,
+        identities,
+        tokens=tokens,
+        audit=False,
+        vault_cache_ttl=1,
+        sections=sections,
+    )
 
 
 class Stack:
@@ -104,13 +83,8 @@ class Stack:
         identities = bootstrap_vault(self.bao)
         port = free_port()
         config = root / "recgw.toml"
-        config.write_text(_config(port, root / "data", self.bao, identities))
-        assert identities.writer.secret_id and identities.reader.secret_id
-        env = {
-            **os.environ,
-            "RECGW_VAULT__WRITER__SECRET_ID": identities.writer.secret_id.reveal(),
-            "RECGW_VAULT__READER__SECRET_ID": identities.reader.secret_id.reveal(),
-        }
+        config.write_text(_config(port, root, self.bao, identities))
+        env = serve_env(identities)
         self.gateway = ServedGateway(config, env, port, root / "serve.log")
         self.gateway.start()
         self.proxy = CuttableProxy(port)

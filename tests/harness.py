@@ -342,6 +342,10 @@ def read_object(moto: MotoS3, bucket: str, key: str) -> bytes:
 RECGW = str(Path(sys.executable).parent / "recgw")
 
 
+class _Exited(Exception):
+    """The process ended before it served."""
+
+
 @dataclass
 class ServedGateway:
     """`recgw serve` as a separate process that can be killed and started again."""
@@ -353,6 +357,8 @@ class ServedGateway:
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Start the process; returns once it serves, or fails with the end of its log."""
+        logged_before = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [RECGW, "serve", "--config", str(self.config)],
@@ -360,16 +366,30 @@ class ServedGateway:
                 stdout=out,
                 stderr=out,
             )
+        process = self.process
         with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
 
             def serving() -> bool:
-                assert self.process is not None and self.process.poll() is None, self.log
+                if process.poll() is not None:
+                    raise _Exited()
                 request = health_pb2.HealthCheckRequest(service="recgw.v1.UploadService")
-                reply = health.Check(request, timeout=1)
+                try:
+                    reply = health.Check(request, timeout=1)
+                except grpc.RpcError:
+                    return False
                 return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
-            wait_until(serving, 30, "recgw serve")
+            try:
+                wait_until(serving, 30, "recgw serve", stop_on=(_Exited,))
+            except (TimeoutError, _Exited) as error:
+                with self.log.open("rb") as log:
+                    log.seek(logged_before)
+                    tail = log.read().decode(errors="replace")[-3000:]
+                state = f"exited with {process.returncode}" if process.poll() is not None else ""
+                raise AssertionError(
+                    f"recgw serve on port {self.port} did not serve {state}; its log:\n{tail}"
+                ) from error
 
     def kill(self) -> None:
         assert self.process is not None

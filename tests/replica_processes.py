@@ -23,7 +23,6 @@ from typing import Any
 import grpc
 from recgw.v1 import credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
 
-from recgw_server.auth.tokens import hash_token
 from recgw_server.dev.stack import MotoS3, OpenBao, VaultIdentities, free_port, wait_until
 from tests.harness import (
     ADMIN_TOKEN,
@@ -34,6 +33,7 @@ from tests.harness import (
     assert_no_secrets,
 )
 from tests.s3_fault_proxy import S3FaultProxy
+from tests.served_config import serve_toml
 
 _PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "grpc_proxy")
 
@@ -61,38 +61,15 @@ def replica_config(
 ) -> str:
     """The TOML of one replica; no secret in it (the AppRole secret ids are in the environment,
     the test cluster trusts loopback connections)."""
-    return f"""
-listen = "127.0.0.1:{port}"
-plaintext = true
-data_dir = "{root / "data"}"
-shutdown_grace_seconds = {times.shutdown_grace}
-
-[audit]
-sink = "{root / "audit.jsonl"}"
-
-[[tokens]]
-name = "uploader"
-role = "uploader"
-sha256 = "{hash_token(UPLOADER_TOKEN)}"
-tenants = ["*"]
-
-[[tokens]]
-name = "admin"
-role = "admin"
-sha256 = "{hash_token(ADMIN_TOKEN)}"
-tenants = ["*"]
-
-[vault]
-address = "{bao.address}"
-
-[vault.writer]
-method = "approle"
-role_id = "{identities.writer.role_id}"
-
-[vault.reader]
-method = "approle"
-role_id = "{identities.reader.role_id}"
-
+    tokens = {"uploader": UPLOADER_TOKEN, "admin": ADMIN_TOKEN}
+    return serve_toml(
+        port,
+        root,
+        bao,
+        identities,
+        tokens=tokens,
+        shutdown_grace=times.shutdown_grace,
+        sections=f"""
 [sessions]
 url = "{sessions_url}"
 replica_id = "{replica_id}"
@@ -112,7 +89,8 @@ expiry_check_seconds = {times.expiry_check}
 max_attempts = 2
 connect_timeout_seconds = 2
 read_timeout_seconds = 60
-"""
+""",
+    )
 
 
 @dataclass

@@ -21,6 +21,7 @@ from recgw_server.dev.stack import (
     wait_until,
 )
 from tests.harness import RECGW, ServedGateway, make_settings
+from tests.served_config import serve_env, serve_toml
 
 CONNECTIONS = 16  # all on one worker by chance: 2 in 2**16
 
@@ -48,26 +49,18 @@ def established_from(pid: int, port: int) -> int:
 
 def worker_config(tmp_path: Path, port: int, bao: OpenBao, identities: VaultIdentities) -> Path:
     config = tmp_path / "recgw.toml"
+    sections = "\n[server]\nreuse_port = true\n"
     config.write_text(
-        f"""
-listen = "127.0.0.1:{port}"
-plaintext = true
-shutdown_grace_seconds = 2
-
-[vault]
-address = "{bao.address}"
-
-[vault.writer]
-method = "approle"
-role_id = "{identities.writer.role_id}"
-
-[vault.reader]
-method = "approle"
-role_id = "{identities.reader.role_id}"
-
-[server]
-reuse_port = true
-"""
+        serve_toml(
+            port,
+            tmp_path,
+            bao,
+            identities,
+            tokens={},
+            data_dir=False,
+            audit=False,
+            sections=sections,
+        )
     )
     return config
 
@@ -79,13 +72,7 @@ def test_two_workers_share_one_port_and_both_serve(
     the health checks on its own; a third worker on a held data_dir refuses to start."""
     port = free_port()
     config = worker_config(tmp_path, port, openbao, identities)
-    assert identities.writer.secret_id and identities.reader.secret_id
-    env = {
-        **os.environ,
-        "RECGW_SESSIONS__URL": postgres.create_database(),
-        "RECGW_VAULT__WRITER__SECRET_ID": identities.writer.secret_id.reveal(),
-        "RECGW_VAULT__READER__SECRET_ID": identities.reader.secret_id.reveal(),
-    }
+    env = serve_env(identities, RECGW_SESSIONS__URL=postgres.create_database())
     workers = [
         ServedGateway(
             config, {**env, "RECGW_DATA_DIR": str(tmp_path / f"w{n}")}, port, tmp_path / f"w{n}.log"

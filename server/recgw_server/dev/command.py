@@ -419,22 +419,27 @@ def write_env_file(path: Path, env: dict[str, str]) -> None:
     import os
     import shlex
 
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # Written whole under another name, then renamed: whoever waits for the file (a script,
+    # a test) never reads half of it.
+    partial = path.with_name(path.name + ".partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
         out.writelines(f"{key}={shlex.quote(value)}\n" for key, value in env.items())
+    os.replace(partial, path)
 
 
 async def run_dev(options: DevOptions) -> None:
     """Start the stack, print the banner, wait for Ctrl-C or SIGTERM, stop everything."""
     stack = await start_dev_stack(options)
-    if options.env_file is not None:
-        write_env_file(options.env_file, stack_environment(stack, options))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         print(banner(stack, options), flush=True)
+        # Last: the env file says the stack is up and the banner is out.
+        if options.env_file is not None:
+            write_env_file(options.env_file, stack_environment(stack, options))
         await stop.wait()
         print("stopping...", flush=True)
     finally:

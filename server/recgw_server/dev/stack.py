@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import secrets
 import shutil
 import socket
@@ -32,7 +33,38 @@ SEED_POLICY_SID = "16933222-fba4-4de3-bf3e-427759b73a9d"
 MOTO_ACCOUNT = "123456789012"  # the account moto puts everything in
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_ports() -> range:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
 def free_port() -> int:
+    """A loopback port nothing listens on, for a server this process is about to start.
+
+    It is chosen below the kernel's ephemeral range: a port the kernel picked (bind to port 0)
+    is free only until the next outgoing connection, which takes its local port from that same
+    range and may take this one before the server binds it (a test then fails with "cannot
+    listen"). No port is handed out twice by one process.
+    """
+    ephemeral = _ephemeral_ports()
+    candidates = range(10000, ephemeral.start) if ephemeral.start > 11000 else range(0)
+    for _ in range(200 if candidates else 0):
+        port = random.choice(candidates)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -50,14 +82,23 @@ def _binary(name: str) -> str:
     return found
 
 
-def wait_until(check: Any, timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll `check()` until it returns truthy, or raise after `timeout` seconds."""
+def wait_until(
+    check: Any,
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+    stop_on: tuple[type[Exception], ...] = (),
+) -> None:
+    """Poll `check()` until it returns truthy, or raise after `timeout` seconds; an exception
+    of a `stop_on` type ends the wait at once."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
         try:
             if check():
                 return
+        except stop_on:
+            raise
         except Exception as exc:  # the service is not up yet
             last_error = exc
         time.sleep(interval)
