@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -125,6 +126,12 @@ def make_settings(
     }
     values.update(overrides)
     return Settings(**values)
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:`port` now."""
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 class GatewayThread:

@@ -18,7 +18,7 @@ import pytest
 from recgw.v1 import upload_pb2, upload_pb2_grpc
 
 from recgw_server.dev.stack import MotoS3, OpenBao, free_port, seed_policy, wait_until
-from tests.harness import RECGW, MiB, assert_no_secrets, bearer, upload_messages
+from tests.harness import RECGW, MiB, assert_no_secrets, bearer, listening, upload_messages
 
 
 def test_moto_enforces_the_seed_policy(moto: MotoS3) -> None:
@@ -53,11 +53,6 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_recgw_dev_with_two_replicas_resumes_anywhere_and_leaves_nothing(tmp_path: Path) -> None:

@@ -27,7 +27,6 @@ from recgw.v1 import credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
 
 from recgw_client import UploadResult
 from recgw_client import upload as client_upload
-from recgw_server.auth.tokens import hash_token
 from recgw_server.dev.stack import (
     MotoS3,
     OpenBao,
@@ -48,12 +47,14 @@ from tests.harness import (
     Tenant,
     assert_no_secrets,
     error_info,
+    listening,
     read_object,
     resume_messages,
     set_credentials,
     upload,
     upload_messages,
 )
+from tests.served_config import serve_env, serve_toml
 from tests.test_lifecycle import status, wait_for_status
 from tests.test_replicas import stored
 
@@ -173,6 +174,7 @@ def test_a_stream_that_finishes_within_the_grace_completes_and_new_streams_go_el
         # A stream that reaches the pipeline while draining is refused (the listener is closed
         # too, so new connections are refused before that).
         assert refused(StartRequest(tenant.tenant_id, "late.bin", upload_id=str(uuid.uuid4())))
+        wait_until(lambda: not listening(a.port), 5, "A's listener to close")
         with grpc.insecure_channel(a.address) as late, pytest.raises(grpc.RpcError) as new_stream:
             upload_pb2_grpc.UploadServiceStub(late).Upload(
                 upload_messages(tenant.tenant_id, "late.bin", b"late"),
@@ -236,39 +238,7 @@ def served_replica(
     home = tmp_path / name
     home.mkdir()
     config = home / "recgw.toml"
-    config.write_text(
-        f"""
-listen = "127.0.0.1:{port}"
-plaintext = true
-data_dir = "{home / "data"}"
-shutdown_grace_seconds = 20
-
-[audit]
-sink = "{home / "audit.jsonl"}"
-
-[[tokens]]
-name = "uploader"
-role = "uploader"
-sha256 = "{hash_token(UPLOADER_TOKEN)}"
-tenants = ["*"]
-
-[[tokens]]
-name = "admin"
-role = "admin"
-sha256 = "{hash_token(ADMIN_TOKEN)}"
-tenants = ["*"]
-
-[vault]
-address = "{openbao.address}"
-
-[vault.writer]
-method = "approle"
-role_id = "{identities.writer.role_id}"
-
-[vault.reader]
-method = "approle"
-role_id = "{identities.reader.role_id}"
-
+    sections = f"""
 [uploads]
 part_size_mib = 5
 
@@ -278,13 +248,12 @@ replica_id = "{name}"
 lease_seconds = {LEASE_SECONDS}
 heartbeat_seconds = 1
 """
+    tokens = {"uploader": UPLOADER_TOKEN, "admin": ADMIN_TOKEN}
+    toml = serve_toml(
+        port, home, openbao, identities, tokens=tokens, shutdown_grace=20, sections=sections
     )
-    assert identities.writer.secret_id and identities.reader.secret_id
-    env = {
-        **os.environ,
-        "RECGW_VAULT__WRITER__SECRET_ID": identities.writer.secret_id.reveal(),
-        "RECGW_VAULT__READER__SECRET_ID": identities.reader.secret_id.reveal(),
-    }
+    config.write_text(toml)
+    env = serve_env(identities)
     return ServedGateway(config, env, port, home / "serve.log")
 
 

@@ -552,18 +552,22 @@ class Gateway:
         other replicas resume them at once."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        # Streams that slip in before the listener closes are refused with SHUTTING_DOWN.
-        self.manager.draining = True
-        await self._cancel(self._expiry, self._dispatcher, self._rechecks, self._watch)
         stopping: asyncio.Future[None] | None = None
         if self._server is not None:
-            # Closes the listener and sends GOAWAY at once: new calls go to other replicas.
+            # Its first step closes the listener and sends GOAWAY: new calls go to other
+            # replicas. It must run before `draining` is set, or a connection made in between
+            # gets a call that gRPC cancels (CANCELLED, which clients do not retry elsewhere).
             stopping = asyncio.ensure_future(self._server.stop(grace))
+            await asyncio.sleep(0)
+        # Streams that were accepted before the listener closed are refused with SHUTTING_DOWN.
+        self.manager.draining = True
+        await self._cancel(self._expiry, self._dispatcher, self._rechecks, self._watch)
         log.info("draining: running streams get %g s to reach a part boundary or finish", grace)
         await self.manager.drain(grace)
         if stopping is not None:
             await stopping
         await self._cancel(self._spiller)  # it kept slow parts of draining streams on disk
+        await self._cancel(*self._read_aheads)
         await self.manager.close()
         # Only now: the leases of draining streams had to stay alive until they detached.
         if self.heartbeats is not None:
