@@ -105,6 +105,10 @@ class MemoryBudget:
                 reservation.ensure_nowait(0)
         return reclaimed
 
+    def reserved_unread(self) -> int:
+        """Bytes reserved for reads that are not pending yet: counted, but not yet memory."""
+        return sum(r.size for r in self._reservations if r.reading_since is None)
+
     def set_limit(self, limit: int) -> None:
         """Let at most `limit` bytes (at most the capacity) be held from now on; what is held
         beyond it is not taken back, it only makes new acquisitions wait."""

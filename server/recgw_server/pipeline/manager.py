@@ -508,13 +508,16 @@ class UploadManager:
         interval = min(0.1, max(0.05, self.settings.spill_after / 4))
         heap = HeapTrimmer(HEAP_SLACK)
         governor = BudgetGovernor(self.budget, HEAP_SLACK)
+        trimming: asyncio.Future[None] | None = None
         while True:
             await asyncio.sleep(interval)
             try:
                 self.metrics.memory_limit_bytes.set(governor.update())
                 await self.spill_slow_parts()
-                if heap.due(self.budget.capacity):
-                    await asyncio.to_thread(heap.trim)
+                # Not awaited: a trim of a large heap took up to 0.1 s (500 streams), and the
+                # limit must follow RSS meanwhile. One trim at a time.
+                if (trimming is None or trimming.done()) and heap.due(self.budget.capacity):
+                    trimming = asyncio.ensure_future(asyncio.to_thread(heap.trim))
             except Exception:
                 log.exception("spilling slow parts failed; trying again")
 
