@@ -7,7 +7,6 @@ import hashlib
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import uuid
 from pathlib import Path
@@ -37,29 +36,11 @@ def test_openbao_dev_server_answers(openbao: OpenBao) -> None:
     assert not client.sys.read_seal_status()["sealed"]
 
 
-def consecutive_free_ports(count: int) -> int:
-    """The first of `count` consecutive free loopback ports."""
-    for _ in range(100):
-        first = free_port()
-        if all(port_free(first + i) for i in range(1, count)):
-            return first
-    raise AssertionError("no consecutive free ports")
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def test_recgw_dev_with_two_replicas_resumes_anywhere_and_leaves_nothing(tmp_path: Path) -> None:
     """`recgw dev --replicas 2` as a person runs it: two `recgw serve` processes over a
     throwaway PostgreSQL; an upload started on replica 1 is read and finished on replica 2;
     SIGTERM stops every process and removes the cluster."""
-    port = consecutive_free_ports(2)
+    port = free_port(consecutive=2)  # replica 2 listens on port + 1
     s3_port, vault_port = free_port(), free_port()
     env_file = tmp_path / "dev.env"
     args = [

@@ -296,3 +296,12 @@ def test_the_budget_limit_falls_by_what_rss_holds_beyond_the_buffers() -> None:
     budget.set_limit(0)
     assert budget.try_acquire(MiB)  # nothing held: granted whatever the limit
     assert not budget.try_acquire(1)
+
+
+def test_free_ports_are_never_handed_out_twice_and_come_in_a_row_when_asked() -> None:
+    from recgw_server.dev.stack import free_port
+
+    first = free_port(consecutive=3)
+    singles = {free_port() for _ in range(200)}
+    assert len(singles) == 200
+    assert not singles & {first, first + 1, first + 2}

@@ -44,8 +44,10 @@ def _ephemeral_ports() -> range:
         return range(32768, 61000)
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on, for a server this process is about to start.
+def free_port(consecutive: int = 1) -> int:
+    """A loopback port nothing listens on, for a server this process is about to start (with
+    `consecutive`, the first of that many free ports in a row, as `recgw dev --replicas`
+    uses).
 
     It is chosen below the kernel's ephemeral range: a port the kernel picked (bind to port 0)
     is free only until the next outgoing connection, which takes its local port from that same
@@ -53,21 +55,30 @@ def free_port() -> int:
     listen"). No port is handed out twice by one process.
     """
     ephemeral = _ephemeral_ports()
-    candidates = range(10000, ephemeral.start) if ephemeral.start > 11000 else range(0)
+    candidates = (
+        range(10000, ephemeral.start - consecutive) if ephemeral.start > 11000 else range(0)
+    )
     for _ in range(200 if candidates else 0):
-        port = random.choice(candidates)
-        if port in _handed_out:
+        first = random.choice(candidates)
+        ports = range(first, first + consecutive)
+        if _handed_out.intersection(ports) or not all(_bindable(port) for port in ports):
             continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
+        _handed_out.update(ports)
+        return first
+    if consecutive > 1:
+        raise RuntimeError(f"no {consecutive} consecutive free loopback ports")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _binary(name: str) -> str:
