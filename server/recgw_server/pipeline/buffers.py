@@ -58,7 +58,7 @@ class SpoolCipher:
         transform = cipher.encryptor()
         if skip:
             transform.update(bytes(skip))
-        return transform.update(bytes(data)) + transform.finalize()
+        return transform.update(data) + transform.finalize()  # a view is read in place
 
 
 class DiskBudget:

@@ -1225,7 +1225,7 @@ _EVENT_TYPES = {
 
 def _update_all(sha: ResumableSha256, body: PartBody) -> None:
     for chunk in body.chunks():
-        sha.update(chunk if isinstance(chunk, bytes) else bytes(chunk))
+        sha.update(chunk)
 
 
 def crc32c_b64(value: int) -> str:
