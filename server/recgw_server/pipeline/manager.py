@@ -509,17 +509,21 @@ class UploadManager:
         heap = HeapTrimmer(HEAP_SLACK)
         governor = BudgetGovernor(self.budget, HEAP_SLACK)
         trimming: asyncio.Future[None] | None = None
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                self.metrics.memory_limit_bytes.set(governor.update())
-                await self.spill_slow_parts()
-                # Not awaited: a trim of a large heap took up to 0.1 s (500 streams), and the
-                # limit must follow RSS meanwhile. One trim at a time.
-                if (trimming is None or trimming.done()) and heap.due(self.budget.capacity):
-                    trimming = asyncio.ensure_future(asyncio.to_thread(heap.trim))
-            except Exception:
-                log.exception("spilling slow parts failed; trying again")
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    self.metrics.memory_limit_bytes.set(governor.update())
+                    await self.spill_slow_parts()
+                    # Not awaited: a trim of a large heap took up to 0.1 s (500 streams), and
+                    # the limit must follow RSS meanwhile. One trim at a time.
+                    if (trimming is None or trimming.done()) and heap.due(self.budget.capacity):
+                        trimming = asyncio.ensure_future(asyncio.to_thread(heap.trim))
+                except Exception:
+                    log.exception("spilling slow parts failed; trying again")
+        finally:
+            if trimming is not None:  # a thread cannot be cancelled: let it end first
+                await asyncio.gather(trimming, return_exceptions=True)
 
     def abandon(self, upload: Upload, error: RecgwError) -> None:
         """Handle a stream that is gone, in the background (its handler is being cancelled)."""
