@@ -189,6 +189,18 @@ def goals(data: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": paths["gateway"]["uploader_cpu_ms_per_mib"] <= budget,
             }
         )
+    hashing = data["machine"].get("sha256_ms_per_mib")
+    if hashing and all(k in paths for k in ("gateway", "gateway_sha256")):
+        added = (
+            paths["gateway_sha256"]["uploader_cpu_ms_per_mib"]
+            - paths["gateway"]["uploader_cpu_ms_per_mib"]
+        )
+        goal(
+            "SHA-256 adds <= its own hashing cost (CPU ms/MiB)",
+            added,
+            round(hashing, 2),
+            higher=False,
+        )
     for memory in data.get("memory", []):
         limit = memory["budget_mib"] + 64  # "the budget plus a small constant"
         goal(
@@ -225,6 +237,22 @@ def goals(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def sha256_ms_per_mib() -> float:
+    """What SHA-256 alone costs on this machine, in CPU ms per MiB: OpenSSL (hashlib uses the
+    same libcrypto the gateway calls) over 1 MiB views of an 8 MiB part, as the gateway hashes."""
+    import hashlib
+    import time
+
+    part = memoryview(os.urandom(8 * MiB))
+    sha = hashlib.sha256()
+    rounds = 32
+    started = time.process_time()
+    for _ in range(rounds):
+        for offset in range(0, len(part), MiB):
+            sha.update(part[offset : offset + MiB])
+    return (time.process_time() - started) * 1000 / (rounds * 8)
+
+
 def machine_facts() -> dict[str, Any]:
     def version(package: str) -> str:
         try:
@@ -249,6 +277,7 @@ def machine_facts() -> dict[str, Any]:
         "packages": {
             name: version(name) for name in ("grpcio", "protobuf", "boto3", "awscrt", "moto")
         },
+        "sha256_ms_per_mib": sha256_ms_per_mib(),
     }
 
 
