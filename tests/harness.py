@@ -26,7 +26,14 @@ from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_p
 from recgw_server.app import Adapters, Gateway
 from recgw_server.auth.tokens import hash_token
 from recgw_server.config import Settings
-from recgw_server.dev.stack import AwsKeys, MotoS3, OpenBao, VaultIdentities, wait_until
+from recgw_server.dev.stack import (
+    AwsKeys,
+    MotoS3,
+    OpenBao,
+    VaultIdentities,
+    free_port,
+    wait_until,
+)
 
 T = TypeVar("T")
 MiB = 1024 * 1024
@@ -96,7 +103,7 @@ def make_settings(
     audit_file = data_dir / "audit.jsonl"
     AUDIT_FILES.append(audit_file)
     values: dict[str, Any] = {
-        "listen": "127.0.0.1:0",
+        "listen": f"127.0.0.1:{free_port()}",  # see free_port: never reused
         "plaintext": "tls" not in overrides,
         "data_dir": data_dir,
         "shutdown_grace_seconds": 1.0,

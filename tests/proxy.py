@@ -7,13 +7,15 @@ import socket
 import struct
 import threading
 
+from recgw_server.dev.stack import free_port
+
 
 class CuttableProxy:
     """Forwards 127.0.0.1:port to an upstream port; `cut()` drops every open connection."""
 
     def __init__(self, upstream_port: int) -> None:
         self._upstream = ("127.0.0.1", upstream_port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", free_port()))
         self.port = int(self._listener.getsockname()[1])
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []

@@ -25,6 +25,7 @@ from recgw.v1 import upload_pb2_grpc
 from recgw_client import RecgwError, TlsConfig, UploadClient, UploadState
 from recgw_client._channel import channel_credentials_for
 from recgw_client.cli import commands as cli_client
+from recgw_server.dev.stack import free_port
 from tests.test_client_unit import TOKEN, WAIT, FakeGateway
 
 SERVER_NAME = "gateway.test"
@@ -144,7 +145,7 @@ class TlsGateway:
     async def _start(self) -> int:
         self._server = grpc.aio.server()
         upload_pb2_grpc.add_UploadServiceServicer_to_server(FakeGateway(), self._server)
-        port = self._server.add_secure_port("127.0.0.1:0", self._credentials)
+        port = self._server.add_secure_port(f"127.0.0.1:{free_port()}", self._credentials)
         await self._server.start()
         return port
 

@@ -43,6 +43,7 @@ from recgw_client import (
     crc32c,
 )
 from recgw_client.cli import commands as cli_client
+from recgw_server.dev.stack import free_port
 
 app = cli_client.make_app(plugins=False)
 
@@ -672,7 +673,7 @@ class TcpProxy:
         self.cuts = 0
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", free_port())
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
@@ -741,7 +742,7 @@ class FakeServer:
         self._server = grpc.aio.server()
         upload_pb2_grpc.add_UploadServiceServicer_to_server(self.gateway, self._server)
         credentials_pb2_grpc.add_CredentialsServiceServicer_to_server(self.gateway, self._server)
-        port = self._server.add_insecure_port("127.0.0.1:0")
+        port = self._server.add_insecure_port(f"127.0.0.1:{free_port()}")
         await self._server.start()
         self._proxy = TcpProxy(port)
         self.gateway.cut = self._proxy.cut
