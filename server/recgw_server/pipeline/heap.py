@@ -24,13 +24,22 @@ log = logging.getLogger(__name__)
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _libc_function(symbol: str) -> Any:
-    """`symbol` from the C library, or None where it has none (not glibc, or too old)."""
+def _load_libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     try:
-        return getattr(ctypes.CDLL(name), symbol) if name else None
-    except (OSError, AttributeError):
+        return ctypes.CDLL(name) if name else None
+    except OSError:
         return None
+
+
+# Once, at import: find_library runs `ldconfig -p` in a subprocess, which must not happen on
+# the event loop (each HeapTrimmer looks up two functions, and the spiller makes one there).
+_libc = _load_libc()
+
+
+def _libc_function(symbol: str) -> Any:
+    """`symbol` from the C library, or None where it has none (not glibc, or too old)."""
+    return getattr(_libc, symbol, None) if _libc is not None else None
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
