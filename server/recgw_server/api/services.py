@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import timestamp_pb2
 from recgw.v1 import credentials_pb2, credentials_pb2_grpc, upload_pb2, upload_pb2_grpc
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 UPLOAD_ID_HEADER = "x-recgw-upload-id"
 UPLOAD_METHOD = "/recgw.v1.UploadService/Upload"
+_M = TypeVar("_M")
 # Memory reserved for a stream's first data message, before its size is known (clients send
 # 1 MiB messages by default); later reads reserve the size of the message before.
 FIRST_READ_ESTIMATE = 1024 * 1024
@@ -58,6 +59,17 @@ FIRST_READ_ESTIMATE = 1024 * 1024
 # read of a 1 MiB message.
 READ_RESERVE_FACTOR = 2
 FIRST_READ_RESERVATION = FIRST_READ_ESTIMATE * READ_RESERVE_FACTOR
+
+
+async def _read_reserved(messages: AsyncIterator[_M], reservation: Reservation) -> _M | None:
+    """The next message (None at the end), read while `reservation` counts as a pending
+    read, which the budget reclaims from a client that stays silent."""
+    reservation.reading()
+    try:
+        return await anext(messages, None)
+    finally:
+        reservation.read_done()
+
 
 _STATES = {
     UploadState.OPEN: upload_pb2.UPLOAD_STATE_OPEN,
@@ -201,9 +213,7 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
         reservation = Reservation(self._manager.budget, "")
         try:
             await reservation.ensure(FIRST_READ_RESERVATION)
-            reservation.reading()
-            opening = await anext(messages, None)
-            reservation.read_done()
+            opening = await _read_reserved(messages, reservation)
             if opening is None:
                 raise out_of_order("the stream ended without a start message; send 'start' first")
             received = UploadMessage.of(opening)
@@ -324,9 +334,7 @@ class UploadService(upload_pb2_grpc.UploadServiceServicer):
                 # none, so streams that wait cannot keep each other (or themselves) waiting.
                 await upload.spill_before_waiting()
                 await reservation.ensure(wanted)
-            reservation.reading()
-            following = await anext(request_iterator, None)
-            reservation.read_done()
+            following = await _read_reserved(request_iterator, reservation)
             if following is None:
                 raise RecgwError(
                     ErrorKind.ABORTED,
