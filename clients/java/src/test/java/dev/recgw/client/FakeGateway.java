@@ -56,10 +56,11 @@ final class FakeGateway implements AutoCloseable {
   static final class Upload {
     final String id;
     final ByteArrayOutputStream bytes = new ByteArrayOutputStream();
-    long committed;
+    // Volatile: tests poll these from their own thread while the stream's thread changes them.
+    volatile long committed;
     UploadState state = UploadState.UPLOAD_STATE_OPEN;
     UploadResponse result;
-    Object writer;
+    volatile Object writer;
 
     Upload(String id) {
       this.id = id;
