@@ -324,6 +324,7 @@ async def measure_all(stack: Stack, options: Options) -> dict[str, Any]:
             chosen.remove(path)
     await asyncio.to_thread(stack.store.settle)
     samples: dict[str, list[Sample]] = {path: [] for path in chosen}
+    hashing: list[float] = []
     for run in range(options.rounds):
         label = f"[{run + 1}/{options.rounds}]"
         order = chosen[run % len(chosen) :] + chosen[: run % len(chosen)] if chosen else []
@@ -341,6 +342,8 @@ async def measure_all(stack: Stack, options: Options) -> dict[str, Any]:
             show(label, path, options.size, sample)
             samples[path].append(sample)
             await asyncio.to_thread(stack.store.settle)
+            if path == "gateway_sha256":  # the hashing cost it is held to, in the same round
+                hashing.append(await asyncio.to_thread(report.sha256_ms_per_mib))
     chosen = [path for path in chosen if path not in skipped]
     data: dict[str, Any] = {
         "paths": {
@@ -357,6 +360,7 @@ async def measure_all(stack: Stack, options: Options) -> dict[str, Any]:
             for run in rounds.resumed
         ],
         "clients_skipped": skipped,
+        "sha256_ms_per_mib_runs": hashing,
     }
     if options.workers:
         print(f"workers: one vs two on one port, {options.worker_streams} uploads...", flush=True)

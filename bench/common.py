@@ -231,6 +231,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds the whole machine has been busy (all processes, the kernel's interrupt work
+    included) and stolen by the hypervisor for other guests, from the first line of /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = [int(field) for field in stat.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / ticks, steal / ticks
+
+
 class Cleanup:
     """Everything to stop at the end, last started first."""
 
@@ -257,12 +267,16 @@ CLIENT = "client"  # the bench process itself: every client of every path runs i
 @dataclass(frozen=True)
 class Sample:
     """One timed transfer: wall seconds, the CPU seconds each process spent meanwhile, the
-    1-minute load average at its end, and the gateway's peak RSS during it (0: no gateway)."""
+    1-minute load average at its end, the gateway's peak RSS during it (0: no gateway), and
+    how many cores other processes kept busy and the hypervisor stole meanwhile (None: not
+    measured)."""
 
     seconds: float
     cpu: dict[str, float]
     load_average: float = 0.0
     peak_rss_kib: int = 0
+    other_cores: float | None = None
+    stolen_cores: float | None = None
 
 
 class Meter:
@@ -271,6 +285,7 @@ class Meter:
     def __init__(self, pids: dict[str, int]) -> None:
         self._pids = dict(pids)
         self._started = 0.0
+        self._machine = (0.0, 0.0)
         self._cpu: dict[str, float] = {}
         self._rss_pid = 0
 
@@ -287,15 +302,22 @@ class Meter:
         if rss_pid:
             reset_peak_rss(rss_pid)
         self._cpu = self._snapshot()
+        self._machine = machine_cpu_seconds()
         self._started = time.perf_counter()
 
     def stop(self) -> Sample:
         seconds = time.perf_counter() - self._started
         now = self._snapshot()
+        busy, stolen = machine_cpu_seconds()
         peak = memory_kib(self._rss_pid)["VmHWM"] if self._rss_pid else 0
+        cpu = {name: now[name] - self._cpu[name] for name in now}
+        # What the machine did besides the measured processes (ticks are 10 ms: not below 0).
+        other = max(0.0, busy - self._machine[0] - sum(cpu.values()))
         return Sample(
             seconds,
-            {name: now[name] - self._cpu[name] for name in now},
+            cpu,
             os.getloadavg()[0],
             peak,
+            other / seconds,
+            (stolen - self._machine[1]) / seconds,
         )
