@@ -83,8 +83,7 @@ class Options:
     store: str
     paths: tuple[str, ...]
     tus_patch: int
-    memory_streams: tuple[int, ...]
-    memory_stream_size: int
+    memory_streams: tuple[tuple[int, int], ...]  # (streams, bytes per stream) per memory run
     memory_channels: int
     rss_limit_mib: int
     scenario_timeout: float
@@ -395,16 +394,16 @@ async def run_scenarios(stack: Stack, options: Options, data: dict[str, Any]) ->
         )
         gateway.child.stop()
     data["memory"] = []
-    for count in options.memory_streams:
-        print(f"memory: {count} concurrent streams...", flush=True)
-        gateway = await fresh_gateway(stack, f"gateway_memory_{count}")
+    for count, stream_size in options.memory_streams:
+        print(f"memory: {count} concurrent streams of {stream_size / MiB:g} MiB...", flush=True)
+        gateway = await fresh_gateway(stack, f"gateway_memory_{count}_{stream_size // MiB}")
         result = await scenarios.memory_scenario(
             gateway.address,
             gateway.pid,
             stack.uploader_token,
             stack.store,
             count,
-            options.memory_stream_size,
+            stream_size,
             options.chunk,
             options.memory_channels,
             options.memory_budget_mib,
@@ -548,6 +547,16 @@ def run_bench(options: Options) -> dict[str, Any]:
     return data
 
 
+def memory_runs(spec: str, default_mib: float) -> tuple[tuple[int, int], ...]:
+    """`64,500,64x64` as ((64, 16 MiB), (500, 16 MiB), (64, 64 MiB)) with a default of 16."""
+    runs = []
+    for item in (part.strip() for part in spec.split(",")):
+        if item:
+            count, _, mib = item.partition("x")
+            runs.append((int(count), int(float(mib or default_mib) * MiB)))
+    return tuple(runs)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Options]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     add = parser.add_argument
@@ -562,7 +571,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
     add("--store", choices=("minio", "moto"), default="minio", help="the S3 (minio)")
     add("--paths", default=",".join(ALL_PATHS), help="comma-separated paths to measure (all)")
     add("--tus-patch-mib", type=int, default=64, help="bytes per tus PATCH (64 MiB)")
-    add("--memory-streams", default="64,500", help="concurrent streams per memory run (64,500)")
+    add(
+        "--memory-streams",
+        default="64,500,64x64",
+        help="memory runs: N streams of --memory-stream-mib each, or NxM: N streams of M MiB "
+        "(64,500,64x64: the last shows RSS does not grow with stream length)",
+    )
     add("--memory-stream-mib", type=float, default=16, help="size of each of those streams (16)")
     add("--memory-channels", type=int, default=0, help="channels for them (0: one per stream)")
     add("--rss-limit-mib", type=int, default=8192, help="stop a scenario above this RSS (8192)")
@@ -629,8 +643,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
         store=args.store,
         paths=chosen,
         tus_patch=args.tus_patch_mib * MiB,
-        memory_streams=tuple(int(n) for n in str(args.memory_streams).split(",") if n.strip()),
-        memory_stream_size=int(args.memory_stream_mib * MiB),
+        memory_streams=memory_runs(str(args.memory_streams), args.memory_stream_mib),
         memory_channels=args.memory_channels,
         rss_limit_mib=args.rss_limit_mib,
         scenario_timeout=args.scenario_timeout,

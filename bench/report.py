@@ -259,14 +259,28 @@ def goals(data: dict[str, Any]) -> list[dict[str, Any]]:
             round(hashing, 2),
             higher=False,
         )
-    for memory in data.get("memory", []):
+    memory_runs = data.get("memory", [])
+    for memory in memory_runs:
         limit = memory["budget_mib"] + 64  # "the budget plus a small constant"
         goal(
-            f"RSS above idle with {memory['streams']} streams <= budget + 64 MiB",
+            f"RSS above idle, {memory['streams']} streams x {memory['stream_mib']:g} MiB "
+            "<= budget + 64 MiB",
             memory["above_idle_mib"] if not memory["stopped_by"] else None,
             limit,
             higher=False,
         )
+    # "... and independent of stream length": the same streams, longer, hold no more.
+    for long in memory_runs:
+        for short in memory_runs:
+            if long["streams"] == short["streams"] and long["stream_mib"] > short["stream_mib"]:
+                both = not long["stopped_by"] and not short["stopped_by"]
+                goal(
+                    f"{long['streams']} streams x {long['stream_mib']:g} MiB hold <= 64 MiB "
+                    f"more than x {short['stream_mib']:g} MiB",
+                    long["above_idle_mib"] - short["above_idle_mib"] if both else None,
+                    64.0,
+                    higher=False,
+                )
     live = data.get("live")
     if live:
         all_exact = live["verified"] == live["streams"]

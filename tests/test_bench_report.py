@@ -62,3 +62,26 @@ def test_other_processes_measured_beside_the_paths_make_ratios_unreliable() -> N
     assert goal["met"] is None and goal["note"] == f"unreliable: {busy}"
     # Without /proc/stat figures the load average is all there is.
     assert "load average was 3.5" in report.contention(run_data(other=None, load=3.5))
+
+
+def test_memory_runs_show_whether_rss_grows_with_stream_length() -> None:
+    from bench.bench import memory_runs
+
+    assert memory_runs("64,500,64x64", 16) == ((64, 16 * MiB), (500, 16 * MiB), (64, 64 * MiB))
+
+    def memory(streams: int, stream_mib: float, above: float) -> dict[str, Any]:
+        return {
+            "streams": streams,
+            "stream_mib": stream_mib,
+            "above_idle_mib": above,
+            "budget_mib": 512,
+            "stopped_by": "",
+        }
+
+    data = run_data(other=0.0)
+    data["memory"] = [memory(64, 16, 280), memory(500, 16, 520), memory(64, 64, 380)]
+    found = {g["goal"]: g for g in report.goals(data)}
+    longer = found["64 streams x 64 MiB hold <= 64 MiB more than x 16 MiB"]
+    assert longer["value"] == pytest.approx(100) and longer["met"] is False
+    assert found["RSS above idle, 64 streams x 64 MiB <= budget + 64 MiB"]["met"] is True
+    assert not [name for name in found if "500 streams x 16 MiB hold" in name]
