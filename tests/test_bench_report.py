@@ -85,3 +85,17 @@ def test_memory_runs_show_whether_rss_grows_with_stream_length() -> None:
     assert longer["value"] == pytest.approx(100) and longer["met"] is False
     assert found["RSS above idle, 64 streams x 64 MiB <= budget + 64 MiB"]["met"] is True
     assert not [name for name in found if "500 streams x 16 MiB hold" in name]
+
+
+def test_sha256_is_held_to_the_hashing_measured_beside_its_runs() -> None:
+    data = run_data(other=0.0)
+    cpu = {"client": 1.0 * 0.512, "gateway": 2.9 * 0.512, "store": 2.7 * 0.512}
+    samples = [sample(1.8, cpu, 0.0, 1.0)] * 3
+    data["paths"]["gateway_sha256"] = report.summarise(
+        samples, SIZE, report.PATHS["gateway_sha256"]
+    )
+    data["machine"]["sha256_ms_per_mib"] = 0.5  # measured at the end: context only
+    data["sha256_ms_per_mib_runs"] = [1.1, 0.9, 1.02]
+    found = {g["goal"]: g for g in report.goals(data)}
+    sha = found["SHA-256 adds <= hashing bytes from memory (CPU ms/MiB)"]
+    assert sha["value"] == pytest.approx(1.0) and sha["target"] == 1.02 and sha["met"] is True
